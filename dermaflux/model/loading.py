@@ -1,0 +1,43 @@
+"""Resolve a model reference (hub id, folder, builtin:tiny) and load the Flux pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dermaflux.config import ModelConfig, cache_dir
+from dermaflux.artifacts import fingerprint
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+def resolve_pretrained(model_cfg: ModelConfig) -> str:
+    """A local folder or hub id that `FluxPipeline.from_pretrained` accepts; builds builtin:tiny on first use."""
+    if model_cfg.pretrained == BUILTIN_TINY:
+        from dermaflux.model.tiny import ensure_tiny_pipeline
+
+        spec = model_cfg.tiny
+        folder = cache_dir(model_cfg) / f"tiny-flux-{fingerprint(spec.model_dump())}"
+        return str(ensure_tiny_pipeline(folder, spec))
+    if model_cfg.pretrained.startswith("builtin:"):
+        raise ValueError(f"model.pretrained: unknown builtin {model_cfg.pretrained!r}; known: {BUILTIN_TINY}")
+    return model_cfg.pretrained
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_pipeline(model_cfg: ModelConfig, **components):
+    """FluxPipeline for `model_cfg`; pass components (e.g. a fitted `vae=`) to replace the stored ones."""
+    from diffusers import FluxPipeline
+
+    source = resolve_pretrained(model_cfg)
+    return FluxPipeline.from_pretrained(
+        source, revision=model_cfg.revision, torch_dtype=torch_dtype(model_cfg.dtype), **components
+    )
+
+
+def is_local_folder(ref: str) -> bool:
+    return Path(ref).expanduser().is_dir()

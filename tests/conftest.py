@@ -1,0 +1,85 @@
+"""Shared fixtures: the real data, the tiny preset (built once), real Ray (local or a 2-node cluster)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DERMAFLUX_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _require_data(path: Path) -> Path:
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared data folder {path} is missing; CI requires the real data")
+        pytest.skip(f"shared data folder {path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data`: a failure in CI when missing, a skip on a developer machine."""
+    return _require_data(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def ham10000_dir(shared_data) -> Path:
+    return _require_data(shared_data / "ham10000-224")
+
+
+@pytest.fixture(scope="session")
+def dermaflux_cache(tmp_path_factory) -> Path:
+    cache = Path(os.environ.get("DERMAFLUX_CACHE") or tmp_path_factory.mktemp("dermaflux-cache"))
+    os.environ["DERMAFLUX_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_config(dermaflux_cache):
+    from dermaflux.config import load_config
+
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_config) -> Path:
+    """The tiny Flux pipeline in the Hugging Face folder layout (built once per session)."""
+    from dermaflux.model.loading import resolve_pretrained
+
+    return Path(resolve_pretrained(tiny_config.model))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray instance shared by one test module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes():
+    """A real two-node Ray cluster on loopback (head + one worker node), stopped afterwards."""
+    from ray_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(head_cpus=2, env={"DS_ACCELERATOR": "cpu"})
+    try:
+        cluster.add_worker("worker", num_cpus=2)
+        yield cluster
+    finally:
+        cluster.shutdown()
