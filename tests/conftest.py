@@ -77,7 +77,9 @@ def ray_two_nodes():
     """A real two-node Ray cluster on loopback (head + one worker node), stopped afterwards."""
     from ray_cluster import LocalRayCluster
 
-    cluster = LocalRayCluster(head_cpus=2, env={"DS_ACCELERATOR": "cpu"})
+    # Ray 2.60 turns token authentication on by default: the dashboard then answers 401 to the
+    # fixture's and JobSubmissionClient's plain requests. A loopback test cluster needs none.
+    cluster = LocalRayCluster(head_cpus=2, env={"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"})
     try:
         cluster.add_worker("worker", num_cpus=2)
         yield cluster

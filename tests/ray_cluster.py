@@ -52,7 +52,10 @@ class LocalRayCluster:
     def _start(self, name: str, args: list[str]) -> None:
         log = open(Path(self.temp_dir) / f"{name}.log", "w")
         self.nodes[name] = subprocess.Popen(
-            [RAY_BIN, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+            # Every node its own agent HTTP port: the default (52365) is shared by all Ray nodes on the
+            # machine, so a second node's agent fails to bind and the Jobs API finds no agent.
+            [RAY_BIN, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}", *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

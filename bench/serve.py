@@ -1,0 +1,244 @@
+"""Synthesis throughput: the Serve app (batched vs unbatched, 1 vs 2 replicas) vs a direct loop.
+
+    .venv/bin/python bench/serve.py [--quick]                 # tiny preset, CPU, over HTTP on loopback
+    .venv/bin/python bench/serve.py --full-size [--layers N]  # FLUX.1-dev transformer shape, random bf16 weights
+
+Tiny mode: every row makes the same images (same prompts and seeds) with the same tiny model.
+"direct" rows call `sampling.generate_images` in this process (no Ray, no HTTP); "serve" rows
+send single-image POST /v1/images requests from `--clients` concurrent clients. The overhead
+ratio is direct img/s over service img/s at the same batch size and one replica.
+
+Full-size mode: a FluxPipeline whose transformer has the FLUX.1-dev architecture (19 double +
+38 single blocks, 3072 wide; `--layers N` keeps N of each to smoke-test on a CPU) with random
+bf16 weights, the full-size Flux VAE (random), and random prompt embeddings of the real T5-XXL /
+CLIP-L shapes in place of the text encoders (their cost, once per prompt, is not timed).
+Seconds per image and images/s at each `--batch-sizes`.
+Writes bench/results/serve.json (sections "tiny" and "full_size").
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = ROOT / "bench" / "results" / "serve.json"
+PROMPTS = [
+    "A dermoscopic image of a melanoma, malignant, asymmetric along both axes, with an irregular border.",
+    "Dermoscopy photo of a benign melanocytic nevus, symmetric in shape, with uniform light brown colour.",
+    "A dermoscopic image of a basal cell carcinoma, malignant, with a jagged, irregular border.",
+    "Close-up dermoscopic image showing a dermatofibroma, a benign lesion.",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def requests_for(n: int, cfg):
+    from dermaflux.synth.requests import SampleRequest, Settings
+
+    settings = Settings(cfg.model.resolution, cfg.model.resolution, cfg.model.num_inference_steps,
+                        cfg.model.guidance_scale, None)
+    return [SampleRequest(PROMPTS[i % len(PROMPTS)], i, settings) for i in range(n)]
+
+
+def direct_loop(cfg, n: int, batch_size: int) -> dict:
+    from dermaflux.synth.adapters import load_synthesis_pipeline
+    from dermaflux.synth.sampling import encode_png, generate_images
+
+    pipe = load_synthesis_pipeline(cfg)
+    requests = requests_for(n, cfg)
+    generate_images(pipe, requests[:batch_size], max_batch_size=batch_size)  # warm-up
+    started = time.perf_counter()
+    for i in range(0, n, batch_size):
+        for image in generate_images(pipe, requests[i : i + batch_size], max_batch_size=batch_size):
+            encode_png(image)  # the service encodes too
+    seconds = time.perf_counter() - started
+    return {"mode": "direct", "replicas": 0, "batch_size": batch_size, "images": n, "seconds": seconds,
+            "img_per_s": n / seconds}
+
+
+def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int) -> dict:
+    import httpx
+    import numpy as np
+    from ray import serve
+
+    from dermaflux.synth.serve_app import start_service
+
+    port = free_port()
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.synth.batch_size = batch_size
+    run_cfg.synth.port = port
+    run_cfg.synth.autoscaling.max_replicas = replicas
+    run_cfg.synth.autoscaling.min_replicas = replicas
+    start_service(run_cfg)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=300) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.5)
+    requests = requests_for(n, cfg)
+
+    def one(i: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        with httpx.Client(timeout=600) as client:
+            response = client.post(f"{url}/v1/images", json={"prompt": requests[i].prompt, "seed": requests[i].seed})
+        return response.status_code, time.perf_counter() - started
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(min(n, clients))))  # warm-up: every replica has run once
+        started = time.perf_counter()
+        results = list(pool.map(one, range(n)))
+    seconds = time.perf_counter() - started
+    serve.shutdown()
+    latencies = np.array([t for _, t in results])
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    return {"mode": "serve", "replicas": replicas, "batch_size": batch_size, "images": n, "seconds": seconds,
+            "img_per_s": n / seconds, "failed": sum(code != 200 for code, _ in results), "clients": clients,
+            "p50_s": p50, "p95_s": p95, "p99_s": p99}
+
+
+def tiny_bench(args) -> dict:
+    from dermaflux.config import load_config
+    from dermaflux.ray_runtime import init_ray
+
+    os.environ.setdefault("DERMAFLUX_CACHE", str(Path(tempfile.gettempdir()) / "dermaflux-bench-cache"))
+    cfg = load_config("tiny")
+    n = args.images or (16 if args.quick else 64)
+    rows = [direct_loop(cfg, n, 1), direct_loop(cfg, n, args.batch)]
+    init_ray(cfg.ray)
+    for batch_size, replicas in ((1, 1), (args.batch, 1), (args.batch, 2)):
+        rows.append(serve_run(cfg, n, batch_size, replicas, args.clients))
+    by_key = {(r["mode"], r["replicas"], r["batch_size"]): r for r in rows}
+    ratios = {
+        "batched_over_unbatched_serve": by_key[("serve", 1, args.batch)]["img_per_s"] / by_key[("serve", 1, 1)]["img_per_s"],
+        "two_over_one_replica": by_key[("serve", 2, args.batch)]["img_per_s"] / by_key[("serve", 1, args.batch)]["img_per_s"],
+        "overhead_direct_over_serve_batch1": by_key[("direct", 0, 1)]["img_per_s"] / by_key[("serve", 1, 1)]["img_per_s"],
+        f"overhead_direct_over_serve_batch{args.batch}":
+            by_key[("direct", 0, args.batch)]["img_per_s"] / by_key[("serve", 1, args.batch)]["img_per_s"],
+    }
+    print(f"\ntiny preset: {cfg.model.resolution}px, {cfg.model.num_inference_steps} steps, {n} images per row, "
+          f"{args.clients} clients, {os.cpu_count()} CPUs")
+    print(f"{'mode':8} {'replicas':>8} {'batch':>5} {'img/s':>8} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'failed':>6}")
+    for r in rows:
+        lat = " ".join(f"{r[k]:7.2f}" if k in r else f"{'-':>7}" for k in ("p50_s", "p95_s", "p99_s"))
+        print(f"{r['mode']:8} {r['replicas']:8d} {r['batch_size']:5d} {r['img_per_s']:8.2f} {lat} {r.get('failed', 0):6d}")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    return {"mode": "tiny", "rows": rows, "ratios": ratios, "resolution": cfg.model.resolution,
+            "steps": cfg.model.num_inference_steps}
+
+
+FLUX_DEV_TRANSFORMER = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_DEV_VAE = dict(  # black-forest-labs/FLUX.1-dev vae/config.json
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False,
+)
+
+
+def full_size_bench(args) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    layers = {"num_layers": args.layers or 19, "num_single_layers": 2 * args.layers if args.layers else 38}
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    # Random init straight on the device and in bf16: 12B params never touch host RAM, and no
+    # float32 copy (48 GB) is ever made.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER, **layers}).to(dtype)
+            vae = AutoencoderKL(**FLUX_DEV_VAE).to(dtype)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    params = sum(p.numel() for p in transformer.parameters())
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    build_seconds = time.perf_counter() - started
+    rows = []
+    for batch in args.batch_sizes:
+        embeds = torch.randn(batch, 512, 4096, device=device, dtype=dtype)  # T5-XXL, 512 tokens
+        pooled = torch.randn(batch, 768, device=device, dtype=dtype)  # CLIP-L pooled
+
+        def call():
+            with torch.inference_mode():
+                pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=args.resolution, width=args.resolution,
+                     num_inference_steps=args.steps, guidance_scale=3.5, output_type="pil",
+                     generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)])
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        call()  # warm-up (kernels, allocator)
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            call()
+        seconds = (time.perf_counter() - started) / args.repeats
+        rows.append({"batch_size": batch, "seconds_per_call": seconds, "seconds_per_image": seconds / batch,
+                     "img_per_s": batch / seconds})
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    print(f"\nfull-size Flux transformer ({params / 1e9:.2f}B params, {layers['num_layers']}+{layers['num_single_layers']} "
+          f"blocks, bf16, random) on {gpu or 'cpu'}: {args.resolution}px, {args.steps} steps; built in {build_seconds:.0f}s"
+          + (f", peak {peak:.1f} GiB" if peak else ""))
+    print(f"{'batch':>5} {'s/image':>9} {'img/s':>8}")
+    for r in rows:
+        print(f"{r['batch_size']:5d} {r['seconds_per_image']:9.3f} {r['img_per_s']:8.3f}")
+    return {"mode": "full-size", "rows": rows, "device": gpu or "cpu", "params": params, **layers,
+            "resolution": args.resolution, "steps": args.steps, "peak_gib": peak,
+            "text_encoders": "skipped: random prompt embeddings of T5-XXL (512x4096) and CLIP-L (768) shapes",
+            "vae": "full-size Flux VAE config, random weights"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
+    parser.add_argument("--images", type=int, default=None, help="images per row (tiny mode)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size of the batched rows (tiny mode)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients (tiny mode)")
+    parser.add_argument("--full-size", action="store_true", help="FLUX.1-dev-shaped transformer, random bf16 weights")
+    parser.add_argument("--layers", type=int, default=None, help="full-size: N double + 2N single blocks (CPU smoke)")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=2, help="full-size: timed calls per batch size")
+    args = parser.parse_args()
+    result = full_size_bench(args) if args.full_size else tiny_bench(args)
+    result.update(host=platform.node(), cpus=os.cpu_count(), argv=sys.argv[1:], when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    # One file, one section per mode: the GPU run does not erase the CPU figures, nor the reverse.
+    existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    existing["full_size" if args.full_size else "tiny"] = result
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(existing, indent=2, default=float) + "\n")
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The caption stage on Ray Data: read corpus shards, extract attributes on CPU tasks, write
+captions on an actor pool, and hand finished shards back to the driver one input shard at a time.
+
+The driver counts rows per input shard (Parquet footers) and writes an output shard the moment all
+its rows have arrived, with its done-marker: a crash loses at most the shards in flight.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from dermaflux.caption.batch import extract_batch, write_batch
+from dermaflux.caption.config import CaptionConfig
+from dermaflux.caption.writers import create_writer
+
+log = logging.getLogger(__name__)
+
+# What travels back to the driver: the corpus columns are re-read from the shard itself.
+RESULT_COLUMNS = ["id", "path", "attributes_json", "caption", "caption_writer", "caption_flags", "uncaptioned_reason"]
+
+
+def _task_args(num_cpus: float) -> dict:
+    return {"num_cpus": num_cpus}
+
+
+class CaptionActor:
+    """One writer (one model load) per actor; Ray Data feeds it batches."""
+
+    def __init__(self, caption_cfg: dict):
+        self.cfg = CaptionConfig.model_validate(caption_cfg)
+        self.writer = create_writer(self.cfg)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return write_batch(self.writer, batch, self.cfg.seed)
+
+
+def caption_shards(
+    cfg: CaptionConfig, shards: list[Path], on_shard_done: Callable[[Path, pd.DataFrame], None]
+) -> None:
+    """Caption `shards`; call `on_shard_done(shard, results)` once per shard as soon as it is complete."""
+    import ray.data
+
+    expected = {shard.name: pq.ParquetFile(shard).metadata.num_rows for shard in shards}
+    by_name = {shard.name: shard for shard in shards}
+    for name in [n for n, rows in expected.items() if rows == 0]:
+        on_shard_done(by_name.pop(name), pd.DataFrame(columns=RESULT_COLUMNS))
+    if not by_name:
+        return
+    ds = ray.data.read_parquet([str(by_name[n]) for n in sorted(by_name)], include_paths=True)
+    # Remote args by function: Ray Data then keeps extraction on its own CPU tasks (as many as the
+    # cluster has CPUs) instead of fusing it into the few writer actors.
+    ds = ds.map_batches(
+        extract_batch,
+        batch_format="pandas",
+        batch_size=cfg.batch_size,
+        concurrency=cfg.extract_concurrency,
+        ray_remote_args_fn=functools.partial(_task_args, cfg.extract_cpus),
+    )
+    ds = ds.map_batches(
+        CaptionActor,
+        fn_constructor_kwargs={"caption_cfg": cfg.model_dump()},
+        batch_format="pandas",
+        batch_size=cfg.batch_size,
+        concurrency=cfg.concurrency,
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None,
+    )
+    ds = ds.select_columns(RESULT_COLUMNS)
+    parts: dict[str, list[pd.DataFrame]] = defaultdict(list)
+    arrived: dict[str, int] = defaultdict(int)
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        for path, part in batch.groupby("path", sort=False):
+            name = Path(path).name
+            parts[name].append(part)
+            arrived[name] += len(part)
+            if arrived[name] == expected[name]:
+                on_shard_done(by_name.pop(name), pd.concat(parts.pop(name), ignore_index=True))
+    if by_name:
+        raise RuntimeError(f"rows missing from shards {sorted(by_name)}: expected {[expected[n] for n in by_name]}, "
+                           f"got {[arrived[n] for n in by_name]}")

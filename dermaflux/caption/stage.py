@@ -1,0 +1,172 @@
+"""`caption` stage: the captioned corpus from the curated one (see caption/schema.py for the layout).
+
+One output shard per input shard, each written atomically with a done-marker, so a re-run skips
+finished shards and a crashed run continues. The manifest reconciles input rows with captioned
+and uncaptioned ones and summarises the measured attributes per label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dermaflux import artifacts
+from dermaflux.caption.schema import CAPTION_SCHEMA
+from dermaflux.config import save_effective_config
+
+log = logging.getLogger(__name__)
+
+STAGE = "caption"
+REQUIRED_COLUMNS = ("id", "image", "label")
+# Settings that change neither captions nor attributes: a resume may change them.
+RUNTIME_FIELDS = {"out", "force", "batch_size", "concurrency", "cpus_per_actor", "gpus_per_actor", "extract_cpus",
+                  "extract_concurrency"}
+
+
+def corpus_shards(corpus: Path) -> list[Path]:
+    shards = sorted((corpus / "shards").glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{corpus / 'shards'}: no *.parquet corpus shards (run `dermaflux curate` first)")
+    for shard in shards:
+        names = set(pq.read_schema(shard).names)
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{shard}: corpus shard lacks column(s) {missing}; expected the corpus schema")
+    return shards
+
+
+def write_shard_output(out: Path, shard: Path, results: pd.DataFrame) -> dict:
+    """Join the results onto the shard's own rows; write captions, uncaptioned reasons, then the marker."""
+    table = pq.read_table(shard)
+    by_id = results.set_index("id")
+    ids = table.column("id").to_pylist()
+    missing = [i for i in ids if i not in by_id.index]
+    if missing:
+        raise RuntimeError(f"{shard}: no caption result for ids {missing[:5]}")
+    rows = by_id.loc[ids]
+    reasons = [r if isinstance(r, str) and r else None for r in rows["uncaptioned_reason"]]
+    keep = np.array([r is None for r in reasons])
+    captioned = table.filter(pa.array(keep))
+    kept = rows[keep]
+    for f in CAPTION_SCHEMA:
+        if f.name not in captioned.column_names:
+            if f.name in kept.columns:
+                values = [list(v) for v in kept[f.name]] if f.name == "caption_flags" else list(kept[f.name])
+                captioned = captioned.append_column(f, pa.array(values, type=f.type))
+            else:  # a corpus column an older corpus lacks
+                captioned = captioned.append_column(f, pa.nulls(len(captioned), type=f.type))
+    captioned = captioned.select(CAPTION_SCHEMA.names).cast(CAPTION_SCHEMA)
+    with artifacts.atomic_path(out / "shards" / shard.name) as tmp:
+        pq.write_table(captioned, tmp)
+    uncaptioned = [
+        {"id": i, "shard": shard.name, "reason": r} for i, r in zip(ids, reasons) if r is not None
+    ]
+    artifacts.atomic_write_text(
+        out / "uncaptioned" / f"{shard.stem}.jsonl", "".join(json.dumps(u) + "\n" for u in uncaptioned)
+    )
+    info = {"rows": len(ids), "captioned": int(keep.sum()), "uncaptioned": len(uncaptioned)}
+    artifacts.mark_done(out, shard.stem, info)
+    log.info("caption: %s done (%d captioned, %d uncaptioned)", shard.name, info["captioned"], info["uncaptioned"])
+    return info
+
+
+def attribute_summary(out: Path) -> dict:
+    """Per label: how often a lesion mask was found and the mean ABCD figures (the closing-note numbers)."""
+    tables = [pq.read_table(p, columns=["label", "attributes_json", "caption_writer", "caption_flags"])
+              for p in sorted((out / "shards").glob("*.parquet"))]
+    if not tables:
+        return {}
+    frame = pa.concat_tables(tables).to_pandas()
+    per_label: dict[str, dict] = {}
+    for label, group in frame.groupby("label"):
+        attrs = [json.loads(a) for a in group["attributes_json"]]
+        measured = [a for a in attrs if "asymmetry" in a]
+
+        def mean(key, rows=measured):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            return round(float(np.mean(values)), 4) if values else None
+
+        per_label[label] = {
+            "images": len(attrs),
+            "mask_found_rate": round(len(measured) / len(attrs), 4),
+            "mean_asymmetry": mean("asymmetry"),
+            "mean_asymmetry_axes": mean("asymmetry_axes"),
+            "mean_border_irregularity": mean("border_irregularity"),
+            "mean_border_notches": mean("border_notches"),
+            "mean_colour_count": round(float(np.mean([len(a.get("colours", [])) for a in measured])), 4) if measured else None,
+            "colour_presence": {c: round(n / max(len(measured), 1), 4)
+                                for c, n in Counter(c for a in measured for c in a.get("colours", [])).most_common()},
+            "mean_diameter_px": mean("diameter_px"),
+        }
+    flags = Counter(f.split(":")[0] + (":" + f.split(":")[1] if ":" in f else "") for fl in frame["caption_flags"] for f in fl)
+    return {"per_label": per_label, "writers": dict(Counter(frame["caption_writer"])), "flags": dict(flags)}
+
+
+def finalize(out: Path, shards: list[Path], cfg) -> dict:
+    lines = []
+    for shard in shards:
+        path = out / "uncaptioned" / f"{shard.stem}.jsonl"
+        lines.extend(path.read_text().splitlines() if path.exists() else [])
+    artifacts.atomic_write_text(out / "uncaptioned.jsonl", "".join(line + "\n" for line in lines))
+    markers = {s.stem: artifacts.read_json(artifacts.marker_path(out, s.stem)) for s in shards}
+    rows = sum(m["rows"] for m in markers.values())
+    captioned = sum(m["captioned"] for m in markers.values())
+    reasons = Counter(json.loads(line)["reason"].split(":")[0] for line in lines)
+    manifest = {
+        "stage": STAGE,
+        "corpus": str(cfg.caption.corpus),
+        "writer": cfg.caption.writer,
+        "model": cfg.caption.model if cfg.caption.writer == "llm" else None,
+        "shards": {s.name: markers[s.stem] for s in shards},
+        "rows": rows,
+        "captioned": captioned,
+        "uncaptioned": len(lines),
+        "uncaptioned_reasons": dict(reasons),
+        **attribute_summary(out),
+    }
+    if rows != captioned + len(lines):
+        raise RuntimeError(f"{out}: {rows} corpus rows but {captioned} captioned + {len(lines)} uncaptioned")
+    artifacts.atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def run(cfg) -> dict:
+    from dermaflux.caption.ray_pipeline import caption_shards
+    from dermaflux.ray_runtime import init_ray
+
+    ccfg = cfg.caption
+    if not ccfg.corpus:
+        raise ValueError("caption.corpus is not set: pass --corpus DIR (a curated corpus folder)")
+    if not ccfg.out:
+        raise ValueError("caption.out is not set: pass --out DIR")
+    corpus, out = Path(ccfg.corpus), Path(ccfg.out)
+    shards = corpus_shards(corpus)
+    run_fingerprint = artifacts.fingerprint(
+        ccfg.model_dump(exclude=RUNTIME_FIELDS), [(s.name, s.stat().st_size) for s in shards]
+    )
+    resumed = artifacts.claim_output(out, STAGE, run_fingerprint, force=ccfg.force)
+    save_effective_config(cfg, out)
+    pending = [s for s in shards if not artifacts.is_done(out, s.stem)]
+    log.info("caption: %d corpus shards, %d to do (%s)", len(shards), len(pending), "resuming" if resumed else "fresh")
+    if pending:
+        init_ray(cfg.ray)
+        caption_shards(ccfg, pending, lambda shard, results: write_shard_output(out, shard, results))
+    manifest = finalize(out, shards, cfg)
+    return {
+        "out": str(out),
+        "resumed": resumed,
+        "shards": len(shards),
+        "processed_shards": len(pending),
+        "rows": manifest["rows"],
+        "captioned": manifest["captioned"],
+        "uncaptioned": manifest["uncaptioned"],
+        "writers": manifest.get("writers", {}),
+        "flags": manifest.get("flags", {}),
+    }

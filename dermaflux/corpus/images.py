@@ -1,0 +1,85 @@
+"""Per-image work (runs inside Ray Data tasks): read the bytes, prove they decode, hash them.
+
+Pure PIL/numpy/imagehash, no Ray. A failure is returned as a reason string, never raised, so one
+bad file quarantines one row instead of failing a task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from functools import lru_cache
+
+import imagehash
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dermaflux.corpus.sources.dermamnist import NPZ_SEPARATOR
+
+# PIL refuses images over ~179 MP as a "decompression bomb" (quarantined); dermoscopy stays far below.
+MIN_SIDE = 8
+
+
+@lru_cache(maxsize=4)
+def _npz_array(path: str, array: str) -> np.ndarray:
+    # Cached per worker process: a task reads many rows of the same (decompressed) array.
+    with np.load(path, allow_pickle=False) as archive:
+        return np.asarray(archive[array])
+
+
+def read_image_bytes(locator: str) -> tuple[bytes, str | None]:
+    """The encoded bytes of an image file, or of one .npz array slot encoded as PNG (lossless)."""
+    if NPZ_SEPARATOR in locator:
+        path, array, index = locator.split(NPZ_SEPARATOR)
+        pixels = _npz_array(path, array)[int(index)]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue(), "PNG"
+    with open(locator, "rb") as fh:
+        return fh.read(), None
+
+
+def inspect_image(data: bytes, hash_size: int = 16) -> dict:
+    """Decode fully (a truncated JPEG fails here, not in training) and hash.
+
+    Returns {format, width, height, phash, sha256} or {error}.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()  # structure check; the image is unusable afterwards, so reopen
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # full decode: catches truncated data that verify() lets through
+            image_format = image.format
+            width, height = image.size
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        return {"error": f"image does not decode ({type(err).__name__}: {err})"}
+    if min(width, height) < MIN_SIDE:
+        return {"error": f"image is {width}x{height}, smaller than {MIN_SIDE} px"}
+    return {
+        "format": image_format,
+        "width": width,
+        "height": height,
+        "phash": str(imagehash.phash(rgb, hash_size=hash_size)),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def scan_image(locator: str, hash_size: int = 16) -> dict:
+    try:
+        data, _ = read_image_bytes(locator)
+    except FileNotFoundError:
+        return {"error": f"image file {locator} is missing"}
+    except (OSError, ValueError, IndexError, KeyError) as err:
+        return {"error": f"image {locator} cannot be read ({type(err).__name__}: {err})"}
+    return inspect_image(data, hash_size)
+
+
+def clean_scan(result: dict) -> dict:
+    """A scan result back from a table: drop absent fields (None/NaN), sizes back to int."""
+    out = {k: v for k, v in result.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    for key in ("width", "height"):
+        if key in out:
+            out[key] = int(out[key])
+    return out

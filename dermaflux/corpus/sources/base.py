@@ -1,0 +1,197 @@
+"""What every source reader returns, the spec syntax, and helpers readers share.
+
+A reader indexes a source on the driver (CSV rows, file paths, labels, grouping keys) without
+decoding any image; decoding, verifying and hashing run later as Ray Data tasks. Rows it cannot
+use (unknown label, missing image, bad field) become `Reject`s with the file and row named.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MISSING = {"", "na", "nan", "none", "null", "unknown"}
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing file, CSV missing a required column)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """`READER=PATH[,key=value...]`, e.g. `csv=labels.csv,images=imgs,id=file,label=dx`."""
+
+    reader: str
+    path: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The source's name in the corpus (ids are `<name>:<original_id>`); `name=` renames it."""
+        return self.options.get("name", self.reader)
+
+    @classmethod
+    def parse(cls, text: str) -> "SourceSpec":
+        head, *rest = [part.strip() for part in str(text).split(",")]
+        if "=" not in head or not head.split("=", 1)[1]:
+            raise ValueError(f"source {text!r}: expected READER=PATH[,key=value...], e.g. ham10000=/data/ham10000")
+        reader, path = (s.strip() for s in head.split("=", 1))
+        options = {}
+        for part in rest:
+            if "=" not in part:
+                raise ValueError(f"source {text!r}: option {part!r} is not key=value")
+            key, value = (s.strip() for s in part.split("=", 1))
+            options[key] = value
+        return cls(reader, path, options)
+
+
+@dataclass
+class SourceRecord:
+    """One input row the reader could index: where its image is and what the source says about it."""
+
+    source: str
+    original_id: str
+    file: str  # the file the row came from (CSV, .npz)
+    row: int  # 1-based line in that CSV (header = 1) or index in the .npz array
+    image_path: str  # a file path, or `<npz>::<array>::<index>` for array sources
+    source_label: str
+    label: str
+    group_namespace: str  # lesion/patient ids are compared within one namespace
+    lesion_id: str | None = None
+    patient_id: str | None = None
+    official_split: str | None = None  # train | val | test when the source publishes one
+    age: float | None = None
+    sex: str | None = None
+    site: str | None = None
+    skin_type: str | None = None
+    diagnosis_method: str | None = None
+    mm_per_pixel: float | None = None
+    metadata_json: str = "{}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Reject:
+    """One input row that did not make it, with the reason a person can act on."""
+
+    source: str
+    file: str
+    row: int
+    original_id: str | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SourceIndex:
+    spec: SourceSpec
+    records: list[SourceRecord]
+    rejects: list[Reject]
+    input_rows: int  # every row the source offered: records + rejects
+    files: list[str]  # the index files read (for the run fingerprint)
+    published_splits: dict[str, int] = field(default_factory=dict)  # input rows per published split
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def read_csv(path: Path, required: list[str], what: str) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) pairs; a missing required column fails the whole source up front."""
+    if not path.is_file():
+        raise SourceError(f"{what}: {path} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise SourceError(
+                f"{what}: {path} is missing required column(s) {', '.join(map(repr, missing))} "
+                f"(columns found: {', '.join(columns) or 'none'})"
+            )
+        rows = []
+        for row in reader:
+            clean = {(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+            rows.append((reader.line_num, clean))
+    return rows
+
+
+def index_images(*roots: Path) -> dict[str, list[Path]]:
+    """File name and stem (lower case) -> image paths found anywhere under the roots."""
+    found: dict[str, list[Path]] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for folder, _, names in os.walk(root):
+            for name in sorted(names):
+                if name.lower().endswith(IMAGE_SUFFIXES):
+                    path = Path(folder) / name
+                    found.setdefault(name.lower(), []).append(path)
+                    stem = name.rsplit(".", 1)[0].lower()
+                    if stem != name.lower():
+                        found.setdefault(stem, []).append(path)
+    return found
+
+
+def lookup_image(images: dict[str, list[Path]], name: str) -> tuple[Path | None, str | None]:
+    """The one image for `name` (with or without extension), or None and why not."""
+    hits = images.get(name.strip().lower(), [])
+    unique = sorted(set(hits))
+    if not unique:
+        return None, f"image {name!r} not found"
+    if len(unique) > 1:
+        return None, f"image {name!r} is ambiguous: {', '.join(str(p) for p in unique[:3])}"
+    return unique[0], None
+
+
+def text(value: object) -> str | None:
+    """A metadata string, or None for the spellings sources use for 'not recorded'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    value = str(value).strip()
+    return None if value.lower() in MISSING else value
+
+
+def number(value: object) -> float | None:
+    raw = text(value)
+    if raw is None:
+        return None
+    try:
+        out = float(raw)
+    except ValueError:
+        return None
+    return out if math.isfinite(out) else None
+
+
+def site_words(value: object) -> str | None:
+    """Body site as lower-case words: 'lower_extremity' / 'LOWER EXTREMITY' -> 'lower extremity'."""
+    raw = text(value)
+    return None if raw is None else " ".join(raw.replace("_", " ").replace("-", " ").lower().split())
+
+
+def sex_word(value: object) -> str | None:
+    raw = text(value)
+    if raw is None:
+        return None
+    raw = raw.lower()
+    return {"m": "male", "f": "female"}.get(raw, raw)
+
+
+FITZPATRICK = {"1": "I", "2": "II", "3": "III", "4": "IV", "5": "V", "6": "VI"}
+
+
+def fitzpatrick(value: object) -> str | None:
+    raw = text(value)
+    if raw is None:
+        return None
+    raw = raw.upper().removeprefix("FST").removeprefix("TYPE").strip()
+    if raw.endswith(".0"):
+        raw = raw[:-2]
+    return FITZPATRICK.get(raw, raw if raw in FITZPATRICK.values() else None)

@@ -1,0 +1,99 @@
+"""The `evaluate` section: which classifiers to train on which mixes of real and synthetic images.
+
+Defaults are the tiny preset (a reduced grid that finishes in minutes on a 2-core CPU);
+flux-dev.yaml sets the reference protocol (sizes 2,500-10,000, ratios 1:0-1:4, five seeds,
+ResNeXt and ViT at 224 px).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dermaflux.configbase import ConfigModel
+
+Task = Literal["binary", "multiclass"]
+
+
+class EvaluateConfig(ConfigModel):
+    corpus: str | None = Field(None, description="curated corpus folder (shards/*.parquet + manifest.json)")
+    synthetic: str | None = Field(None, description="synthetic set folder (shards/*.parquet); None: real-only grid")
+    out: str | None = Field(None, description="report folder: report.html, report.md, results.json, cells/")
+
+    # The protocol grid: every combination of these is one cell.
+    sizes: list[int] | None = Field(
+        None, description="real training-set sizes in images (reference: 2500,5000,7500,10000); overrides fractions"
+    )
+    fractions: list[float] = Field(
+        [0.25, 1.0], description="fractions of the real train split, used when sizes is None"
+    )
+    ratios: list[float] = Field(
+        [0.0, 1.0], description="synthetic images added per real image (1:x); 0 is the real-only baseline"
+    )
+    seeds: int = Field(2, ge=1, description="seeds per cell (subsample, init, order)")
+    models: list[str] = Field(["resnet18"], description="timm model names, e.g. resnext50_32x4d, vit_small_patch16_224")
+    tasks: list[Task] = Field(["binary"], description="binary: benign/malignant; multiclass: the diagnosis code")
+    synthetic_only: bool = Field(False, description="also train on synthetic images alone (as many as the real set)")
+
+    # Training of one cell.
+    epochs: int = Field(3, ge=1)
+    patience: int = Field(2, ge=1, description="early stopping: epochs without val improvement")
+    image_size: int = Field(32, ge=16, description="classifier input side in pixels")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    balancing: Literal["none", "sampler", "loss"] = Field(
+        "none", description="class balancing: weighted sampler, inverse-frequency loss weights, or none"
+    )
+    pretrained: bool = Field(
+        True, description="use timm pretrained weights when they are already in the local cache; never downloads"
+    )
+    max_test_images: int | None = Field(None, description="cap on real test images (None: all)")
+
+    # Parallelism: each cell is one Ray task.
+    parallel_cells: int = Field(2, ge=1, description="cells running at once")
+    cpus_per_cell: float = Field(1.0, gt=0, description="CPUs (and torch threads) reserved per cell")
+    gpus_per_cell: float = Field(0.0, ge=0)
+
+    # Quality and memorisation checks of the synthetic set.
+    quality: bool = Field(True, description="FID/KID, precision/recall and the memorisation check")
+    quality_k: int = Field(3, ge=1, description="k of the k-NN manifolds (Kynkaenniemi et al. 2019)")
+    kid_subset_size: int = Field(100, ge=2)
+    # Calibrated on HAM10000 (224 px): nearest distinct lesions (val vs train) are >= 52 bits apart
+    # in the 256-bit pHash and correlate <= 0.977 in 32 px grey pixels; resized (64-160 px) and
+    # JPEG-recompressed (q50-85) copies stay within 22 bits and above 0.987. Either test flags.
+    near_copy_phash_max: int = Field(
+        32, ge=0, le=256, description="near-copy: 256-bit pHash within this Hamming distance of a train image, or"
+    )
+    near_copy_pixel_corr_min: float = Field(
+        0.985, gt=0, le=1, description="...32 px grey pixels correlating at least this much with one"
+    )
+    grid_images_per_class: int = Field(6, ge=1, description="images per class in the report's real/synthetic grids")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, value: list[float]) -> list[float]:
+        for f in value:
+            if not 0 < f <= 1:
+                raise ValueError(f"each fraction must be in (0, 1], got {f}")
+        return sorted(set(value))
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_non_negative(cls, value: list[float]) -> list[float]:
+        for r in value:
+            if r < 0:
+                raise ValueError(f"each ratio must be >= 0, got {r}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _needs_something_to_train(self):
+        if not self.models:
+            raise ValueError("models: give at least one timm model name")
+        if not self.tasks:
+            raise ValueError("tasks: give binary and/or multiclass")
+        return self
+
+
+CONFIG = EvaluateConfig

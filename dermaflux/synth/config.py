@@ -1,0 +1,75 @@
+"""The `synth` config section: what `dermaflux generate` and `dermaflux serve` read.
+
+Generation settings (size, steps, guidance) default to the model section (`model.resolution`,
+`model.num_inference_steps`, `model.guidance_scale`), so a preset states them once.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from dermaflux.configbase import ConfigModel
+
+
+class LimitsConfig(ConfigModel):
+    """What one request may ask for; larger requests get a 4xx, not a queue."""
+
+    max_images_per_request: int = Field(8, ge=1, description="`count` of POST /v1/images")
+    max_images_per_job: int = Field(100_000, ge=1, description="sum of per-class targets of one bulk job")
+    max_side: int = Field(1024, ge=16, description="largest width/height in pixels")
+    max_steps: int = Field(100, ge=1)
+    max_guidance: float = Field(30.0, gt=0)
+
+
+class AutoscalingSettings(ConfigModel):
+    """Ray Serve autoscaling of the synthesis deployment (min == max: a fixed number of replicas)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0, description="per replica, before Serve adds one")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class SynthConfig(ConfigModel):
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="adapter folders (dermaflux.model.adapters); served under their folder name, or NAME=DIR",
+    )
+    out: str | None = Field(None, description="output folder of `generate` (a synthetic set)")
+    per_class: int | None = Field(None, ge=0, description="`generate`: images for every taxonomy class")
+    class_targets: dict[str, int] = Field(
+        default_factory=dict, description="`generate`: explicit images per class (overrides per_class for those)"
+    )
+    bring_to: int | None = Field(None, ge=0, description="`generate`: top every class up to N real+synthetic")
+    corpus: str | None = Field(None, description="corpus folder whose train-split counts `bring_to` tops up")
+    adapter: str | None = Field(None, description="`generate`: adapter name to sample with (default: first, else base)")
+    seed: int = Field(0, description="base seed: image i of class c gets a seed derived from (seed, c, i)")
+    width: int | None = Field(None, description="default: model.resolution")
+    height: int | None = Field(None, description="default: model.resolution")
+    num_inference_steps: int | None = Field(None, description="default: model.num_inference_steps")
+    guidance_scale: float | None = Field(None, description="default: model.guidance_scale")
+    shard_size: int = Field(16, ge=1, description="images per Parquet shard (the unit of resume)")
+    batch_size: int = Field(4, ge=1, description="images per pipeline call (offline job and @serve.batch)")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch: wait this long to fill a batch")
+    generate_actors: int = Field(1, ge=1, description="`generate`: Ray Data actor pool size (pipeline copies)")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    max_ongoing_requests: int = Field(32, ge=1, description="per synthesis replica")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    jobs_dir: str | None = Field(
+        None, description="where bulk jobs without an explicit output folder write (default: <cache>/synth-jobs)"
+    )
+    job_max_retries: int = Field(5, ge=0, description="attempts per shard when a replica dies mid-job")
+    host: str = Field("127.0.0.1", description="`serve`: bind address (loopback unless you mean it)")
+    port: int = Field(8000, ge=0, le=65535)
+    app_name: str = "dermaflux"
+    route_prefix: str = "/"
+
+
+CONFIG = SynthConfig

@@ -1,0 +1,93 @@
+"""`dermaflux generate` on Ray Data: request rows -> an actor pool holding the pipeline -> shards.
+
+Each actor loads the pipeline (and adapters) once; `map_batches` feeds it request rows and it
+runs the same `sampling.generate_images` the service uses. The driver collects images per
+planned shard and writes a shard as soon as it is complete (atomic + done marker), so an
+interrupted run resumes with only the unfinished shards as input.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from dermaflux.synth import bulk
+from dermaflux.synth.requests import SampleRequest, Settings
+
+log = logging.getLogger(__name__)
+
+
+class PipelineActor:
+    """The map_batches callable: one pipeline per actor, reused for every batch."""
+
+    def __init__(self, cfg_dict: dict):
+        from dermaflux.config import DermaFluxConfig
+        from dermaflux.synth.adapters import load_synthesis_pipeline
+        from dermaflux.synth.sampling import pipeline_device
+
+        self.cfg = DermaFluxConfig.model_validate(cfg_dict)
+        self.pipe = load_synthesis_pipeline(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dermaflux.synth.sampling import encode_png, generate_images
+
+        settings = Settings(**self.settings_of(batch))
+        samples = [SampleRequest(str(p), int(s), settings) for p, s in zip(batch["prompt"], batch["seed"])]
+        images = generate_images(
+            self.pipe, samples, max_batch_size=self.cfg.synth.batch_size,
+            max_sequence_length=self.cfg.model.max_sequence_length,
+        )
+        return {"shard": batch["shard"], "position": batch["position"],
+                "png": np.array([encode_png(image) for image in images], dtype=object)}
+
+    @staticmethod
+    def settings_of(batch) -> dict:
+        adapter = str(batch["adapter"][0])
+        return {"width": int(batch["width"][0]), "height": int(batch["height"][0]),
+                "num_inference_steps": int(batch["num_inference_steps"][0]),
+                "guidance_scale": float(batch["guidance_scale"][0]), "adapter": adapter or None}
+
+
+def request_rows(spec: bulk.JobSpec, pending: list[tuple[int, list[bulk.WorkItem]]]) -> list[dict]:
+    s = spec.settings
+    return [
+        {"shard": index, "position": position, "prompt": item.prompt, "seed": item.seed, "width": s.width,
+         "height": s.height, "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
+         "adapter": s.adapter or ""}
+        for index, items in pending
+        for position, item in enumerate(items)
+    ]
+
+
+def run_generate_job(cfg, out: Path, spec: bulk.JobSpec) -> dict:
+    """Generate every pending shard of `spec` into `out` on the current Ray cluster."""
+    import ray
+
+    pending = bulk.pending_shards(out, spec)
+    if pending:
+        by_shard = dict(pending)
+        log.info("generate %s: %d shards (%d images) to do", out, len(pending), sum(len(v) for v in by_shard.values()))
+        ds = ray.data.from_items(request_rows(spec, pending)).map_batches(
+            PipelineActor,
+            fn_constructor_kwargs={"cfg_dict": cfg.model_dump(mode="json")},
+            batch_size=cfg.synth.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.synth.generate_actors),
+            num_cpus=cfg.synth.cpus_per_replica,
+            num_gpus=cfg.synth.gpus_per_replica,
+        )
+        collected: dict[int, dict[int, bytes]] = {}
+        size = (spec.settings.width, spec.settings.height)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for shard, position, png in zip(batch["shard"], batch["position"], batch["png"]):
+                collected.setdefault(int(shard), {})[int(position)] = png
+                items = by_shard[int(shard)]
+                if len(collected[int(shard)]) == len(items):
+                    by_position = collected.pop(int(shard))
+                    pngs = [by_position[i] for i in range(len(items))]
+                    bulk.write_shard(out, int(shard), spec, items, pngs, [size] * len(items))
+                    log.info("generate %s: shard %d written", out, int(shard))
+    if not (out / bulk.MANIFEST_FILE).exists():
+        bulk.write_manifest(out, spec, {"written_by": "dermaflux generate"})
+    return bulk.job_status(out)

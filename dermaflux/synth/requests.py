@@ -1,0 +1,171 @@
+"""What a caller may ask for, and the checks that turn it into single-image sample requests.
+
+The same pydantic models are the HTTP schema of the Serve app (so OpenAPI documents them) and
+the input of the offline job; `expand_image_request` is the one place limits are enforced, so
+the service and `dermaflux generate` refuse the same things with the same messages.
+Pure python + pydantic: no torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dermaflux.caption.template import LesionAttributes, caption_from_attributes
+from dermaflux.corpus import taxonomy
+
+SIZE_MULTIPLE = 16  # Flux: VAE downsamples 8x, then 2x2 latent patches are packed
+
+
+class RequestError(ValueError):
+    """A request the caller must change: `field` is the JSON path, `message` what was expected."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageRequest(_Body):
+    """POST /v1/images: a free-text `prompt` or structured `attributes` (captioned by the training template)."""
+
+    prompt: str | None = Field(None, description="free text; give this or `attributes`")
+    attributes: LesionAttributes | None = Field(None, description="structured lesion attributes; give this or `prompt`")
+    count: int = Field(1, ge=1, description="images to return; image i uses seed + i")
+    seed: int = Field(0, ge=0, lt=2**63)
+    num_inference_steps: int | None = Field(None, ge=1, description="default: the preset's")
+    guidance_scale: float | None = Field(None, ge=0, description="default: the preset's")
+    width: int | None = Field(None, ge=SIZE_MULTIPLE, description="pixels, multiple of 16; default: the preset's")
+    height: int | None = Field(None, ge=SIZE_MULTIPLE, description="pixels, multiple of 16; default: the preset's")
+    adapter: str | None = Field(None, description="adapter name (GET /v1/adapters); null: the base model")
+
+    @model_validator(mode="after")
+    def _prompt_or_attributes(self):
+        if (self.prompt is None) == (self.attributes is None):
+            raise ValueError("give exactly one of `prompt` (free text) or `attributes` (structured)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("`prompt` is empty")
+        return self
+
+
+class AugmentationRequest(_Body):
+    """POST /v1/augmentations: a bulk job writing a synthetic set (SYNTHETIC_SCHEMA shards + manifest)."""
+
+    job_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="repeat it to resume, never duplicates")
+    class_targets: dict[str, int] | None = Field(None, description="explicit synthetic images per taxonomy code")
+    bring_to: int | None = Field(None, ge=0, description="top every class of `corpus` (train split) up to N images")
+    corpus: str | None = Field(None, description="corpus folder for `bring_to`")
+    out: str | None = Field(None, description="output folder; default: <jobs_dir>/<job_id>")
+    adapter: str | None = None
+    seed: int = Field(0, ge=0, lt=2**63)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    width: int | None = Field(None, ge=SIZE_MULTIPLE)
+    height: int | None = Field(None, ge=SIZE_MULTIPLE)
+
+    @model_validator(mode="after")
+    def _one_target_kind(self):
+        if (self.class_targets is None) == (self.bring_to is None):
+            raise ValueError("give exactly one of `class_targets` ({code: count}) or `bring_to` (with `corpus`)")
+        if self.bring_to is not None and not self.corpus:
+            raise ValueError("`bring_to` needs `corpus` (a corpus folder whose train-split counts are topped up)")
+        return self
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides prompt and seed that decides an image; equal settings batch together."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One image: a prompt, its seed and the settings."""
+
+    prompt: str
+    seed: int
+    settings: Settings
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "seed": self.seed, "settings": asdict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SampleRequest":
+        return cls(data["prompt"], int(data["seed"]), Settings(**data["settings"]))
+
+
+def resolve_settings(body: ImageRequest | AugmentationRequest, cfg, adapters: list[str]) -> Settings:
+    """Fill defaults from the preset and check them against `synth.limits` and the served adapters."""
+    limits = cfg.synth.limits
+    width = body.width or cfg.synth.width or cfg.model.resolution
+    height = body.height or cfg.synth.height or cfg.model.resolution
+    for name, side in (("width", width), ("height", height)):
+        if side % SIZE_MULTIPLE:
+            raise RequestError(name, f"{side} is not a multiple of {SIZE_MULTIPLE} (Flux packs 2x2 patches of 8x latents)")
+        if side > limits.max_side:
+            raise RequestError(name, f"{side} exceeds the limit of {limits.max_side} pixels")
+    steps = body.num_inference_steps or cfg.synth.num_inference_steps or cfg.model.num_inference_steps
+    if steps > limits.max_steps:
+        raise RequestError("num_inference_steps", f"{steps} exceeds the limit of {limits.max_steps}")
+    guidance = body.guidance_scale
+    if guidance is None:
+        guidance = cfg.synth.guidance_scale if cfg.synth.guidance_scale is not None else cfg.model.guidance_scale
+    if guidance > limits.max_guidance:
+        raise RequestError("guidance_scale", f"{guidance} exceeds the limit of {limits.max_guidance}")
+    if body.adapter is not None and body.adapter not in adapters:
+        known = ", ".join(adapters) or "none (only the base model is served)"
+        raise RequestError("adapter", f"unknown adapter {body.adapter!r}; served: {known}", status=404)
+    return Settings(width, height, int(steps), float(guidance), body.adapter)
+
+
+def check_token_budget(prompt: str, tokenizer, budget: int, field: str = "prompt") -> None:
+    """Refuse prompts the T5 encoder would truncate (Flux cuts at max_sequence_length silently)."""
+    if tokenizer is None:
+        return
+    n_tokens = len(tokenizer(prompt).input_ids)
+    if n_tokens > budget:
+        raise RequestError(field, f"{n_tokens} tokens exceeds the budget of {budget} (model.max_sequence_length)")
+
+
+def expand_image_request(body: ImageRequest, cfg, adapters: list[str], tokenizer=None) -> list[SampleRequest]:
+    """One SampleRequest per image, or RequestError before any work starts."""
+    limit = cfg.synth.limits.max_images_per_request
+    if body.count > limit:
+        raise RequestError("count", f"{body.count} exceeds the limit of {limit} images per request")
+    settings = resolve_settings(body, cfg, adapters)
+    prompt = body.prompt if body.prompt is not None else caption_from_attributes(body.attributes, body.seed)
+    check_token_budget(prompt, tokenizer, cfg.model.max_sequence_length, "prompt" if body.prompt else "attributes")
+    return [SampleRequest(prompt, body.seed + i, settings) for i in range(body.count)]
+
+
+def check_labels(targets: dict[str, int], field: str = "class_targets") -> dict[str, int]:
+    """Taxonomy codes only, non-negative counts; sorted so a job's plan never depends on dict order."""
+    for code, count in targets.items():
+        if code not in taxonomy.LABELS:
+            raise RequestError(f"{field}.{code}", f"unknown class {code!r}; known: {', '.join(taxonomy.CODES)}")
+        if not isinstance(count, int) or count < 0:
+            raise RequestError(f"{field}.{code}", f"expected a non-negative integer count, got {count!r}")
+    return {code: targets[code] for code in sorted(targets)}
+
+
+def derive_seed(base_seed: int, label: str, index: int) -> int:
+    """Seed of image `index` of class `label`: stable across runs, replicas and Python versions."""
+    digest = hashlib.sha256(f"{base_seed}:{label}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # < 2**63, a valid torch seed
+
+
+def to_jsonable(obj: Any) -> Any:
+    return obj.model_dump(mode="json", exclude_none=True) if isinstance(obj, BaseModel) else obj

@@ -1,0 +1,298 @@
+"""The Ray Serve application: a FastAPI ingress and a synthesis deployment holding the pipeline.
+
+- `SynthesisModel`: one FluxPipeline per replica with every configured LoRA loaded once;
+  `@serve.batch` gathers concurrent single-image calls and `sampling.generate_images` runs
+  equal-settings requests in one pipeline call (adapters switched with `set_adapters`, never a
+  reload). Replicas, autoscaling and GPUs per replica come from `synth` in the config.
+- `SynthesisAPI`: the versioned HTTP API (`/v1/...`, OpenAPI at `/docs`); it validates every
+  request before any work starts, so bad input costs nothing and writes nothing.
+- `BulkJobRunner`: a detached actor per bulk job that walks the job's shards through the
+  synthesis deployment (retrying a shard when a replica dies) and writes them via `bulk`.
+"""
+
+# No `from __future__ import annotations`: FastAPI must resolve the route annotations of the
+# Serve ingress class at import time (string annotations are left as unresolved forward refs).
+
+import asyncio
+import base64
+import logging
+import threading
+from pathlib import Path
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+
+from dermaflux import artifacts
+from dermaflux.synth import bulk
+from dermaflux.synth.requests import (
+    AugmentationRequest,
+    ImageRequest,
+    RequestError,
+    SampleRequest,
+    check_labels,
+    expand_image_request,
+    resolve_settings,
+    to_jsonable,
+)
+
+log = logging.getLogger(__name__)
+
+JOB_NAMESPACE = "dermaflux-jobs"
+SYNTH_DEPLOYMENT = "SynthesisModel"
+FAILED_FILE = "failed.json"
+
+
+def _config(cfg_dict: dict):
+    from dermaflux.config import DermaFluxConfig
+
+    return DermaFluxConfig.model_validate(cfg_dict)
+
+
+@serve.deployment(name=SYNTH_DEPLOYMENT)
+class SynthesisModel:
+    def __init__(self, cfg_dict: dict):
+        from dermaflux.synth.adapters import load_synthesis_pipeline
+        from dermaflux.synth.sampling import loaded_adapters, pipeline_device
+
+        self.cfg = _config(cfg_dict)
+        self.pipe = load_synthesis_pipeline(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
+        self.adapter_names = loaded_adapters(self.pipe)
+        self.generate_batch.set_max_batch_size(self.cfg.synth.batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.cfg.synth.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, requests: list[dict]) -> list[dict]:
+        from dermaflux.synth.sampling import encode_png, generate_images
+
+        samples = [SampleRequest.from_dict(r) for r in requests]
+        # In a thread: the replica keeps answering health checks and queueing the next batch.
+        images = await asyncio.to_thread(
+            generate_images, self.pipe, samples, max_batch_size=self.cfg.synth.batch_size,
+            max_sequence_length=self.cfg.model.max_sequence_length,
+        )
+        return [{"png": encode_png(image), "width": image.width, "height": image.height} for image in images]
+
+    async def generate(self, request: dict) -> dict:
+        """One image: {prompt, seed, settings} -> {png, width, height}."""
+        return await self.generate_batch(request)
+
+    def adapters(self) -> list[str]:
+        return self.adapter_names
+
+
+class ImageOut(BaseModel):
+    png_base64: str
+    width: int
+    height: int
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    prompt: str
+    attributes: dict | None
+    adapter: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    images: list[ImageOut]
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    out: str
+    state: str  # running | done | failed
+    total: int
+    done: int
+    shards_total: int
+    shards_done: int
+    targets: dict[str, int]
+    done_by_class: dict[str, int]
+    error: str | None = None
+
+
+def _status(out: Path) -> dict:
+    status = bulk.job_status(out)
+    failed = out / FAILED_FILE
+    if status["state"] != "done" and failed.exists():
+        status.update(state="failed", error=artifacts.read_json(failed)["error"])
+    return status
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class BulkJobRunner:
+    """Runs one job to the end; restarted by Ray if its process dies, resuming from the done markers."""
+
+    def __init__(self, out: str, app_name: str, max_retries: int):
+        self.out = Path(out)
+        self.thread = threading.Thread(target=self._run, args=(app_name, max_retries), daemon=True)
+        self.thread.start()
+
+    def _run(self, app_name: str, max_retries: int) -> None:
+        spec = bulk.read_spec(self.out)
+        handle = serve.get_deployment_handle(SYNTH_DEPLOYMENT, app_name)
+
+        def generate(samples: list[SampleRequest]) -> list[bytes]:
+            responses = [handle.generate.remote(s.to_dict()) for s in samples]
+            return [r.result(timeout_s=600)["png"] for r in responses]
+
+        try:
+            bulk.run_job(self.out, spec, generate, max_retries=max_retries)
+        except Exception as err:
+            log.exception("bulk job %s failed", spec.job_id)
+            artifacts.atomic_write_json(self.out / FAILED_FILE, {"error": f"{type(err).__name__}: {err}"})
+        # Done or failed: a detached actor outlives its caller, so it ends itself (a re-POST starts a new one).
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def status(self) -> dict:
+        return _status(self.out)
+
+
+api = FastAPI(
+    title="DermaFlux synthesis",
+    version="1",
+    description="Synthetic dermoscopy images from text or structured lesion attributes (Flux.1 + LoRA).",
+)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, err: RequestError):
+    return JSONResponse(status_code=err.status, content={"detail": [{"loc": err.field.split("."), "msg": err.message}]})
+
+
+@serve.deployment
+@serve.ingress(api)
+class SynthesisAPI:
+    def __init__(self, synth_handle, cfg_dict: dict):
+        from transformers import AutoTokenizer
+
+        from dermaflux.model.loading import resolve_pretrained
+
+        self.cfg = _config(cfg_dict)
+        self.synth = synth_handle
+        # T5's tokenizer decides the token budget; loading it here keeps bad prompts off the replicas.
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            resolve_pretrained(self.cfg.model), subfolder="tokenizer_2", revision=self.cfg.model.revision
+        )
+        from dermaflux.synth.adapters import adapter_folders
+
+        self.adapter_paths = adapter_folders(self.cfg.synth.adapters)
+        self.jobs_dir = Path(self.cfg.synth.jobs_dir or Path(self.cfg.model.cache_dir or ".") / "synth-jobs")
+
+    @api.get("/healthz", summary="the ingress process is up")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="a synthesis replica answers")
+    async def readyz(self):
+        try:
+            adapters = await asyncio.wait_for(self.synth.adapters.remote(), timeout=10)
+        except Exception as err:  # no replica yet, or it is starting
+            return JSONResponse(status_code=503, content={"status": "not ready", "reason": str(err)})
+        return {"status": "ready", "adapters": adapters}
+
+    @api.get("/v1/adapters", summary="adapter names that requests may name")
+    def adapters(self) -> dict:
+        return {"adapters": sorted(self.adapter_paths), "base": self.cfg.model.pretrained}
+
+    @api.post("/v1/images", response_model=ImagesResponse, summary="generate images (PNG, base64) now")
+    async def images(self, body: ImageRequest) -> ImagesResponse:
+        samples = expand_image_request(body, self.cfg, sorted(self.adapter_paths), self.tokenizer)
+        results = await asyncio.gather(*(self.synth.generate.remote(s.to_dict()) for s in samples))
+        settings = samples[0].settings
+        return ImagesResponse(
+            prompt=samples[0].prompt, attributes=to_jsonable(body.attributes), adapter=settings.adapter,
+            num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+            images=[
+                ImageOut(png_base64=base64.b64encode(r["png"]).decode(), width=r["width"], height=r["height"], seed=s.seed)
+                for s, r in zip(samples, results)
+            ],
+        )
+
+    def _job_spec(self, body: AugmentationRequest) -> bulk.JobSpec:
+        settings = resolve_settings(body, self.cfg, sorted(self.adapter_paths))
+        if body.class_targets is not None:
+            targets = check_labels(body.class_targets)
+        else:
+            try:
+                targets = bulk.bring_to_targets(body.corpus, body.bring_to)
+            except FileNotFoundError as err:
+                raise RequestError("corpus", str(err)) from None
+        total = sum(targets.values())
+        limit = self.cfg.synth.limits.max_images_per_job
+        if total > limit:
+            raise RequestError("class_targets", f"{total} images exceeds the limit of {limit} per job")
+        return bulk.JobSpec(
+            job_id=body.job_id, targets=targets, settings=settings, seed=body.seed, shard_size=self.cfg.synth.shard_size,
+            model=self.cfg.model.pretrained, adapter_path=self.adapter_paths.get(settings.adapter),
+        )
+
+    def _job_index(self, job_id: str) -> Path:
+        return self.jobs_dir / "index" / f"{job_id}.json"
+
+    @api.post("/v1/augmentations", response_model=JobStatus, status_code=202,
+              summary="start (or resume) a bulk job; the same job_id never duplicates images")
+    def start_job(self, body: AugmentationRequest):
+        spec = self._job_spec(body)
+        out = Path(body.out or self.jobs_dir / body.job_id).resolve()
+        index = self._job_index(body.job_id)
+        if index.exists() and artifacts.read_json(index)["out"] != str(out):
+            raise RequestError("job_id", f"job {body.job_id!r} already writes to {artifacts.read_json(index)['out']}",
+                               status=409)
+        try:
+            bulk.prepare_job(out, spec)
+        except artifacts.OutputConflict as err:
+            raise RequestError("job_id", str(err), status=409) from None
+        artifacts.atomic_write_json(index, {"out": str(out)})
+        status = bulk.job_status(out)
+        if status["state"] != "done":
+            (out / FAILED_FILE).unlink(missing_ok=True)
+            BulkJobRunner.options(
+                name=body.job_id, namespace=JOB_NAMESPACE, lifetime="detached", get_if_exists=True
+            ).remote(str(out), self.cfg.synth.app_name, self.cfg.synth.job_max_retries)
+        return _status(out)
+
+    @api.get("/v1/augmentations/{job_id}", response_model=JobStatus, summary="progress of a bulk job")
+    def job(self, job_id: str):
+        index = self._job_index(job_id)
+        if not index.exists():
+            raise RequestError("job_id", f"no job {job_id!r}", status=404)
+        return _status(Path(artifacts.read_json(index)["out"]))
+
+
+def build_app(cfg):
+    """The Serve application for `cfg` (replicas, autoscaling and resources from `cfg.synth`)."""
+    synth = cfg.synth
+    scaling = synth.autoscaling
+    options: dict = {
+        "ray_actor_options": {"num_cpus": synth.cpus_per_replica, "num_gpus": synth.gpus_per_replica},
+        "max_ongoing_requests": synth.max_ongoing_requests,
+    }
+    if scaling.min_replicas == scaling.max_replicas:
+        options["num_replicas"] = scaling.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+        }
+    cfg_dict = cfg.model_dump(mode="json")
+    model = SynthesisModel.options(**options).bind(cfg_dict)
+    return SynthesisAPI.options(ray_actor_options={"num_cpus": 0}).bind(model, cfg_dict)
+
+
+def start_service(cfg, *, blocking: bool = False):
+    """Start (or update) the app on `cfg.synth.host:port`; returns the ingress handle."""
+    from dermaflux.config import cache_dir
+    from dermaflux.model.loading import resolve_pretrained
+    from dermaflux.ray_runtime import init_ray
+    from dermaflux.synth.adapters import adapter_folders
+
+    # Resolve here, once: replicas then find the same model and cache folder on every node.
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.cache_dir = str(cache_dir(cfg.model))
+    adapter_folders(cfg.synth.adapters)
+    resolve_pretrained(cfg.model)
+    init_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.synth.host, "port": cfg.synth.port})
+    return serve.run(build_app(cfg), name=cfg.synth.app_name, route_prefix=cfg.synth.route_prefix, blocking=blocking)

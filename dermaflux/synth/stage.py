@@ -1,0 +1,59 @@
+"""The generate stage: a synthetic augmentation set from the config alone (offline, Ray Data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dermaflux.corpus import taxonomy
+from dermaflux.synth import bulk
+from dermaflux.synth.requests import AugmentationRequest, check_labels, resolve_settings
+
+
+def class_targets(cfg) -> dict[str, int]:
+    """synth.class_targets, else per_class for every taxonomy class, else bring_to over synth.corpus."""
+    synth = cfg.synth
+    targets: dict[str, int] = {}
+    if synth.bring_to is not None:
+        if not synth.corpus:
+            raise ValueError("synth.bring_to needs synth.corpus (the corpus folder whose classes are topped up)")
+        targets = bulk.bring_to_targets(synth.corpus, synth.bring_to)
+    elif synth.per_class is not None:
+        targets = {code: synth.per_class for code in taxonomy.CODES}
+    targets.update(synth.class_targets)
+    if not targets or not sum(targets.values()):
+        raise ValueError("nothing to generate: set synth.per_class (--per-class N), synth.class_targets or synth.bring_to")
+    return check_labels(targets, "synth.class_targets")
+
+
+def job_spec(cfg) -> bulk.JobSpec:
+    from dermaflux.synth.adapters import adapter_folders
+
+    synth = cfg.synth
+    if not synth.out:
+        raise ValueError("synth.out is not set (--out DIR)")
+    adapters = adapter_folders(synth.adapters)
+    adapter = synth.adapter or next(iter(adapters), None)
+    body = AugmentationRequest(job_id=Path(synth.out).name or "generate", class_targets={}, adapter=adapter)
+    settings = resolve_settings(body, cfg, sorted(adapters))
+    targets = class_targets(cfg)
+    limit = synth.limits.max_images_per_job
+    if sum(targets.values()) > limit:
+        raise ValueError(f"{sum(targets.values())} images exceeds synth.limits.max_images_per_job ({limit})")
+    return bulk.JobSpec(
+        job_id=body.job_id, targets=targets, settings=settings, seed=synth.seed, shard_size=synth.shard_size,
+        model=cfg.model.pretrained, adapter_path=adapters.get(adapter) if adapter else None,
+    )
+
+
+def run(cfg) -> dict:
+    from dermaflux.config import save_effective_config
+    from dermaflux.ray_runtime import init_ray
+    from dermaflux.synth.ray_generate import run_generate_job
+
+    spec = job_spec(cfg)
+    out = Path(cfg.synth.out).resolve()
+    resumed = bulk.prepare_job(out, spec)
+    save_effective_config(cfg, out)
+    init_ray(cfg.ray)
+    status = run_generate_job(cfg, out, spec)
+    return {**status, "resumed": resumed}

@@ -1,0 +1,95 @@
+"""The `train` config section. Defaults are the tiny preset's; flux-dev differences live in presets/flux-dev.yaml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dermaflux.configbase import ConfigModel
+
+# As in diffusers' train_dreambooth_lora_flux.py (its default --lora_layers).
+DEFAULT_LORA_TARGETS = [
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+
+
+class LoraConfigSection(ConfigModel):
+    rank: int = Field(16, ge=1)
+    alpha: float | None = Field(None, description="LoRA alpha; None uses the rank (scale 1), as diffusers does")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), description="module name suffixes")
+
+
+class VaeFitConfig(ConfigModel):
+    """Fitting the tiny preset's random VAE to the corpus before the transformer trains."""
+
+    enabled: bool = Field(True, description="fit the VAE (needed for builtin:tiny; off for pretrained VAEs)")
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(16, ge=1, description="images per worker per step")
+    lr: float = 1e-3
+    kl_weight: float = Field(1e-6, description="KL term weight, small as in SD/Flux VAE training")
+    workers: int = Field(1, ge=1)
+    max_images: int | None = Field(None, description="train images used (None: all)")
+    eval_images: int = Field(64, ge=1, description="test-split images for the PSNR report")
+
+
+class TrainConfig(ConfigModel):
+    captions: str | None = Field(None, description="captioned corpus folder (CAPTION_SCHEMA shards)")
+    out: str | None = Field(None, description="run folder; the final adapter goes to <out>/final")
+    mode: Literal["lora", "full"] = Field("full", description="full for the tiny preset (its base never trained)")
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    steps: int = Field(300, ge=1, description="optimizer steps")
+    micro_batch: int = Field(8, ge=1, description="samples per worker per forward")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = Field(20, ge=0)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU")
+    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU")
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    # The rectified-flow objective (names as in diffusers' SD3/Flux training scripts).
+    weighting_scheme: Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none"] = "none"
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    max_images: int | None = Field(None, description="train images used (None: all); for quick runs")
+    checkpoint_every: int = Field(100, ge=1)
+    validate_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    validation_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "dermoscopic image of a melanoma, asymmetric, irregular border, dark brown and black",
+            "dermoscopic image of a melanocytic nevus, symmetric, regular border, light brown",
+            "dermoscopic image of a basal cell carcinoma on the face",
+            "dermoscopic image of a vascular lesion, red",
+        ]
+    )
+    validation_seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    validation_steps: int | None = Field(None, description="sampling steps (None: model.num_inference_steps)")
+    precompute_batch: int = Field(32, ge=1)
+    precompute_workers: int = Field(1, ge=1)
+    vae_fit: VaeFitConfig = Field(default_factory=VaeFitConfig)
+    max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
+    fault_at_step: int | None = Field(
+        None, description="testing hook: rank 1 exits hard after this step on the first attempt only"
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+CONFIG = TrainConfig

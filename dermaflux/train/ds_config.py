@@ -1,0 +1,32 @@
+"""The DeepSpeed config built from ours (pure; the one place DeepSpeed keys are spelled)."""
+
+from __future__ import annotations
+
+
+def use_bf16(train_cfg) -> bool:
+    if train_cfg.precision == "auto":
+        return train_cfg.use_gpu  # bf16 on GPU; CPU runs stay fp32 (bf16 CPU matmuls are slow and lossy)
+    return train_cfg.precision == "bf16"
+
+
+def deepspeed_config(train_cfg) -> dict:
+    zero: dict = {"stage": train_cfg.zero_stage}
+    if train_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train_cfg.use_gpu}
+    if train_cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": train_cfg.use_gpu}
+    if train_cfg.zero_stage == 3:
+        # Small models: do not keep whole layers resident; gathering for saves is done explicitly.
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    return {
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch,
+        "gradient_accumulation_steps": train_cfg.grad_accum,
+        "gradient_clipping": train_cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(train_cfg)},
+        # Our torch AdamW is passed in; DeepSpeed's CPU Adam would need a compiled op.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

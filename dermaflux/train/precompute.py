@@ -1,0 +1,63 @@
+"""Turning captioned rows into cache rows (pure torch; the Ray Data job in ray_precompute.py maps it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dermaflux.train.cache import dtype_name, tensor_to_bytes
+from dermaflux.train.encode import decode_images, encode_captions, encode_images
+
+CAPTION_COLUMNS = ["id", "split", "label", "caption", "image"]
+
+
+def caption_shards(captions_dir: str | Path) -> list[Path]:
+    shards = sorted((Path(captions_dir) / "shards").glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{captions_dir}/shards: no caption shards (*.parquet) — run `dermaflux caption` first")
+    for path in shards:
+        names = set(pq.read_schema(path).names)
+        missing = [c for c in CAPTION_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{path}: missing caption columns {missing} (expected dermaflux.caption.schema.CAPTION_SCHEMA)")
+    return shards
+
+
+def load_text_and_vae(model_cfg, vae_dir: str | None):
+    """The pipeline without its transformer (not needed to encode), with the fitted VAE when there is one."""
+    from diffusers import AutoencoderKL
+
+    from dermaflux.model.loading import load_pipeline, torch_dtype
+
+    components = {"transformer": None}
+    if vae_dir:
+        components["vae"] = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype(model_cfg.dtype))
+    pipe = load_pipeline(model_cfg, **components)
+    return pipe
+
+
+def encode_rows(pipe, batch: dict, resolution: int, max_sequence_length: int) -> dict:
+    """A columnar batch of caption rows -> a columnar batch of CACHE_SCHEMA rows."""
+    captions = [str(c) for c in batch["caption"]]
+    for row_id, caption in zip(batch["id"], captions):
+        if not caption.strip():
+            raise ValueError(f"caption row {row_id}: empty caption")
+    images = decode_images(list(batch["image"]), resolution)
+    latents = encode_images(pipe.vae, images)
+    prompt_embeds, pooled = encode_captions(pipe, captions, max_sequence_length)
+    dtype = dtype_name(prompt_embeds.dtype)
+    latents = latents.to(prompt_embeds.dtype)
+    return {
+        "id": list(batch["id"]),
+        "split": list(batch["split"]),
+        "label": list(batch["label"]),
+        "caption": captions,
+        "dtype": [dtype] * len(captions),
+        "latents": [tensor_to_bytes(t) for t in latents],
+        "latents_shape": [list(latents.shape[1:])] * len(captions),
+        "prompt_embeds": [tensor_to_bytes(t) for t in prompt_embeds],
+        "prompt_embeds_shape": [list(prompt_embeds.shape[1:])] * len(captions),
+        "pooled_prompt_embeds": [tensor_to_bytes(t) for t in pooled],
+        "pooled_prompt_embeds_shape": [list(pooled.shape[1:])] * len(captions),
+    }

@@ -1,0 +1,105 @@
+"""Ray Data job: encode every captioned image once (VAE) and every caption once (CLIP + T5), cache as shards.
+
+Resumable at row level: ids already in the cache are skipped, and each output part is written
+atomically, so an interrupted run loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dermaflux.artifacts import atomic_path, atomic_write_json
+from dermaflux.train.cache import CACHE_SCHEMA, cache_shards
+from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
+
+log = logging.getLogger(__name__)
+
+
+class CaptionEncoder:
+    """A Ray Data actor: loads the encoders once, then encodes batches."""
+
+    def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int):
+        from dermaflux.config import ModelConfig
+
+        torch.set_num_threads(1)
+        self.pipe = load_text_and_vae(ModelConfig.model_validate(model_cfg_json), vae_dir)
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+
+    def __call__(self, batch: dict) -> dict:
+        return encode_rows(self.pipe, batch, self.resolution, self.max_sequence_length)
+
+
+def _existing_ids(cache_dir: Path) -> set[str]:
+    ids: set[str] = set()
+    for path in cache_shards(cache_dir):
+        ids.update(pq.read_table(path, columns=["id"])["id"].to_pylist())
+    return ids
+
+
+def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: dict | None = None) -> dict:
+    """Encode the rows of cfg.train.captions not yet in `cache_dir`. `max_images`: split -> limit (quick runs)."""
+    import ray
+
+    from dermaflux.ray_runtime import init_ray
+
+    init_ray(cfg.ray)
+    cache_dir = Path(cache_dir)
+    shards = caption_shards(cfg.train.captions)
+    table = pa.concat_tables([pq.read_table(p, columns=CAPTION_COLUMNS) for p in shards], promote_options="default")
+    table = table.sort_by("id")
+    if max_images:
+        parts = []
+        for split in ("train", "val", "test"):
+            sub = table.filter(pa.compute.equal(table["split"], split))
+            limit = max_images.get(split)
+            parts.append(sub.slice(0, limit) if limit is not None else sub)
+        table = pa.concat_tables(parts)
+    done = _existing_ids(cache_dir)
+    todo = table.filter(pa.compute.invert(pa.compute.is_in(table["id"], value_set=pa.array(sorted(done), pa.string()))))
+    summary = {"rows": table.num_rows, "cached_before": len(done & set(table["id"].to_pylist())), "encoded": 0}
+    if todo.num_rows == 0:
+        return summary
+    log.info("pre-compute: encoding %d of %d rows (%d already cached)", todo.num_rows, table.num_rows, len(done))
+    ds = ray.data.from_arrow(todo)
+    encoded = ds.map_batches(
+        CaptionEncoder,
+        fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, cfg.model.max_sequence_length),
+        batch_size=cfg.train.precompute_batch,
+        batch_format="numpy",
+        concurrency=cfg.train.precompute_workers,
+        num_cpus=1,
+    )
+    part = len(cache_shards(cache_dir))
+    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
+    for batch in encoded.iter_batches(batch_size=max(cfg.train.precompute_batch, 256), batch_format="numpy"):
+        rows = {k: [v.tolist() if hasattr(v, "tolist") and k.endswith("_shape") else v for v in batch[k]] for k in batch}
+        out = pa.Table.from_pydict({k: list(rows[k]) for k in CACHE_SCHEMA.names}, schema=CACHE_SCHEMA)
+        with atomic_path(cache_dir / "shards" / f"part-{part:05d}.parquet") as tmp:
+            pq.write_table(out, tmp)
+        part += 1
+        summary["encoded"] += out.num_rows
+        log.info("pre-compute: %d / %d rows encoded", summary["encoded"], todo.num_rows)
+    atomic_write_json(cache_dir / "manifest.json", {**summary, "shards": part})
+    return summary
+
+
+def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None) -> Path:
+    """The validation prompts' embeddings, so training workers render without text encoders."""
+    from dermaflux.artifacts import atomic_path
+    from dermaflux.train.encode import encode_captions
+
+    path = Path(cache_dir) / "validation.pt"
+    if path.exists():
+        return path
+    pipe = load_text_and_vae(cfg.model, vae_dir)
+    prompt_embeds, pooled = encode_captions(pipe, cfg.train.validation_prompts, cfg.model.max_sequence_length)
+    with atomic_path(path) as tmp:
+        torch.save({"prompts": list(cfg.train.validation_prompts), "prompt_embeds": prompt_embeds,
+                    "pooled_prompt_embeds": pooled}, tmp)
+    return path

@@ -1,0 +1,103 @@
+"""Ray Train job fitting the tiny preset's VAE (DDP on the reconstruction + KL step of vae_fit.py)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_split_images(captions_dir, split: str, resolution: int, limit: int | None) -> torch.Tensor:
+    from dermaflux.train.encode import decode_images
+    from dermaflux.train.precompute import caption_shards
+
+    table = pa.concat_tables([pq.read_table(p, columns=["id", "split", "image"]) for p in caption_shards(captions_dir)])
+    table = table.filter(pa.compute.equal(table["split"], split)).sort_by("id")
+    if limit is not None:
+        table = table.slice(0, limit)
+    if table.num_rows == 0:
+        raise ValueError(f"{captions_dir}: no rows of split {split!r} to fit/evaluate the VAE")
+    return decode_images(table["image"].to_pylist(), resolution)
+
+
+def vae_worker(loop_cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from diffusers import AutoencoderKL
+
+    from dermaflux.config import DermaFluxConfig
+    from dermaflux.model.loading import resolve_pretrained
+    from dermaflux.train.vae_fit import psnr, set_latent_factors, vae_loss
+
+    cfg = DermaFluxConfig.model_validate(loop_cfg["cfg"])
+    vc = cfg.train.vae_fit
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(cfg.train.cpus_per_worker, 1))
+    vae = AutoencoderKL.from_pretrained(resolve_pretrained(cfg.model), subfolder="vae")
+    images = load_split_images(cfg.train.captions, "train", cfg.model.resolution, vc.max_images)
+    test_images = load_split_images(cfg.train.captions, "test", cfg.model.resolution, vc.eval_images) if rank == 0 else None
+    psnr_before = psnr(vae, test_images) if rank == 0 else 0.0
+    model = ray.train.torch.prepare_model(vae)
+    inner = model.module if hasattr(model, "module") else model
+    opt = torch.optim.AdamW(model.parameters(), lr=vc.lr)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
+    report_every = max(vc.steps // 10, 1)
+    mse_recent = []
+    for step in range(1, vc.steps + 1):
+        idx = torch.randint(0, len(images), (vc.batch_size,), generator=gen)
+        # DDP wraps forward(); encode/decode are called on the inner module, so sync grads ourselves.
+        loss, mse = vae_loss(inner, images[idx], vc.kl_weight, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for p in inner.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        opt.step()
+        mse_recent.append(float(mse.detach()))
+        if step % report_every == 0 and step < vc.steps:
+            ray.train.report({"step": step, "mse": sum(mse_recent) / len(mse_recent)})
+            mse_recent = []
+    inner.eval()
+    out = Path(tempfile.mkdtemp(prefix="dfx-vae-"))
+    metrics = {"step": vc.steps, "mse": sum(mse_recent) / max(len(mse_recent), 1)}
+    if rank == 0:
+        shift, scale = set_latent_factors(inner, images[: min(len(images), 256)])
+        metrics.update({"psnr_before": psnr_before, "psnr_test": psnr(inner, test_images),
+                        "shift_factor": shift, "scaling_factor": scale, "test_images": len(test_images)})
+        inner.save_pretrained(out / "vae")
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)) if rank == 0 else None,
+                     checkpoint_dir_name="vae-fit")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def run_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
+    """Fit the VAE; returns (<run_dir>/vae, metrics incl. test PSNR before/after)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dermaflux.artifacts import atomic_dir
+
+    run_dir = Path(run_dir).resolve()
+    trainer = TorchTrainer(
+        vae_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.vae_fit.workers, use_gpu=False,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(name="vae-fit", storage_path=str(run_dir / "ray")),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt, atomic_dir(run_dir / "vae") as staging:
+        shutil.copytree(Path(ckpt) / "vae", staging, dirs_exist_ok=True)
+    metrics = {k: result.metrics[k] for k in ("psnr_before", "psnr_test", "shift_factor", "scaling_factor", "test_images")}
+    return run_dir / "vae", metrics

@@ -1,0 +1,90 @@
+"""`dermaflux train`: VAE fit (tiny preset) -> pre-compute (Ray Data) -> fine-tune (Ray Train + DeepSpeed).
+
+Each step leaves a done-marker in the run folder, so re-running skips finished steps; training
+itself resumes from its last checkpoint with `resume=True` (`--resume`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from dermaflux.artifacts import (atomic_dir, atomic_write_json, claim_output, fingerprint, is_done, mark_done,
+                                 read_json, marker_path)
+from dermaflux.config import save_effective_config
+
+log = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resumption (how long, how wide, how it fails).
+_RESUMABLE_FIELDS = {"out", "steps", "workers", "max_failures", "fault_at_step", "cpus_per_worker", "use_gpu"}
+
+
+def run_fingerprint(cfg) -> str:
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RESUMABLE_FIELDS}
+    return fingerprint(cfg.model.model_dump(mode="json"), train)
+
+
+def _finished(out: Path, steps: int) -> bool:
+    return is_done(out, "train") and read_json(marker_path(out, "train")).get("steps") == steps
+
+
+def run(cfg, resume: bool = False) -> dict:
+    from dermaflux.ray_runtime import init_ray
+    from dermaflux.train.ray_precompute import encode_validation_prompts, run_precompute
+    from dermaflux.train.ray_trainer import latest_checkpoint, run_training
+    from dermaflux.train.ray_vae_fit import run_vae_fit
+
+    tc = cfg.train
+    if not tc.captions:
+        raise ValueError("train.captions is not set: pass --captions DIR (a `dermaflux caption` output folder)")
+    if not tc.out:
+        raise ValueError("train.out is not set: pass --out DIR")
+    out = Path(tc.out).resolve()
+    same_run = claim_output(out, "train", run_fingerprint(cfg))
+    if same_run and latest_checkpoint(out / "ray") is not None and not resume and not _finished(out, tc.steps):
+        raise ValueError(f"{out} holds a stopped training run: pass --resume to continue it, or choose another --out")
+    save_effective_config(cfg, out)
+    init_ray(cfg.ray)
+    started = time.time()
+    summary: dict = {"out": str(out)}
+
+    vae_dir = None
+    if tc.vae_fit.enabled:
+        if not is_done(out, "vae_fit"):
+            log.info("fitting the VAE (%d steps)", tc.vae_fit.steps)
+            _, metrics = run_vae_fit(cfg, out)
+            mark_done(out, "vae_fit", metrics)
+        vae_dir = str(out / "vae")
+        summary["vae"] = {k: v for k, v in read_json(marker_path(out, "vae_fit")).items() if k != "done"}
+
+    cache_dir = out / "cache"
+    if not is_done(out, "precompute"):
+        # Only the train split feeds the transformer; val/test stay for the evaluate stage.
+        info = run_precompute(cfg, cache_dir, vae_dir, max_images={"train": tc.max_images, "val": 0, "test": 0})
+        encode_validation_prompts(cfg, cache_dir, vae_dir)
+        mark_done(out, "precompute", info)
+    summary["precompute"] = {k: v for k, v in read_json(marker_path(out, "precompute")).items() if k != "done"}
+
+    if not _finished(out, tc.steps):
+        result = run_training(cfg, cache_dir, vae_dir, out, resume=resume)
+        if result.error is not None:
+            raise RuntimeError(f"training failed: {result.error}")
+        with result.checkpoint.as_directory() as ckpt:
+            ckpt = Path(ckpt)
+            with atomic_dir(out / "final") as staging:
+                shutil.copytree(ckpt / "adapter", staging, dirs_exist_ok=True)
+            for name in ("loss.csv", "loss.png"):
+                shutil.copy2(ckpt / name, out / name)
+            grids = sorted(ckpt.glob("validation-*.png"))
+            if grids:
+                shutil.copy2(grids[-1], out / "validation.png")
+        mark_done(out, "train", {"steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
+                                 "weights_checksum": result.metrics.get("weights_checksum"),
+                                 "checkpoint": str(result.checkpoint.path)})
+    summary["train"] = {k: v for k, v in read_json(marker_path(out, "train")).items() if k != "done"}
+    summary["final"] = str(out / "final")
+    summary["wall_s"] = round(time.time() - started, 1)
+    atomic_write_json(out / "summary.json", summary)
+    return summary

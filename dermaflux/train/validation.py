@@ -1,0 +1,88 @@
+"""Validation renders and the loss curve (pure torch/matplotlib; rank 0 calls them)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dermaflux.artifacts import atomic_write_bytes
+
+
+@torch.no_grad()
+def render_validation(transformer, vae, scheduler, validation: dict, seeds: list[int], resolution: int,
+                      steps: int, guidance_scale: float) -> list[Image.Image]:
+    """One image per (prompt, seed), row-major by prompt, through FluxPipeline with cached embeddings."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    param = next(transformer.parameters())
+    was_training = transformer.training
+    transformer.eval()
+    images = []
+    try:
+        for i in range(len(validation["prompts"])):
+            for seed in seeds:
+                out = pipe(
+                    prompt_embeds=validation["prompt_embeds"][i : i + 1].to(param.device, param.dtype),
+                    pooled_prompt_embeds=validation["pooled_prompt_embeds"][i : i + 1].to(param.device, param.dtype),
+                    height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
+                )
+                images.append(out.images[0])
+    finally:
+        transformer.train(was_training)
+    return images
+
+
+def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    width, height = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * width, rows * height))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_loss_curve(history: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """`loss.csv` (step, loss, lr, samples_per_s) and `loss.png` (raw and smoothed loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "samples_per_s"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    csv_path = atomic_write_bytes(out_dir / "loss.csv", buf.getvalue().encode())
+    steps = np.array([h["step"] for h in history])
+    losses = np.array([h["loss"] for h in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    if len(losses) >= 5:
+        k = max(len(losses) // 20, 2)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("rectified-flow loss")
+    ax.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    png_path = atomic_write_bytes(out_dir / "loss.png", png.getvalue())
+    return csv_path, png_path

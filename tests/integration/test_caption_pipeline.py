@@ -1,0 +1,92 @@
+"""`dermaflux caption` on real Ray Data: every image captioned or accounted for, resume, the llm actor pool."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from caption_corpus import ham_rows, write_corpus
+from dermaflux import artifacts
+from dermaflux.caption.schema import CAPTION_SCHEMA
+from dermaflux.cli import main as cli_main
+from dermaflux.config import load_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def corpus(ham10000_dir, tmp_path_factory):
+    rows = ham_rows(ham10000_dir, per_label=2)  # 14 images, all 7 HAM labels
+    rows[3]["image"] = b"\xff\xd8 truncated jpeg"
+    return write_corpus(rows, tmp_path_factory.mktemp("caption") / "corpus", shards=3), rows
+
+
+def read_output(out):
+    return pq.read_table(out / "shards").to_pylist() if (out / "shards").exists() else []
+
+
+def test_template_run_captions_every_image_and_resumes(corpus, tmp_path, ray_local, dermaflux_cache):
+    corpus_dir, rows = corpus
+    out = tmp_path / "captions"
+    cfg = load_config("tiny", extra={"caption": {"corpus": str(corpus_dir), "out": str(out), "batch_size": 4}})
+    from dermaflux.caption.stage import run
+
+    first = run(cfg)
+    assert first["processed_shards"] == 3 and first["rows"] == len(rows) == 14
+    assert first["captioned"] == 13 and first["uncaptioned"] == 1
+    captions = {r["id"]: r for r in read_output(out)}
+    assert pq.read_schema(next((out / "shards").glob("*.parquet"))) == CAPTION_SCHEMA
+    uncaptioned = [json.loads(line) for line in (out / "uncaptioned.jsonl").read_text().splitlines()]
+    assert [u["id"] for u in uncaptioned] == [rows[3]["id"]] and "unreadable image" in uncaptioned[0]["reason"]
+    assert set(captions) | {rows[3]["id"]} == {r["id"] for r in rows}
+    for row in rows:
+        if row["id"] in captions:
+            got = captions[row["id"]]
+            attrs = json.loads(got["attributes_json"])
+            assert got["label"] == row["label"] == attrs["diagnosis"] and got["image"] == row["image"]
+            assert got["caption_writer"] == "template" and got["caption"]
+    manifest = artifacts.read_json(out / "manifest.json")
+    assert manifest["captioned"] == 13 and set(manifest["per_label"]) == {r["label"] for r in rows}
+    assert (out / "config.yaml").exists()
+
+    # A crash after two shards: the third's output and marker never got written.
+    (out / "shards" / "part-00001.parquet").unlink()
+    artifacts.marker_path(out, "part-00001").unlink()
+    second = run(cfg)
+    assert second["resumed"] and second["processed_shards"] == 1 and second["captioned"] == 13
+    again = read_output(out)
+    assert len(again) == len({r["id"] for r in again}) == 13  # no duplicates
+    assert {r["id"]: r["caption"] for r in again} == {i: r["caption"] for i, r in captions.items()}  # deterministic
+    assert run(cfg)["processed_shards"] == 0
+
+    # The same folder cannot take a different run.
+    other = load_config("tiny", extra={"caption": {"corpus": str(corpus_dir), "out": str(out), "seed": 7}})
+    with pytest.raises(artifacts.OutputConflict):
+        run(other)
+
+
+def test_cli_llm_writer_on_an_actor_pool(corpus, tmp_path, ray_local, dermaflux_cache, capsys):
+    corpus_dir, rows = corpus
+    out = tmp_path / "llm"
+    code = cli_main([
+        "caption", "--corpus", str(corpus_dir), "--out", str(out), "--writer", "llm", "--model", "builtin:tiny-llama",
+        "--concurrency", "2", "--set", "caption.max_new_tokens=8", "--set", "caption.batch_size=4",
+    ])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["captioned"] == 13 and summary["uncaptioned"] == 1
+    written = read_output(out)
+    assert {r["caption_writer"] for r in written} <= {"llm", "template"}
+    for r in written:
+        if r["caption_writer"] == "llm":
+            assert r["caption"].startswith("This photo depicts a")
+        else:  # a template caption in an llm run is a flagged fallback
+            assert any(f.startswith("llm_fallback:") for f in r["caption_flags"])
+    assert sum(r["caption_writer"] == "llm" for r in written) >= 10
+
+
+def test_cli_reports_a_missing_corpus(tmp_path, capsys):
+    code = cli_main(["caption", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "no *.parquet corpus shards" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+"""The template caption: deterministic, varied, names the diagnosis, within the text-encoder budgets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from dermaflux.caption.template import (
+    DIAGNOSIS_NAMES,
+    LesionAttributes,
+    caption_from_attributes,
+    estimate_tokens,
+    essentials_end,
+    fits_budget,
+)
+
+FULL = dict(
+    diagnosis="mel", asymmetry=0.4, border_irregularity=0.6, colours=["black", "light_brown", "blue_grey", "white"],
+    diameter_mm=11.3, site="lower extremity", age=71, sex="male", skin_type="II",
+)
+
+
+def test_deterministic_for_a_seed_and_varied_across_seeds():
+    attrs = LesionAttributes(**FULL)
+    assert caption_from_attributes(attrs, seed=3) == caption_from_attributes(attrs, seed=3)
+    assert caption_from_attributes(attrs) == caption_from_attributes(FULL)  # seed None: from the attributes
+    assert len({caption_from_attributes(attrs, seed=s) for s in range(20)}) >= 5
+
+
+@pytest.mark.parametrize("code", sorted(DIAGNOSIS_NAMES))
+def test_every_diagnosis_is_named_with_its_malignancy(code):
+    for seed in range(10):
+        text = caption_from_attributes({"diagnosis": code, "colours": ["dark_brown"]}, seed=seed).lower()
+        assert any(name in text for name in DIAGNOSIS_NAMES[code]), text
+        malignant = code in {"mel", "bcc", "akiec", "scc"}
+        assert ("malignant" in text) == malignant and ("benign" in text) == (not malignant), text
+
+
+def test_attributes_are_worded_without_contradiction():
+    symmetric = caption_from_attributes({"diagnosis": "nv", "asymmetry": 0.02, "border_irregularity": 0.05}, seed=1)
+    assert "asymmetric" not in symmetric and "irregular" not in symmetric
+    ragged = caption_from_attributes({"diagnosis": "mel", "asymmetry": 0.5, "border_irregularity": 0.8}, seed=1)
+    assert "asymmetric" in ragged and ("irregular" in ragged or "jagged" in ragged)
+    text = caption_from_attributes(FULL, seed=0)
+    for word in ("black", "light brown", "blue-grey", "white", "11 mm", "71-year-old", "lower extremity", "II"):
+        assert word in text, (word, text)
+    assert "four colours" in text or "pigmentation" in text or "colouring" in text
+
+
+def test_essentials_fit_clip_and_all_fits_t5():
+    for seed in range(30):
+        text = caption_from_attributes(FULL, seed=seed)
+        essentials = text[: essentials_end(text)]
+        assert "melanoma" in essentials and "black" in essentials
+        assert estimate_tokens(essentials) + 2 <= 77, essentials
+        assert fits_budget(text)
+    assert not fits_budget("melanoma " * 80)
+
+
+def test_invalid_attributes_name_the_field():
+    with pytest.raises(ValidationError, match="unknown diagnosis"):
+        LesionAttributes(diagnosis="wart")
+    with pytest.raises(ValidationError, match="colours"):
+        LesionAttributes(diagnosis="nv", colours=["green"])
+    with pytest.raises(ValidationError, match="contradicts"):
+        LesionAttributes(diagnosis="mel", malignant=False)
+    with pytest.raises(ValidationError, match="skin_type"):
+        LesionAttributes(diagnosis="nv", skin_type="VII")
+    with pytest.raises(ValidationError, match="extra"):
+        LesionAttributes(diagnosis="nv", colour=["red"])
+    assert LesionAttributes(diagnosis="NV", sex="unknown", skin_type="type iv").skin_type == "IV"
+
+
+def test_import_is_light():
+    code = "import sys, dermaflux.caption.template; print(any(m.split('.')[0] in ('ray', 'torch') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,242 @@
+"""The synthesis core without Ray: request checks, batched sampling, adapter switching, bulk jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from synth_helpers import make_lora_adapter
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_config, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "lora_a": make_lora_adapter(tiny_config.model, root / "lora_a", seed=1),
+        "lora_b": make_lora_adapter(tiny_config.model, root / "lora_b", seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def synth_cfg(tiny_config, adapters):
+    from dermaflux.config import load_config
+
+    return load_config("tiny", extra={"synth": {"adapters": [str(p) for p in adapters.values()]}})
+
+
+@pytest.fixture(scope="module")
+def pipe(synth_cfg):
+    from dermaflux.synth.adapters import load_synthesis_pipeline
+
+    return load_synthesis_pipeline(synth_cfg)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer_2")
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def request(prompt="a dermoscopic image of a melanoma", seed=0, adapter=None, size=64, steps=4):
+    from dermaflux.synth.requests import SampleRequest, Settings
+
+    return SampleRequest(prompt, seed, Settings(size, size, steps, 3.5, adapter))
+
+
+# --- request checks ---------------------------------------------------------------------------------
+
+
+def test_image_request_expands_with_preset_defaults_and_template_caption(synth_cfg, tokenizer):
+    from dermaflux.caption.template import caption_from_attributes
+    from dermaflux.synth.requests import ImageRequest, expand_image_request
+
+    body = ImageRequest(attributes={"diagnosis": "mel", "colours": ["black", "dark_brown"]}, count=3, seed=7)
+    samples = expand_image_request(body, synth_cfg, ["lora_a"], tokenizer)
+    assert [s.seed for s in samples] == [7, 8, 9]
+    assert samples[0].prompt == caption_from_attributes(body.attributes, 7)  # the training writer, verbatim
+    settings = samples[0].settings
+    assert (settings.width, settings.height, settings.num_inference_steps) == (64, 64, synth_cfg.model.num_inference_steps)
+    assert settings.guidance_scale == synth_cfg.model.guidance_scale and settings.adapter is None
+
+
+@pytest.mark.parametrize(
+    "fields, bad_field, status",
+    [
+        ({"width": 72}, "width", 422),
+        ({"height": 2048}, "height", 422),
+        ({"count": 9}, "count", 422),
+        ({"adapter": "nope"}, "adapter", 404),
+        ({"num_inference_steps": 1000}, "num_inference_steps", 422),
+        ({"prompt": "melanoma " * 200}, "prompt", 422),
+    ],
+)
+def test_bad_image_requests_name_the_field(synth_cfg, tokenizer, fields, bad_field, status):
+    from dermaflux.synth.requests import ImageRequest, RequestError, expand_image_request
+
+    body = ImageRequest(**{"prompt": "a nevus", **fields})
+    with pytest.raises(RequestError) as err:
+        expand_image_request(body, synth_cfg, ["lora_a"], tokenizer)
+    assert err.value.field == bad_field and err.value.status == status
+
+
+def test_request_schema_refusals():
+    from dermaflux.synth.requests import AugmentationRequest, ImageRequest, RequestError, check_labels
+
+    with pytest.raises(ValidationError, match="exactly one of"):
+        ImageRequest(prompt="a nevus", attributes={"diagnosis": "nv"})
+    with pytest.raises(ValidationError, match="unknown diagnosis"):
+        ImageRequest(attributes={"diagnosis": "wart"})
+    with pytest.raises(ValidationError, match="extra"):
+        ImageRequest(prompt="a nevus", colour="red")
+    with pytest.raises(ValidationError, match="needs `corpus`"):
+        AugmentationRequest(job_id="j", bring_to=10)
+    with pytest.raises(RequestError, match="unknown class 'wart'"):
+        check_labels({"mel": 2, "wart": 1})
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def test_same_request_same_image_alone_or_batched(pipe):
+    from dermaflux.synth.sampling import generate_images
+
+    target = request(seed=11)
+    alone = generate_images(pipe, [target])[0]
+    again = generate_images(pipe, [target])[0]
+    batched = generate_images(pipe, [request("a nevus", 3), target, request(seed=12)], max_batch_size=4)
+    assert alone.size == (64, 64)
+    assert np.array_equal(pixels(alone), pixels(again))
+    # Batched GEMMs sum in another order: at most one grey level of float32 rounding.
+    assert np.abs(pixels(alone) - pixels(batched[1])).max() <= 1
+    assert np.abs(pixels(batched[1]) - pixels(batched[2])).mean() > 5  # another seed is another image
+
+
+def test_mixed_settings_are_split_into_equal_setting_batches():
+    from dermaflux.synth.sampling import group_by_settings
+
+    requests = [request(seed=i, adapter="a" if i % 2 else None) for i in range(7)] + [request(size=32)]
+    batches = group_by_settings(requests, max_batch_size=3)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(len({requests[i].settings for i in b}) == 1 and len(b) <= 3 for b in batches)
+    assert len(batches) == 4  # 4 base (3+1), 3 adapter "a", 1 of 32 px
+
+
+def test_adapters_switch_without_changing_the_base(pipe):
+    from dermaflux.synth.sampling import generate_images, loaded_adapters
+
+    assert loaded_adapters(pipe) == ["lora_a", "lora_b"]
+    base_before = pixels(generate_images(pipe, [request(seed=5)])[0])
+    lora_a = pixels(generate_images(pipe, [request(seed=5, adapter="lora_a")])[0])
+    lora_b = pixels(generate_images(pipe, [request(seed=5, adapter="lora_b")])[0])
+    lora_a_again = pixels(generate_images(pipe, [request(seed=5, adapter="lora_a")])[0])
+    base_after = pixels(generate_images(pipe, [request(seed=5)])[0])
+    assert np.abs(lora_a - lora_b).mean() > 5 and np.abs(lora_a - base_before).mean() > 5
+    assert np.array_equal(lora_a, lora_a_again)
+    assert np.array_equal(base_before, base_after)
+
+
+# --- bulk jobs ------------------------------------------------------------------------------------
+
+
+def spec_for(targets, shard_size=2, job_id="job1", seed=0):
+    from dermaflux.synth.bulk import JobSpec
+    from dermaflux.synth.requests import Settings
+
+    return JobSpec(job_id, targets, Settings(32, 32, 2, 3.5, None), seed, shard_size, "builtin:tiny")
+
+
+def test_plan_is_deterministic_and_labelled():
+    from dermaflux.caption.template import LesionAttributes
+    from dermaflux.synth.bulk import plan_items, plan_shards
+
+    spec = spec_for({"mel": 3, "nv": 2})
+    first, second = plan_items(spec), plan_items(spec)
+    assert first == second and len(first) == 5
+    assert len({item.seed for item in first}) == 5
+    for item in first:
+        attrs = LesionAttributes.model_validate_json(item.attributes_json)
+        assert attrs.diagnosis == item.label
+    assert [len(s) for s in plan_shards(spec)] == [2, 2, 1]
+    assert plan_items(spec_for({"mel": 3, "nv": 2}, seed=1))[0].seed != first[0].seed
+
+
+def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
+    from dermaflux.artifacts import OutputConflict
+    from dermaflux.synth import bulk
+    from dermaflux.synth.sampling import encode_png, generate_images
+
+    spec = spec_for({"mel": 3, "nv": 2, "df": 0})
+    calls = []
+
+    def generate(samples):
+        calls.append(len(samples))
+        if len(calls) == 2:
+            raise RuntimeError("replica lost")  # the second shard dies mid-way
+        return [encode_png(im) for im in generate_images(pipe, samples)]
+
+    out = tmp_path / "set"
+    assert bulk.prepare_job(out, spec) is False
+    with pytest.raises(RuntimeError, match="replica lost"):
+        bulk.run_job(out, spec, generate)
+    assert bulk.job_status(out)["shards_done"] == 1 and not (out / "manifest.json").exists()
+    first_shard = out / "shards" / "part-00000.parquet"
+    mtime = first_shard.stat().st_mtime_ns
+
+    assert bulk.prepare_job(out, spec) is True  # same spec: resume
+    status = bulk.run_job(out, spec, generate)
+    assert status["state"] == "done" and status["done"] == 5
+    assert first_shard.stat().st_mtime_ns == mtime  # finished shards are not redone
+    table = pq.read_table(out / "shards")
+    assert table.num_rows == 5 and len(set(table["id"].to_pylist())) == 5
+    assert sorted(table["label"].to_pylist()) == ["mel"] * 3 + ["nv"] * 2
+    assert set(table["split"].to_pylist()) == {"synthetic"} and all(table["malignant"].to_pylist()[:3])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"mel": 3, "nv": 2} and len(manifest["images"]) == 5
+    assert {"prompt", "attributes", "seed", "adapter", "label"} <= set(manifest["images"][0])
+
+    with pytest.raises(OutputConflict):
+        bulk.prepare_job(out, spec_for({"mel": 4}))
+
+
+def test_core_modules_import_no_ray():
+    code = (
+        "import sys; import dermaflux.synth.sampling, dermaflux.synth.requests, dermaflux.synth.bulk, "
+        "dermaflux.synth.adapters, dermaflux.synth.stage; print('ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_full_fine_tune_is_served_under_its_name(synth_cfg, tmp_path):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from dermaflux.config import load_config
+    from dermaflux.model.adapters import save_adapter
+    from dermaflux.model.loading import resolve_pretrained
+    from dermaflux.synth.adapters import load_synthesis_pipeline
+    from dermaflux.synth.sampling import generate_images, loaded_adapters
+
+    transformer = FluxTransformer2DModel.from_pretrained(resolve_pretrained(synth_cfg.model), subfolder="transformer")
+    with torch.no_grad():
+        transformer.proj_out.weight.mul_(-1.0)  # a different transformer than the base
+    full = save_adapter(tmp_path / "final", transformer, kind="full", base="builtin:tiny")
+    cfg = load_config("tiny", extra={"synth": {"adapters": [*synth_cfg.synth.adapters, str(full)]}})
+    pipe = load_synthesis_pipeline(cfg)
+    assert loaded_adapters(pipe) == ["final", "lora_a", "lora_b"]
+    tuned = pixels(generate_images(pipe, [request(seed=5, adapter="final")])[0])
+    base = pixels(generate_images(pipe, [request(seed=5)])[0])
+    assert np.array_equal(tuned, base)  # the full fine-tune is the pipeline's base, with every LoRA off
+    assert np.abs(pixels(generate_images(pipe, [request(seed=5, adapter="lora_a")])[0]) - tuned).mean() > 5

@@ -1,0 +1,76 @@
+"""VAE fit on real HAM10000 images, the latent cache format, the data stream and the DeepSpeed config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dermaflux.train.cache import bytes_to_tensor, micro_batch_indices, sample_indices, tensor_to_bytes
+from dermaflux.train.ds_config import deepspeed_config
+from dermaflux.train.encode import decode_images, encode_images
+from dermaflux.train.vae_fit import fit_vae, psnr, set_latent_factors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared CPU: oversubscribed threads are far slower
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lesion_images(ham10000_dir):
+    paths = sorted((ham10000_dir / "images").glob("*.jpg"))[:112]
+    return decode_images([p.read_bytes() for p in paths], 64)
+
+
+def test_decode_range(lesion_images):
+    assert lesion_images.shape == (112, 3, 64, 64)
+    assert -1.0 <= float(lesion_images.min()) and float(lesion_images.max()) <= 1.0
+    assert float(lesion_images.std()) > 0.05  # real pictures, not a constant
+
+
+def test_vae_fit_improves_psnr_and_sets_factors(tiny_model_dir, lesion_images):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
+    train, test = lesion_images[:96], lesion_images[96:]
+    before = psnr(vae, test)
+    history = fit_vae(vae, train, steps=30, batch_size=8, lr=2e-3, kl_weight=1e-6)
+    after = psnr(vae, test)
+    assert after > before + 3.0, (before, after)
+    assert np.mean(history[-5:]) < np.mean(history[:5])
+    shift, scale = set_latent_factors(vae, train)
+    assert vae.config.shift_factor == shift and vae.config.scaling_factor == scale
+    latents = encode_images(vae, train)  # normalised with the new factors
+    assert abs(float(latents.mean())) < 0.05 and abs(float(latents.std()) - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_bytes_round_trip(dtype):
+    from dermaflux.train.cache import dtype_name
+
+    t = torch.randn(3, 5, 7).to(dtype)
+    back = bytes_to_tensor(tensor_to_bytes(t), list(t.shape), dtype_name(dtype))
+    assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_sample_stream_is_epochwise_and_resumable():
+    n = 10
+    first_epoch = sample_indices(n, seed=1, start=0, count=n)
+    assert sorted(first_epoch) == list(range(n))  # each epoch sees every row once
+    whole = sample_indices(n, seed=1, start=0, count=35)
+    torch.testing.assert_close(torch.from_numpy(sample_indices(n, 1, 17, 18)), torch.from_numpy(whole[17:]))
+    # two ranks split a micro-step's global batch without overlap
+    r0, r1 = (micro_batch_indices(n, 1, micro_step=0, rank=r, world=2, micro_batch=3) for r in (0, 1))
+    assert list(r0) + list(r1) == list(whole[:6])
+
+
+def test_deepspeed_config_from_ours(tiny_config):
+    tc = tiny_config.train.model_copy(update={"zero_stage": 3, "offload_optimizer": True, "grad_accum": 4})
+    ds = deepspeed_config(tc)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["gradient_accumulation_steps"] == 4 and ds["bf16"]["enabled"] is False  # CPU: fp32
+    assert deepspeed_config(tc.model_copy(update={"use_gpu": True}))["bf16"]["enabled"] is True
