@@ -52,7 +52,11 @@ def plain_loop(cfg, corpus: Path) -> dict:
 
 
 def ray_run(cfg, workers: int, out: Path) -> dict:
-    section = cfg.caption.model_copy(update={"out": str(out), "concurrency": workers, "extract_concurrency": workers})
+    # Half a CPU each for the writer actors and the extraction tasks: with 2 workers on 2 CPUs the
+    # actors must not hold every CPU (see ray_pipeline._check_cpus).
+    section = cfg.caption.model_copy(update={
+        "out": str(out), "concurrency": workers, "extract_concurrency": workers,
+        "cpus_per_actor": 0.5, "extract_cpus": 0.5})
     started = time.perf_counter()
     summary = stage.run(cfg.model_copy(update={"caption": section}))
     return {"captions": summary["captioned"], "seconds": time.perf_counter() - started}

@@ -6,7 +6,7 @@ Builds a corpus from real HAM10000 images (split grouped by lesion, stratified b
 a stand-in synthetic set (perturbed real train images, NOT Flux output: the bench measures the
 grid machinery, not image value), decodes them once, then times the same grid of cells through
 `dermaflux.evaluate.ray_grid.run_grid` with parallel_cells = 1 and 2 (cpus_per_cell = 1) on one
-local Ray instance. Writes bench/results/evaluate.json.
+local Ray instance, after a warm-up that starts the Ray workers. Writes bench/results/evaluate.json.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def main() -> None:
         n_train = int((real.split == "train").sum())
         cells = build_cells(cfg, n_train, has_synthetic=True)
         init_ray(RayConfig(num_cpus=max(workers)))
+        # Warm-up (not timed): start max(workers) Ray workers and import torch/timm in each, so both
+        # rows time the cells, not process start-up.
+        warm = cfg.model_copy(update={"parallel_cells": max(workers), "epochs": 1})
+        run_grid(cells[: max(workers)], real, synthetic, warm, lambda c, r: None)
         rows = []
         for parallel in workers:
             run_cfg = cfg.model_copy(update={"parallel_cells": parallel, "cpus_per_cell": 1.0})

@@ -4,7 +4,8 @@
     .venv/bin/python bench/serve.py --full-size [--layers N]  # FLUX.1-dev transformer shape, random bf16 weights
 
 Tiny mode: every row makes the same images (same prompts and seeds) with the same tiny model.
-"direct" rows call `sampling.generate_images` in this process (no Ray, no HTTP); "serve" rows
+"direct" rows call `sampling.generate_images` in this process (no Ray, no HTTP) with the threads
+of one replica (`synth.cpus_per_replica`); "serve" rows
 send single-image POST /v1/images requests from `--clients` concurrent clients. The overhead
 ratio is direct img/s over service img/s at the same batch size and one replica.
 
@@ -62,6 +63,10 @@ def direct_loop(cfg, n: int, batch_size: int) -> dict:
     from dermaflux.synth.adapters import load_synthesis_pipeline
     from dermaflux.synth.sampling import encode_png, generate_images
 
+    import torch
+
+    # The resources of one replica: Ray pins a 1-CPU worker to one thread (OMP_NUM_THREADS=1).
+    torch.set_num_threads(max(1, int(cfg.synth.cpus_per_replica)))
     pipe = load_synthesis_pipeline(cfg)
     requests = requests_for(n, cfg)
     generate_images(pipe, requests[:batch_size], max_batch_size=batch_size)  # warm-up
@@ -87,7 +92,7 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int) -> dict
     run_cfg.synth.port = port
     run_cfg.synth.autoscaling.max_replicas = replicas
     run_cfg.synth.autoscaling.min_replicas = replicas
-    start_service(run_cfg)
+    start_service(run_cfg, access_log=False)
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=300) as client:
         while client.get("/readyz").status_code != 200:
@@ -121,7 +126,7 @@ def tiny_bench(args) -> dict:
     cfg = load_config("tiny")
     n = args.images or (16 if args.quick else 64)
     rows = [direct_loop(cfg, n, 1), direct_loop(cfg, n, args.batch)]
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, log_to_driver=False)
     for batch_size, replicas in ((1, 1), (args.batch, 1), (args.batch, 2)):
         rows.append(serve_run(cfg, n, batch_size, replicas, args.clients))
     by_key = {(r["mode"], r["replicas"], r["batch_size"]): r for r in rows}

@@ -41,6 +41,18 @@ class CaptionActor:
         return write_batch(self.writer, batch, self.cfg.seed)
 
 
+def _check_cpus(cfg: CaptionConfig, cluster_cpus: float) -> None:
+    """Writer actors hold their CPUs for the whole run: leave room for one extraction task or it hangs."""
+    needed = cfg.concurrency * cfg.cpus_per_actor + cfg.extract_cpus
+    if needed > cluster_cpus:
+        raise ValueError(
+            f"caption.concurrency ({cfg.concurrency}) x caption.cpus_per_actor ({cfg.cpus_per_actor}) + "
+            f"caption.extract_cpus ({cfg.extract_cpus}) = {needed} CPUs, but the cluster has {cluster_cpus}: the "
+            "writer actors would hold every CPU and attribute extraction could never run. Lower "
+            "caption.cpus_per_actor (e.g. 0.5 for the template writer) or caption.concurrency."
+        )
+
+
 def caption_shards(
     cfg: CaptionConfig, shards: list[Path], on_shard_done: Callable[[Path, pd.DataFrame], None]
 ) -> None:
@@ -53,6 +65,7 @@ def caption_shards(
         on_shard_done(by_name.pop(name), pd.DataFrame(columns=RESULT_COLUMNS))
     if not by_name:
         return
+    _check_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     ds = ray.data.read_parquet([str(by_name[n]) for n in sorted(by_name)], include_paths=True)
     # Remote args by function: Ray Data then keeps extraction on its own CPU tasks (as many as the
     # cluster has CPUs) instead of fusing it into the few writer actors.

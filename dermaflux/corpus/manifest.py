@@ -41,7 +41,7 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
 
 
 def quarantine_rows(rejects: list[Reject]) -> list[dict]:
-    return [r.to_dict() for r in rejects]
+    return [r.to_dict() for r in sorted(rejects, key=lambda r: (r.source, r.file, r.row))]
 
 
 def shard_counts(shard_dir: Path) -> list[dict]:

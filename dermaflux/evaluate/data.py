@@ -18,8 +18,6 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dermaflux.corpus.schema import CORPUS_SCHEMA
-from dermaflux.synth.schema import SYNTHETIC_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +97,7 @@ def _real_caption(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _read_rows(folder: Path, what: str, schema, required: list[str], image_size: int, row_check) -> ImageTable:
+def _read_rows(folder: Path, what: str, required: list[str], image_size: int, row_check) -> ImageTable:
     ids, images, labels, malignant, split, phash, grey, captions = [], [], [], [], [], [], [], []
     for path in _shards(folder, what):
         table = pq.read_table(path)
@@ -131,8 +129,8 @@ def read_corpus(folder: str | Path, image_size: int) -> ImageTable:
         if row["split"] not in ("train", "val", "test"):
             raise ValueError(f"{where}: split {row['split']!r}, expected train, val or test")
 
-    required = ["id", "image", "label", "malignant", "split"]
-    table = _read_rows(folder, "corpus", CORPUS_SCHEMA, required, image_size, check)
+    required = ["id", "image", "label", "malignant", "split"]  # of CORPUS_SCHEMA
+    table = _read_rows(folder, "corpus", required, image_size, check)
     for name in ("train", "val", "test"):
         if not (table.split == name).any():
             raise ValueError(f"corpus {folder}: no {name!r} rows; evaluate needs train, val and test splits")
@@ -149,8 +147,8 @@ def read_synthetic(folder: str | Path, image_size: int) -> ImageTable:
                 "(synthetic images may only join training sets)"
             )
 
-    required = ["id", "image", "label", "malignant", "split", "prompt"]
-    return _read_rows(folder, "synthetic set", SYNTHETIC_SCHEMA, required, image_size, check)
+    required = ["id", "image", "label", "malignant", "split", "prompt"]  # of SYNTHETIC_SCHEMA
+    return _read_rows(folder, "synthetic set", required, image_size, check)
 
 
 def class_names(real: ImageTable, task: str) -> tuple[str, ...]:

@@ -272,7 +272,8 @@ def write_report(out: Path, results: dict, grids: dict, pairs: list[dict], plots
             for item in items:
                 h.append(f'<figure><img src="{item["src"]}" alt="{html.escape(item["id"])}">'
                          f"<figcaption>{html.escape(item['caption'])}</figcaption></figure>")
-                md.append(f"![{item['caption']}]({item['src']})")
+                alt = item["caption"].replace("[", "(").replace("]", ")")
+                md.append(f"![{alt}]({item['src']})")
             h.append("</div>")
             md.append("")
     h.append("</body></html>")

@@ -12,7 +12,6 @@ import io
 import logging
 from pathlib import Path
 
-import numpy as np
 
 from dermaflux.artifacts import (
     atomic_write_json,

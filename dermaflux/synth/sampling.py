@@ -12,15 +12,18 @@ from __future__ import annotations
 import io
 import itertools
 import threading
+import weakref
 
 from dermaflux.synth.requests import SampleRequest, Settings
 
 # One pipeline call at a time per pipeline: the active adapter is pipeline state.
-_PIPELINE_LOCKS: dict[int, threading.Lock] = {}
+_PIPELINE_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 def _lock_for(pipe) -> threading.Lock:
-    return _PIPELINE_LOCKS.setdefault(id(pipe), threading.Lock())
+    with _LOCKS_GUARD:
+        return _PIPELINE_LOCKS.setdefault(pipe, threading.Lock())
 
 
 def loaded_loras(pipe) -> list[str]:

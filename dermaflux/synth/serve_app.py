@@ -281,7 +281,7 @@ def build_app(cfg):
     return SynthesisAPI.options(ray_actor_options={"num_cpus": 0}).bind(model, cfg_dict)
 
 
-def start_service(cfg, *, blocking: bool = False):
+def start_service(cfg, *, blocking: bool = False, access_log: bool = True):
     """Start (or update) the app on `cfg.synth.host:port`; returns the ingress handle."""
     from dermaflux.config import cache_dir
     from dermaflux.model.loading import resolve_pretrained
@@ -295,4 +295,5 @@ def start_service(cfg, *, blocking: bool = False):
     resolve_pretrained(cfg.model)
     init_ray(cfg.ray)
     serve.start(http_options={"host": cfg.synth.host, "port": cfg.synth.port})
-    return serve.run(build_app(cfg), name=cfg.synth.app_name, route_prefix=cfg.synth.route_prefix, blocking=blocking)
+    return serve.run(build_app(cfg), name=cfg.synth.app_name, route_prefix=cfg.synth.route_prefix, blocking=blocking,
+                     logging_config={"enable_access_log": access_log})

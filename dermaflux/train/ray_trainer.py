@@ -43,6 +43,30 @@ def _inference_transformer(base_dir: str, train_cfg, state: dict, dtype):
     return model.to(dtype).eval()
 
 
+def _peak_memory_mb(device) -> float:
+    """Peak accelerator memory on GPU; peak resident set size of this worker process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rank_state_mb(engine, optimizer) -> float:
+    """Model + optimizer state this rank holds: what ZeRO partitions (ZeRO-3 also splits the parameters)."""
+    held = 0
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", p)  # ZeRO-3: the rank's own shard
+        held += local.numel() * local.element_size()
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        held += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    for group in getattr(optimizer, "single_partition_of_fp32_groups", []) or []:
+        if group.data_ptr() != next(engine.module.parameters()).data_ptr():
+            held += group.numel() * group.element_size()  # ZeRO-1/2 master copy of this rank's partition
+    return held / 2**20
+
+
 def _gather_trainable(engine, transformer, train_cfg) -> dict:
     """Trained weights as full CPU tensors on every rank (ZeRO-3 shards are empty until gathered)."""
     import deepspeed
@@ -106,9 +130,11 @@ def train_worker(loop_cfg: dict) -> None:
 
     data = load_cached_set(cache_dir, "train", tc.max_images)
     validation = torch.load(cache_dir / "validation.pt") if (cache_dir / "validation.pt").exists() else None
-    vae = AutoencoderKL.from_pretrained(loop_cfg["vae_dir"]) if loop_cfg.get("vae_dir") else None
-    if vae is None:
-        vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae")
+    vae = None
+    if rank == 0:  # only rank 0 renders and saves
+        vae_source = {"pretrained_model_name_or_path": loop_cfg["vae_dir"]} if loop_cfg.get("vae_dir") else \
+            {"pretrained_model_name_or_path": base_dir, "subfolder": "vae"}
+        vae = AutoencoderKL.from_pretrained(**vae_source).to(device, dtype)
     fault_marker = run_dir / FAULT_MARKER
 
     while step < tc.steps:
@@ -128,7 +154,8 @@ def train_worker(loop_cfg: dict) -> None:
         dist.all_reduce(loss_t)
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": float(loss_t) / world, "lr": scheduler.get_last_lr()[0],
-                  "samples_per_s": tc.micro_batch * tc.grad_accum * world / elapsed}
+                  "samples_per_s": tc.micro_batch * tc.grad_accum * world / elapsed, "peak_mem_mb": _peak_memory_mb(device),
+                  "rank_state_mb": _rank_state_mb(engine, optimizer)}
         history.append(record)
 
         if tc.fault_at_step is not None and rank == 1 and step == tc.fault_at_step and not fault_marker.exists():
@@ -150,10 +177,8 @@ def train_worker(loop_cfg: dict) -> None:
         state = _gather_trainable(engine, transformer, tc)  # collective under ZeRO-3: every rank joins
         if rank == 0:
             metrics["weights_checksum"] = state_checksum(state)
-            # ZeRO-3 shards and bf16 weights cannot render in place: rebuild a plain fp32 copy then.
-            in_place = tc.zero_stage < 3 and tc.mode == "lora" and dtype == torch.float32
-            model = transformer if in_place else None
-            model = model or _inference_transformer(base_dir, tc, state, torch.float32)
+            # Below ZeRO-3 every rank holds whole weights: render in place. ZeRO-3 shards need a plain copy.
+            model = transformer if tc.zero_stage < 3 else _inference_transformer(base_dir, tc, state, dtype).to(device)
             if do_ckpt:
                 save_adapter(ckpt_dir / "adapter", model, kind=tc.mode, base=cfg.model.pretrained, vae=vae,
                              lora_state_dict=state if tc.mode == "lora" else None,
@@ -161,7 +186,7 @@ def train_worker(loop_cfg: dict) -> None:
                 write_loss_curve(history, ckpt_dir)
             if do_val:
                 sched = FlowMatchEulerDiscreteScheduler.from_pretrained(base_dir, subfolder="scheduler")
-                images = render_validation(model.float(), vae, sched, validation, tc.validation_seeds,
+                images = render_validation(model, vae, sched, validation, tc.validation_seeds,
                                            cfg.model.resolution, tc.validation_steps or cfg.model.num_inference_steps,
                                            cfg.model.guidance_scale)
                 save_png(image_grid(images, cols=len(tc.validation_seeds)), ckpt_dir / f"validation-{step:06d}.png")

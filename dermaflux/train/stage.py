@@ -1,7 +1,8 @@
 """`dermaflux train`: VAE fit (tiny preset) -> pre-compute (Ray Data) -> fine-tune (Ray Train + DeepSpeed).
 
-Each step leaves a done-marker in the run folder, so re-running skips finished steps; training
-itself resumes from its last checkpoint with `resume=True` (`--resume`).
+Each step leaves a done-marker in the run folder, so re-running skips finished steps, and training
+continues from its last checkpoint (also with more `train.steps`); `resume=True` (`--resume`) insists
+that there is a stopped run to continue.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def run(cfg, resume: bool = False) -> dict:
     if not tc.out:
         raise ValueError("train.out is not set: pass --out DIR")
     out = Path(tc.out).resolve()
-    same_run = claim_output(out, "train", run_fingerprint(cfg))
-    if same_run and latest_checkpoint(out / "ray") is not None and not resume and not _finished(out, tc.steps):
-        raise ValueError(f"{out} holds a stopped training run: pass --resume to continue it, or choose another --out")
+    if resume and latest_checkpoint(out / "ray") is None:
+        raise ValueError(f"--resume: {out} holds no training checkpoint to continue (check --out)")
+    same_run = claim_output(out, "train", run_fingerprint(cfg))  # a different run's folder is refused here
+    stopped = same_run and latest_checkpoint(out / "ray") is not None
+    # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
+    resume = resume or stopped
     save_effective_config(cfg, out)
     init_ray(cfg.ray)
     started = time.time()

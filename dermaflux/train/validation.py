@@ -57,7 +57,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 def write_loss_curve(history: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """`loss.csv` (step, loss, lr, samples_per_s) and `loss.png` (raw and smoothed loss)."""
+    """`loss.csv` (step, loss, lr, samples_per_s, peak_mem_mb, rank_state_mb) and `loss.png` (raw and smoothed loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +65,7 @@ def write_loss_curve(history: list[dict], out_dir: str | Path) -> tuple[Path, Pa
 
     out_dir = Path(out_dir)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "samples_per_s"], extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "samples_per_s", "peak_mem_mb", "rank_state_mb"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     csv_path = atomic_write_bytes(out_dir / "loss.csv", buf.getvalue().encode())

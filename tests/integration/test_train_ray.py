@@ -80,6 +80,15 @@ def test_final_weights_load_and_change_output(first_run, tiny_config):
     assert abs(render(base) - render(tuned)).mean() > 0.01
 
 
+def test_precompute_resumes_without_re_encoding(first_run):
+    from dermaflux.train.ray_precompute import run_precompute
+
+    cfg, _ = first_run
+    again = run_precompute(cfg, f"{cfg.train.out}/cache", f"{cfg.train.out}/vae",
+                           max_images={"train": None, "val": 0, "test": 0})
+    assert again == {"rows": 48, "cached_before": 48, "encoded": 0}
+
+
 def test_worker_killed_mid_run_resumes_to_exact_steps(first_run, tmp_path):
     from dermaflux.train.ray_trainer import FAULT_MARKER, run_training
 
@@ -102,8 +111,8 @@ def test_resume_extends_a_stopped_run(first_run):
     from dermaflux.train.stage import run
 
     cfg, _ = first_run
-    with pytest.raises(ValueError, match="--resume"):
-        run(small_train_config(cfg.train.captions, cfg.train.out, steps=6))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        run(small_train_config(cfg.train.captions, f"{cfg.train.out}-elsewhere", steps=6), resume=True)
     summary = run(small_train_config(cfg.train.captions, cfg.train.out, steps=6), resume=True)
     assert summary["train"]["steps"] == 6
     assert [int(r["step"]) for r in read_loss_csv(f"{cfg.train.out}/loss.csv")] == [1, 2, 3, 4, 5, 6]

@@ -89,3 +89,11 @@ def test_prompts_with_unknown_placeholders_fail_at_config_time():
 
     with pytest.raises(ConfigError, match=r"caption.prompts.answer_prefix.*unknown placeholder\(s\) \['label'\]"):
         load_config("tiny", overrides=["caption.prompts.answer_prefix=A {label} lesion."])
+
+
+def test_actor_pool_that_would_starve_extraction_is_refused():
+    from dermaflux.caption.ray_pipeline import _check_cpus
+
+    _check_cpus(CaptionConfig(concurrency=1), 2.0)
+    with pytest.raises(ValueError, match=r"caption.concurrency \(2\) x caption.cpus_per_actor \(1.0\).*cluster has 2.0"):
+        _check_cpus(CaptionConfig(concurrency=2), 2.0)

@@ -142,3 +142,9 @@ def test_cluster_run_config_chains_the_stages():
     assert cfg.train.captions == cfg.caption.out
     assert cfg.synth.adapters == [f"{cfg.train.out}/final"]
     assert cfg.evaluate.synthetic == cfg.synth.out
+
+
+def test_caption_rayjob_gpus_equal_writer_actors(flux_dev):
+    spec = _cluster_spec(manifest("rayjob-caption.yaml"))
+    gpus = sum(ray_start_resources(g).get("GPU", 0) * g["replicas"] for g in spec["workerGroupSpecs"])
+    assert gpus == flux_dev.caption.concurrency * flux_dev.caption.gpus_per_actor

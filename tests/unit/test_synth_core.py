@@ -240,3 +240,43 @@ def test_a_full_fine_tune_is_served_under_its_name(synth_cfg, tmp_path):
     base = pixels(generate_images(pipe, [request(seed=5)])[0])
     assert np.array_equal(tuned, base)  # the full fine-tune is the pipeline's base, with every LoRA off
     assert np.abs(pixels(generate_images(pipe, [request(seed=5, adapter="lora_a")])[0]) - tuned).mean() > 5
+
+
+def test_cli_flags_map_onto_the_synth_section(tmp_path):
+    from dermaflux.cli import build_parser
+    from dermaflux.config import load_config
+    from dermaflux.synth import generate_command, serve_command
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--preset", "flux-dev", "--host", "0.0.0.0", "--port", "9000", "--replicas", "2"])
+    cfg = load_config(args.preset, extra=serve_command.config_overrides(args))
+    assert (cfg.synth.host, cfg.synth.port, cfg.model.resolution, cfg.model.num_inference_steps) == ("0.0.0.0", 9000, 512, 20)
+    assert cfg.synth.autoscaling.min_replicas == cfg.synth.autoscaling.max_replicas == 2
+    args = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--lora", "a=/x", "--lora", "/y"])
+    cfg = load_config(args.preset, extra=generate_command.config_overrides(args))
+    assert (cfg.synth.per_class, cfg.synth.out, cfg.synth.adapters) == (3, str(tmp_path), ["a=/x", "/y"])
+
+
+def test_generate_targets_from_the_config(tmp_path):
+    from dermaflux.config import load_config
+    from dermaflux.corpus import taxonomy
+    from dermaflux.synth.stage import class_targets
+
+    cfg = load_config("tiny", extra={"synth": {"per_class": 2, "class_targets": {"mel": 5}}})
+    assert class_targets(cfg) == {code: 5 if code == "mel" else 2 for code in sorted(taxonomy.CODES)}
+    with pytest.raises(ValueError, match="nothing to generate"):
+        class_targets(load_config("tiny"))
+    with pytest.raises(ValueError, match="unknown class 'wart'"):
+        class_targets(load_config("tiny", extra={"synth": {"class_targets": {"wart": 1}}}))
+
+
+def test_bring_every_class_to_n_counts_the_train_split(ham10000_dir, tmp_path):
+    from synth_corpus import build_small_corpus
+
+    from dermaflux.synth.bulk import bring_to_targets, corpus_class_counts
+
+    corpus = build_small_corpus(ham10000_dir, tmp_path / "corpus", {"nv": 6, "mel": 3, "df": 1})
+    assert corpus_class_counts(corpus) == {"nv": 6, "mel": 3, "df": 1}  # test rows are not counted
+    assert bring_to_targets(corpus, 5) == {"df": 4, "mel": 2, "nv": 0}
+    with pytest.raises(FileNotFoundError, match="not a corpus folder"):
+        bring_to_targets(tmp_path / "nowhere", 5)

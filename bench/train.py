@@ -1,0 +1,258 @@
+"""Training throughput and memory: the Ray Train + DeepSpeed loop against a plain single-process PyTorch
+loop on the same tiny model and cached data; ZeRO-2 vs ZeRO-3 peak memory; and (`--full-size`, for the
+GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient checkpointing at 512 px.
+
+    .venv/bin/python bench/train.py [--quick] [--data DIR]
+    .venv/bin/python bench/train.py --full-size [--layers N] [--resolution 512] [--steps 5]
+
+Tiny rows: samples/s is the median over steps of (samples in the step / step time), measured inside the
+loop (start-up excluded; wall_s includes it). Every worker and the plain loop use one intra-op thread.
+Peak memory: RSS of a worker process on CPU (mostly libraries at this size), max allocated on GPU;
+state MB: parameters + optimizer state one rank holds, the part ZeRO partitions. Full-size FLOPs: torch.utils.flop_counter
+over one executed step (so the gradient-checkpointing recompute counts), divided by the median step time.
+Writes bench/results/train.json (or train_full_size.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+RESULTS = ROOT / "bench" / "results"
+H100_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
+
+
+def build_cache(data: Path, work: Path, cfg, n_train: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermaflux.train.cache import CACHE_SCHEMA
+    from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
+    from train_inputs import build_captions
+
+    captions = build_captions(data, work / "captions", n_train=n_train, n_test=0)
+    table = pa.concat_tables([pq.read_table(p, columns=CAPTION_COLUMNS) for p in caption_shards(captions)])
+    rows = encode_rows(load_text_and_vae(cfg.model, None), table.to_pydict(), cfg.model.resolution,
+                       cfg.model.max_sequence_length)
+    cache = work / "cache"
+    (cache / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pydict(rows, schema=CACHE_SCHEMA), cache / "shards" / "part-00000.parquet")
+    return cache
+
+
+def plain_loop(cfg, cache: Path, steps: int) -> dict:
+    """The same step with torch.optim.AdamW in this process: no Ray, no DeepSpeed."""
+    import resource
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from dermaflux.model.loading import resolve_pretrained
+    from dermaflux.train.cache import load_cached_set, micro_batch_indices
+    from dermaflux.train.flow import FlowBatch, flow_matching_loss, train_guidance_for
+    from dermaflux.train.model_setup import prepare_transformer
+
+    tc = cfg.train
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    torch.manual_seed(tc.seed)
+    transformer = FluxTransformer2DModel.from_pretrained(resolve_pretrained(cfg.model), subfolder="transformer")
+    params = prepare_transformer(transformer, tc)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    guidance = train_guidance_for(transformer.config, cfg.model)
+    data = load_cached_set(cache, "train")
+    rates, losses = [], []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        idx = torch.from_numpy(micro_batch_indices(len(data), tc.seed, step, 0, 1, tc.micro_batch))
+        batch = FlowBatch(data.latents[idx], data.prompt_embeds[idx], data.pooled_prompt_embeds[idx])
+        loss = flow_matching_loss(transformer, batch, tc, guidance, torch.Generator().manual_seed(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        opt.step()
+        rates.append(tc.micro_batch / (time.perf_counter() - t0))
+        losses.append(float(loss.detach()))
+    state_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    state_bytes += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if t.dim() > 0)
+    return {"samples_per_s": statistics.median(rates[1:]), "wall_s": time.perf_counter() - started,
+            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rank_state_mb": state_bytes / 2**20, "last_loss": losses[-1]}
+
+
+def ray_loop(cfg, cache: Path, out: Path) -> dict:
+    from dermaflux.train.ray_trainer import run_training
+
+    started = time.perf_counter()
+    result = run_training(cfg, cache, None, out)
+    if result.error is not None:
+        raise RuntimeError(result.error)
+    with result.checkpoint.as_directory() as ckpt, open(Path(ckpt) / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return {"samples_per_s": statistics.median(float(r["samples_per_s"]) for r in rows[1:]),
+            "wall_s": time.perf_counter() - started, "peak_mem_mb": max(float(r["peak_mem_mb"]) for r in rows),
+            "rank_state_mb": max(float(r["rank_state_mb"]) for r in rows),
+            "last_loss": float(rows[-1]["loss"])}
+
+
+def tiny_bench(args) -> dict:
+    import ray
+
+    from dermaflux.config import load_config
+    from dermaflux.ray_runtime import init_ray
+
+    steps = 15 if args.quick else 50
+    base = {"mode": "full", "micro_batch": 8, "steps": steps, "checkpoint_every": steps, "validate_every": steps,
+            "log_every": steps, "warmup_steps": 0, "max_failures": 0, "vae_fit": {"enabled": False}}
+    cfg = load_config("tiny", extra={"train": base})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dfx-bench-train-") as tmp:
+        work = Path(tmp)
+        cache = build_cache(Path(args.data), work, cfg, n_train=64)
+        plain = plain_loop(cfg, cache, steps)
+        rows.append({"loop": "plain torch", "workers": 1, "zero": "-", **plain})
+        init_ray(cfg.ray.model_copy(update={"num_cpus": 4}), runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
+                 log_to_driver=False)
+        for workers, zero in [(1, 2), (2, 2), (2, 3)]:
+            run_cfg = load_config("tiny", extra={"train": {**base, "workers": workers, "zero_stage": zero}})
+            res = ray_loop(run_cfg, cache, work / f"ray-w{workers}-z{zero}")
+            rows.append({"loop": "Ray Train + DeepSpeed", "workers": workers, "zero": zero, **res})
+        ray.shutdown()
+        # The CPU is shared: run the baseline again after the Ray rows and keep its faster run (conservative ratio).
+        again = plain_loop(cfg, cache, steps)
+        if again["samples_per_s"] > plain["samples_per_s"]:
+            plain = again
+            rows[0].update(again)
+    for row in rows:
+        row["ratio_vs_plain"] = row["samples_per_s"] / plain["samples_per_s"]
+    z2 = next(r for r in rows if r["workers"] == 2 and r["zero"] == 2)
+    z3 = next(r for r in rows if r["workers"] == 2 and r["zero"] == 3)
+    return {"kind": "tiny", "steps": steps, "micro_batch": 8, "rows": rows,
+            "overhead_ratio_1_worker": rows[1]["samples_per_s"] / plain["samples_per_s"],
+            "zero3_vs_zero2_peak_mem": z3["peak_mem_mb"] / z2["peak_mem_mb"],
+            "zero3_vs_zero2_rank_state": z3["rank_state_mb"] / z2["rank_state_mb"]}
+
+
+def flux_dev_transformer(layers: int | None):
+    """FLUX.1-dev's transformer architecture (random weights); `layers` shrinks the block counts to start on CPU."""
+    from diffusers import FluxTransformer2DModel
+
+    double, single = (19, 38) if layers is None else (layers, 2 * layers)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+
+
+def full_size_bench(args) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dermaflux.config import load_config
+    from dermaflux.train.flow import FlowBatch, flow_matching_loss
+    from dermaflux.train.model_setup import prepare_transformer
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    tc = load_config("flux-dev").train.model_copy(update={"mode": "lora", "gradient_checkpointing": True})
+    tc = tc.model_copy(update={"lora": tc.lora.model_copy(update={"rank": 16})})
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = flux_dev_transformer(args.layers).to(dtype)
+    params = prepare_transformer(transformer, tc)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    side = args.resolution // 8  # FLUX.1-dev VAE: 8x down, 16 channels; packing makes 2x2 patches
+    batch = FlowBatch(torch.randn(args.batch, 16, side, side), torch.randn(args.batch, args.text_tokens, 4096),
+                      torch.randn(args.batch, 768)).to(device, dtype)
+    n_params = sum(p.numel() for p in transformer.parameters())
+    n_train = sum(p.numel() for p in params)
+
+    def step():
+        loss = flow_matching_loss(transformer, batch, tc, 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()  # also the warm-up step
+    flops = counter.get_total_flops()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        if gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tflops = flops / step_s / 1e12
+    result = {
+        "kind": "full-size", "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
+        "dtype": str(dtype), "double_blocks": 19 if args.layers is None else args.layers,
+        "single_blocks": 38 if args.layers is None else 2 * args.layers, "params": n_params,
+        "trainable_params": n_train, "resolution": args.resolution, "image_tokens": (side // 2) ** 2,
+        "text_tokens": args.text_tokens, "batch": args.batch, "lora_rank": 16, "gradient_checkpointing": True,
+        "step_s": step_s, "flops_per_step": flops, "achieved_tflops": tflops,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+    }
+    if gpu:
+        result["bf16_peak_tflops"] = H100_BF16_DENSE_TFLOPS
+        result["utilisation"] = tflops / H100_BF16_DENSE_TFLOPS
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000-224"))
+    parser.add_argument("--full-size", action="store_true", help="FLUX.1-dev-sized transformer (GPU machine)")
+    parser.add_argument("--layers", type=int, default=None, help="full-size: N double + 2N single blocks (CPU start)")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="full-size: timed steps")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.full_size:
+        result = full_size_bench(args)
+        print(f"{'device':<28}{'blocks':>8}{'tokens':>12}{'step s':>10}{'TFLOP/s':>10}{'util':>8}{'peak GiB':>10}")
+        util = f"{result['utilisation']:.1%}" if "utilisation" in result else "-"
+        mem = f"{result['peak_mem_gib']:.1f}" if result["peak_mem_gib"] is not None else "-"
+        print(f"{result['device'][:27]:<28}{result['double_blocks']:>3}+{result['single_blocks']:<4}"
+              f"{result['image_tokens']:>6}+{result['text_tokens']:<5}{result['step_s']:>10.3f}"
+              f"{result['achieved_tflops']:>10.2f}{util:>8}{mem:>10}")
+        path = RESULTS / "train_full_size.json"
+    else:
+        result = tiny_bench(args)
+        print(f"{'loop':<24}{'workers':>8}{'zero':>6}{'samples/s':>11}{'x plain':>9}{'peak MB':>9}{'state MB':>9}{'wall s':>8}")
+        for r in result["rows"]:
+            print(f"{r['loop']:<24}{r['workers']:>8}{r['zero']:>6}{r['samples_per_s']:>11.1f}"
+                  f"{r['ratio_vs_plain']:>9.2f}{r['peak_mem_mb']:>9.0f}{r['rank_state_mb']:>9.2f}{r['wall_s']:>8.1f}")
+        path = RESULTS / "train.json"
+    result["host"] = platform.node()
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
