@@ -232,6 +232,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="full-size: timed steps")
     args = parser.parse_args()
+    if not args.full_size:
+        # Ray sets this in its workers; the plain loop must run under the same threading to compare fairly.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.full_size:
         result = full_size_bench(args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 from dataclasses import dataclass
 
 
@@ -31,11 +30,8 @@ class StageSpec:
         return importlib.import_module(self.module)
 
     def run(self, cfg) -> dict:
-        """The stage's run(cfg), resuming a stopped run where the stage asks to be told (train's `resume`)."""
-        run = self.load().run
-        if "resume" in inspect.signature(run).parameters:
-            return run(cfg, resume=True)
-        return run(cfg)
+        """The stage's run(cfg); re-running the same config resumes (each stage's own contract)."""
+        return self.load().run(cfg)
 
     def section_of(self, cfg):
         return getattr(cfg, self.section, None)

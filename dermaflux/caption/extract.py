@@ -233,9 +233,17 @@ def measure_lesion(rgb: np.ndarray, mm_per_pixel: float | None = None) -> Lesion
     )
 
 
+def _known(value):
+    """None for the ways a table says "unknown": None, NaN, "", "unknown"."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("", "unknown", "nan"):
+        return None
+    return value
+
+
 def attributes_from(measurement: LesionMeasurement, row: dict) -> LesionAttributes:
     """Merge what the image shows with what the corpus row knows (diagnosis, patient, site)."""
-    age = row.get("age")
     shape = (
         dict(
             asymmetry=round(measurement.asymmetry, 4),
@@ -249,14 +257,14 @@ def attributes_from(measurement: LesionMeasurement, row: dict) -> LesionAttribut
         if measurement.mask_found
         else {}
     )
-    site = row.get("site")
+    age, malignant = _known(row.get("age")), _known(row.get("malignant"))
     return LesionAttributes(
         diagnosis=row["label"],
-        malignant=row.get("malignant"),
-        site=site if site and site != "unknown" else None,
-        skin_type=row.get("skin_type") or None,
-        age=None if age is None or (isinstance(age, float) and math.isnan(age)) else float(age),
-        sex=row.get("sex") or None,
+        malignant=None if malignant is None else bool(malignant),
+        site=_known(row.get("site")),
+        skin_type=_known(row.get("skin_type")),
+        age=None if age is None else float(age),
+        sex=_known(row.get("sex")),
         mask_confidence=round(measurement.confidence, 4),
         **shape,
     )

@@ -38,7 +38,9 @@ class CaptionActor:
         self.writer = create_writer(self.cfg)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return write_batch(self.writer, batch, self.cfg.seed)
+        # Only the results leave the actor (no image bytes), and no further operator follows it:
+        # a separate projection task was starved of CPUs by the budget and held every block back.
+        return write_batch(self.writer, batch, self.cfg.seed)[RESULT_COLUMNS]
 
 
 def _check_cpus(cfg: CaptionConfig, cluster_cpus: float) -> None:
@@ -67,8 +69,12 @@ def caption_shards(
         return
     _check_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     ds = ray.data.read_parquet([str(by_name[n]) for n in sorted(by_name)], include_paths=True)
+    # Small files are read as one block, which would leave every worker but one idle: re-block
+    # (streaming, no barrier) to one batch per block.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     # Remote args by function: Ray Data then keeps extraction on its own CPU tasks (as many as the
-    # cluster has CPUs) instead of fusing it into the few writer actors.
+    # cluster has CPUs) instead of fusing it into the few writer actors. (Deprecated after Ray 2.60,
+    # which we pin; its successor must keep the two operators apart the same way.)
     ds = ds.map_batches(
         extract_batch,
         batch_format="pandas",
@@ -85,7 +91,6 @@ def caption_shards(
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )
-    ds = ds.select_columns(RESULT_COLUMNS)
     parts: dict[str, list[pd.DataFrame]] = defaultdict(list)
     arrived: dict[str, int] = defaultdict(int)
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):

@@ -105,7 +105,7 @@ def attribute_summary(out: Path) -> dict:
                                 for c, n in Counter(c for a in measured for c in a.get("colours", [])).most_common()},
             "mean_diameter_px": mean("diameter_px"),
         }
-    flags = Counter(f.split(":")[0] + (":" + f.split(":")[1] if ":" in f else "") for fl in frame["caption_flags"] for f in fl)
+    flags = Counter(f for row_flags in frame["caption_flags"] for f in row_flags)
     return {"per_label": per_label, "writers": dict(Counter(frame["caption_writer"])), "flags": dict(flags)}
 
 

@@ -12,14 +12,20 @@ import os
 from pathlib import Path
 
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
+# A Llava (CLIP vision tower + Llama) of the same size, for the vision-language path of the llm writer.
+BUILTIN_TINY_LLAVA = "builtin:tiny-llava"
+IMAGE_TOKEN = "<image>"
 
 _WORDS = """the a this of with and in on at shows appears looks lesion mole pattern network dots globules
 structures area areas centre center edge periphery streaks lines regular visible pigment fine coarse reticular
 homogeneous diffuse small large some few many several patchy clear faint dense sparse""".split()
 
+# Content is a string (text chat) or a list of parts ({"type": "image"} / {"type": "text"}) as for VLMs.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
 
@@ -36,7 +42,7 @@ def _build_tokenizer():
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|begin|>", eos_token="<|end|>", unk_token="<unk>", pad_token="<|end|>"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[3:]})
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[3:] + [IMAGE_TOKEN]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -64,14 +70,42 @@ def build_tiny_llama(seed: int = 0):
     return model, tokenizer
 
 
-def ensure_tiny_llama(folder: str | os.PathLike) -> Path:
-    """Build the tiny chat model into `folder` once (atomically: concurrent actors never see half a folder)."""
+def build_tiny_llava(seed: int = 0):
+    """LlavaForConditionalGeneration (tiny CLIP vision tower + the tiny Llama) and its LlavaProcessor."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    llama, tokenizer = build_tiny_llama(seed)
+    image_side, patch = 32, 8
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_side, patch_size=patch, projection_dim=32,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=llama.config, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_side}, crop_size={"height": image_side, "width": image_side}
+        ),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def ensure_tiny_model(folder: str | os.PathLike, vision: bool = False) -> Path:
+    """Build a tiny model into `folder` once (atomically: concurrent actors never see half a folder)."""
     from dermaflux.artifacts import atomic_dir
 
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
-    model, tokenizer = build_tiny_llama()
+    model, tokenizer = build_tiny_llava() if vision else build_tiny_llama()
     try:
         with atomic_dir(folder) as staging:
             model.save_pretrained(staging)
@@ -84,10 +118,11 @@ def ensure_tiny_llama(folder: str | os.PathLike) -> Path:
 
 def resolve_chat_model(ref: str) -> str:
     """A local folder or hub id for `from_pretrained`; builds builtin:tiny-llama on first use."""
-    if ref == BUILTIN_TINY_LLAMA:
+    if ref in (BUILTIN_TINY_LLAMA, BUILTIN_TINY_LLAVA):
         from dermaflux.config import cache_dir
 
-        return str(ensure_tiny_llama(cache_dir() / "tiny-llama-v1"))
+        vision = ref == BUILTIN_TINY_LLAVA
+        return str(ensure_tiny_model(cache_dir() / f"{ref.split(':')[1]}-v2", vision=vision))
     if ref.startswith("builtin:"):
-        raise ValueError(f"caption.model: unknown builtin {ref!r}; known: {BUILTIN_TINY_LLAMA}")
+        raise ValueError(f"unknown builtin model {ref!r}; known: {BUILTIN_TINY_LLAMA}, {BUILTIN_TINY_LLAVA}")
     return ref

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from dermaflux.caption.template import COLOUR_WORDS, LesionAttributes, diagnosis_words, fits_budget
+from dermaflux.caption.template import LesionAttributes, diagnosis_words, fits_budget
 
 _SYMMETRIC = re.compile(r"(?<![a-z])symmetric(al)?\b")  # not "asymmetric"
 _ASYMMETRIC = re.compile(r"\basymmetric(al)?|\basymmetry\b")
@@ -43,5 +43,3 @@ def caption_problems(caption: str, attrs: LesionAttributes, t5_budget: int = 512
         problems.append("markup_in_text")
     return problems
 
-
-__all__ = ["caption_problems", "COLOUR_WORDS"]

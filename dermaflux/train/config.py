@@ -39,6 +39,9 @@ class VaeFitConfig(ConfigModel):
 class TrainConfig(ConfigModel):
     captions: str | None = Field(None, description="captioned corpus folder (CAPTION_SCHEMA shards)")
     out: str | None = Field(None, description="run folder; the final adapter goes to <out>/final")
+    storage_path: str | None = Field(
+        None, description="where Ray Train keeps checkpoints; default <out>/ray (multi-node: a shared path, NFS or s3://)"
+    )
     mode: Literal["lora", "full"] = Field("full", description="full for the tiny preset (its base never trained)")
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     steps: int = Field(300, ge=1, description="optimizer steps")

@@ -168,6 +168,9 @@ def train_worker(loop_cfg: dict) -> None:
         if not (do_ckpt or do_val or step % tc.log_every == 0):
             continue
         metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * world / len(data)}
+        if rank == 0:  # the progress display: Ray forwards worker stdout to the driver
+            print(f"train step {step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                  f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}", flush=True)
         if not (do_ckpt or do_val):
             ray.train.report(metrics)
             continue
@@ -213,8 +216,9 @@ def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str |
 
     tc = cfg.train
     run_dir = Path(run_dir).resolve()
-    storage = run_dir / "ray"
-    resume_from = latest_checkpoint(storage) if resume else None
+    storage = tc.storage_path or str(run_dir / "ray")
+    # --resume looks for local checkpoints; on remote storage Ray Train restores the run by its name itself.
+    resume_from = latest_checkpoint(storage) if resume and "://" not in storage else None
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     trainer = TorchTrainer(
@@ -229,7 +233,7 @@ def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str |
             num_workers=tc.workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
         run_config=RunConfig(
-            name="train", storage_path=str(storage),
+            name="train", storage_path=storage,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
         ),

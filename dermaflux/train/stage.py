@@ -19,7 +19,7 @@ from dermaflux.config import save_effective_config
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (how long, how wide, how it fails).
-_RESUMABLE_FIELDS = {"out", "steps", "workers", "max_failures", "fault_at_step", "cpus_per_worker", "use_gpu"}
+_RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "fault_at_step", "cpus_per_worker", "use_gpu"}
 
 
 def run_fingerprint(cfg) -> str:
@@ -43,10 +43,10 @@ def run(cfg, resume: bool = False) -> dict:
     if not tc.out:
         raise ValueError("train.out is not set: pass --out DIR")
     out = Path(tc.out).resolve()
-    if resume and latest_checkpoint(out / "ray") is None:
+    if resume and latest_checkpoint(tc.storage_path or out / "ray") is None:
         raise ValueError(f"--resume: {out} holds no training checkpoint to continue (check --out)")
     same_run = claim_output(out, "train", run_fingerprint(cfg))  # a different run's folder is refused here
-    stopped = same_run and latest_checkpoint(out / "ray") is not None
+    stopped = same_run and latest_checkpoint(tc.storage_path or out / "ray") is not None
     # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
     resume = resume or stopped
     save_effective_config(cfg, out)

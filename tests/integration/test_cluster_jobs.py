@@ -1,44 +1,23 @@
 """Stages as Ray jobs on a real two-node cluster (loopback): curate -> caption -> train, through the
-Jobs API with the repo as working_dir; the worker node is killed mid-training and the job still
+Jobs API; the worker node is killed mid-training and the job still
 finishes from its checkpoint on a replacement node."""
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from small_ham10000 import small_ham10000
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 IMAGES_PER_CLASS = 6
-
-
-def small_ham10000(ham_dir: Path, out: Path) -> Path:
-    """A HAM10000-layout folder holding a few real images per diagnosis (copied to tmp, never to the repo)."""
-    with open(ham_dir / "HAM10000_metadata.csv") as fh:
-        reader = csv.DictReader(fh)
-        fields, rows = reader.fieldnames, sorted(reader, key=lambda r: r["image_id"])
-    kept, per_dx = [], {}
-    for row in rows:
-        if per_dx.get(row["dx"], 0) < IMAGES_PER_CLASS:
-            per_dx[row["dx"]] = per_dx.get(row["dx"], 0) + 1
-            kept.append(row)
-    (out / "images").mkdir(parents=True)
-    for row in kept:
-        shutil.copy2(ham_dir / "images" / f"{row['image_id']}.jpg", out / "images")
-    with open(out / "HAM10000_metadata.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
-    return out
 
 
 def write_config(path: Path, sections: dict) -> Path:
@@ -58,10 +37,12 @@ def submit(client, stage: str, config: Path, cache: Path) -> str:
 
 
 def _submit(client, stage: str, config: Path, cache: Path) -> str:
+    # The installed package, not a working_dir upload: both nodes share one machine and one
+    # runtime_resources folder, and the second node's agent re-unpacks (briefly deletes) the
+    # package under the running driver. On real clusters `--working-dir .` is the way (cluster/README.md).
     return client.submit_job(
-        entrypoint=f"{sys.executable} jobs/{stage}.py --config {config}",
+        entrypoint=f"{sys.executable} {ROOT}/jobs/{stage}.py --config {config}",
         runtime_env={
-            "working_dir": str(ROOT),  # .gitignore'd folders (.venv, runs, caches) are not uploaded
             "env_vars": {"DS_ACCELERATOR": "cpu", "DERMAFLUX_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"},
         },
     )
@@ -91,7 +72,7 @@ def test_caption_and_train_jobs_survive_losing_the_worker_node(ray_two_nodes, ha
     from dermaflux.train.ray_trainer import latest_checkpoint
 
     client = JobSubmissionClient(ray_two_nodes.dashboard_url)
-    data = small_ham10000(ham10000_dir, tmp_path / "ham10000")
+    data = small_ham10000(ham10000_dir, tmp_path / "ham10000", per_class=IMAGES_PER_CLASS)
     corpus, captions, run = tmp_path / "corpus", tmp_path / "captions", tmp_path / "train"
     config = write_config(tmp_path / "run.yaml", {
         "curate": {"sources": [f"ham10000={data}"], "out": f"file://{corpus}"},

@@ -111,7 +111,7 @@ def test_resume_extends_a_stopped_run(first_run):
     from dermaflux.train.stage import run
 
     cfg, _ = first_run
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="no training checkpoint"):
         run(small_train_config(cfg.train.captions, f"{cfg.train.out}-elsewhere", steps=6), resume=True)
     summary = run(small_train_config(cfg.train.captions, cfg.train.out, steps=6), resume=True)
     assert summary["train"]["steps"] == 6

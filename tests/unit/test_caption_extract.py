@@ -117,3 +117,10 @@ def test_extractor_imports_no_ray_or_torch():
     code = "import sys, dermaflux.caption.extract; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_metadata_unknowns_in_any_spelling_become_none():
+    flat = measure_lesion(canvas())
+    row = {"label": "mel", "malignant": True, "age": None, "sex": "unknown", "site": float("nan"), "skin_type": ""}
+    attrs = attributes_from(flat, row)
+    assert (attrs.age, attrs.sex, attrs.site, attrs.skin_type) == (None, None, None, None) and attrs.is_malignant

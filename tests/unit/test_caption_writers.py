@@ -97,3 +97,14 @@ def test_actor_pool_that_would_starve_extraction_is_refused():
     _check_cpus(CaptionConfig(concurrency=1), 2.0)
     with pytest.raises(ValueError, match=r"caption.concurrency \(2\) x caption.cpus_per_actor \(1.0\).*cluster has 2.0"):
         _check_cpus(CaptionConfig(concurrency=2), 2.0)
+
+
+def test_llm_writer_vision_path_with_a_tiny_llava(dermaflux_cache, ham10000_dir):
+    image = next((ham10000_dir / "images").glob("*.jpg")).read_bytes()
+    cfg = CaptionConfig(writer="llm", vision=True, vision_model="builtin:tiny-llava", max_new_tokens=6)
+    writer = create_writer(cfg)
+    batch = [CaptionRequest("a", MEL, seed=1, image=image), CaptionRequest("b", NV, seed=2, image=image)]
+    out = writer.write(batch)
+    assert [r.writer for r in out] == ["llm", "llm"], [r.flags for r in out]
+    assert out[1].caption.startswith("This photo depicts a benign lesion (melanocytic nevus). Here's a description")
+    assert len(out[0].caption.split("mole:", 1)[1].split()) >= 1

@@ -45,6 +45,12 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer_2")
 
 
+def generate(pipe, requests, **options):
+    from dermaflux.synth.sampling import generate_images
+
+    return generate_images(pipe, requests, max_sequence_length=128, **options)  # the tiny preset's T5 budget
+
+
 def pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
@@ -110,12 +116,10 @@ def test_request_schema_refusals():
 
 
 def test_same_request_same_image_alone_or_batched(pipe):
-    from dermaflux.synth.sampling import generate_images
-
     target = request(seed=11)
-    alone = generate_images(pipe, [target])[0]
-    again = generate_images(pipe, [target])[0]
-    batched = generate_images(pipe, [request("a nevus", 3), target, request(seed=12)], max_batch_size=4)
+    alone = generate(pipe, [target])[0]
+    again = generate(pipe, [target])[0]
+    batched = generate(pipe, [request("a nevus", 3), target, request(seed=12)], max_batch_size=4)
     assert alone.size == (64, 64)
     assert np.array_equal(pixels(alone), pixels(again))
     # Batched GEMMs sum in another order: at most one grey level of float32 rounding.
@@ -134,14 +138,14 @@ def test_mixed_settings_are_split_into_equal_setting_batches():
 
 
 def test_adapters_switch_without_changing_the_base(pipe):
-    from dermaflux.synth.sampling import generate_images, loaded_adapters
+    from dermaflux.synth.sampling import loaded_adapters
 
     assert loaded_adapters(pipe) == ["lora_a", "lora_b"]
-    base_before = pixels(generate_images(pipe, [request(seed=5)])[0])
-    lora_a = pixels(generate_images(pipe, [request(seed=5, adapter="lora_a")])[0])
-    lora_b = pixels(generate_images(pipe, [request(seed=5, adapter="lora_b")])[0])
-    lora_a_again = pixels(generate_images(pipe, [request(seed=5, adapter="lora_a")])[0])
-    base_after = pixels(generate_images(pipe, [request(seed=5)])[0])
+    base_before = pixels(generate(pipe, [request(seed=5)])[0])
+    lora_a = pixels(generate(pipe, [request(seed=5, adapter="lora_a")])[0])
+    lora_b = pixels(generate(pipe, [request(seed=5, adapter="lora_b")])[0])
+    lora_a_again = pixels(generate(pipe, [request(seed=5, adapter="lora_a")])[0])
+    base_after = pixels(generate(pipe, [request(seed=5)])[0])
     assert np.abs(lora_a - lora_b).mean() > 5 and np.abs(lora_a - base_before).mean() > 5
     assert np.array_equal(lora_a, lora_a_again)
     assert np.array_equal(base_before, base_after)
@@ -175,27 +179,27 @@ def test_plan_is_deterministic_and_labelled():
 def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
     from dermaflux.artifacts import OutputConflict
     from dermaflux.synth import bulk
-    from dermaflux.synth.sampling import encode_png, generate_images
+    from dermaflux.synth.sampling import encode_png
 
     spec = spec_for({"mel": 3, "nv": 2, "df": 0})
     calls = []
 
-    def generate(samples):
+    def generate_pngs(samples):
         calls.append(len(samples))
         if len(calls) == 2:
             raise RuntimeError("replica lost")  # the second shard dies mid-way
-        return [encode_png(im) for im in generate_images(pipe, samples)]
+        return [encode_png(im) for im in generate(pipe, samples)]
 
     out = tmp_path / "set"
     assert bulk.prepare_job(out, spec) is False
     with pytest.raises(RuntimeError, match="replica lost"):
-        bulk.run_job(out, spec, generate)
+        bulk.run_job(out, spec, generate_pngs)
     assert bulk.job_status(out)["shards_done"] == 1 and not (out / "manifest.json").exists()
     first_shard = out / "shards" / "part-00000.parquet"
     mtime = first_shard.stat().st_mtime_ns
 
     assert bulk.prepare_job(out, spec) is True  # same spec: resume
-    status = bulk.run_job(out, spec, generate)
+    status = bulk.run_job(out, spec, generate_pngs)
     assert status["state"] == "done" and status["done"] == 5
     assert first_shard.stat().st_mtime_ns == mtime  # finished shards are not redone
     table = pq.read_table(out / "shards")
@@ -227,7 +231,7 @@ def test_a_full_fine_tune_is_served_under_its_name(synth_cfg, tmp_path):
     from dermaflux.model.adapters import save_adapter
     from dermaflux.model.loading import resolve_pretrained
     from dermaflux.synth.adapters import load_synthesis_pipeline
-    from dermaflux.synth.sampling import generate_images, loaded_adapters
+    from dermaflux.synth.sampling import loaded_adapters
 
     transformer = FluxTransformer2DModel.from_pretrained(resolve_pretrained(synth_cfg.model), subfolder="transformer")
     with torch.no_grad():
@@ -236,10 +240,10 @@ def test_a_full_fine_tune_is_served_under_its_name(synth_cfg, tmp_path):
     cfg = load_config("tiny", extra={"synth": {"adapters": [*synth_cfg.synth.adapters, str(full)]}})
     pipe = load_synthesis_pipeline(cfg)
     assert loaded_adapters(pipe) == ["final", "lora_a", "lora_b"]
-    tuned = pixels(generate_images(pipe, [request(seed=5, adapter="final")])[0])
-    base = pixels(generate_images(pipe, [request(seed=5)])[0])
+    tuned = pixels(generate(pipe, [request(seed=5, adapter="final")])[0])
+    base = pixels(generate(pipe, [request(seed=5)])[0])
     assert np.array_equal(tuned, base)  # the full fine-tune is the pipeline's base, with every LoRA off
-    assert np.abs(pixels(generate_images(pipe, [request(seed=5, adapter="lora_a")])[0]) - tuned).mean() > 5
+    assert np.abs(pixels(generate(pipe, [request(seed=5, adapter="lora_a")])[0]) - tuned).mean() > 5
 
 
 def test_cli_flags_map_onto_the_synth_section(tmp_path):
