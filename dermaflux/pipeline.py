@@ -17,7 +17,7 @@ from pathlib import Path
 from dermaflux.artifacts import atomic_write_json, claim_output, fingerprint, is_done, mark_done, read_json, marker_path
 from dermaflux.config import ConfigError, DermaFluxConfig, save_effective_config
 from dermaflux.stage_registry import StageSpec, get_stage
-from dermaflux.validate import PRODUCED_BY, REQUIRED_INPUTS, capacity_from_ray, check_config
+from dermaflux.validate import PRODUCED_BY, REQUIRED_INPUTS, capacity_from_ray, check_config, check_stages_in_order
 
 HELP = "run every stage in order on a local Ray instance (curate, caption, train, generate, evaluate)"
 log = logging.getLogger(__name__)
@@ -155,10 +155,7 @@ def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
     out = Path(cfg.pipeline.out).expanduser().resolve()
     stage_cfg, runnable, skipped = plan(cfg)
     # Everything before a stage runs: paths, preset, then (with Ray up) the resources.
-    produced: set[str] = set()
-    for name in runnable:
-        check_config(stage_cfg, [name], produced=produced)
-        produced.add(name)
+    check_stages_in_order(stage_cfg, runnable)
     resumed = claim_output(out, "pipeline", fingerprint(stage_cfg.model_dump(mode="json")))
     save_effective_config(stage_cfg, out)
     init_ray(stage_cfg.ray)

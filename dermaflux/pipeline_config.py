@@ -23,7 +23,8 @@ OVERRIDABLE_SECTIONS = ("curate", "caption", "train", "synth", "evaluate")
 def _tiny_demo_overrides() -> dict[str, dict[str, Any]]:
     # Sizes measured on a 2-core machine to keep the whole demo short (see README, "Pipeline").
     return {
-        "train": {"steps": 120, "checkpoint_every": 40, "validate_every": 120, "vae_fit": {"steps": 150}},
+        "train": {"steps": 120, "checkpoint_every": 40, "validate_every": 120, "max_images": 1024,
+                  "vae_fit": {"steps": 150, "max_images": 1024}},
         "synth": {"per_class": 8},
         "evaluate": {"fractions": [1.0], "ratios": [0.0, 1.0], "seeds": 1, "epochs": 2},
     }

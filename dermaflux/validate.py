@@ -202,16 +202,30 @@ def model_problems(cfg) -> list[str]:
     return problems
 
 
+def raise_problems(what: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(
+            f"config cannot run {what} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
 def check_config(cfg, stages: list[str], *, produced: set[str] = frozenset(), capacity: Capacity | None = None) -> None:
     """Raise ConfigError listing every problem, or return when the stages can start."""
     problems = model_problems(cfg) + path_problems(cfg, stages, produced)
     if capacity is not None:
         problems += resource_problems(cfg, stages, capacity)
-    if problems:
-        raise ConfigError(
-            f"config cannot run {', '.join(stages)} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
+    raise_problems(", ".join(stages), problems)
+
+
+def check_stages_in_order(cfg, stages: list[str]) -> None:
+    """A pipeline run: each stage's inputs may come from the stages before it; all problems at once."""
+    problems = model_problems(cfg)
+    produced: set[str] = set()
+    for stage in stages:
+        problems += path_problems(cfg, [stage], produced)
+        produced.add(stage)
+    raise_problems(", ".join(stages), problems)
 
 
 def _add_node(capacity: Capacity, resources: dict[str, float], count: int) -> None:

@@ -87,8 +87,9 @@ def test_cli_llm_writer_on_an_actor_pool(corpus, tmp_path, ray_local, dermaflux_
         "--concurrency", "2", "--set", "caption.max_new_tokens=8", "--set", "caption.batch_size=4",
     ])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["captioned"] == 13 and summary["uncaptioned"] == 1
+    assert '"captioned": 13' in capsys.readouterr().out
+    summary = artifacts.read_json(out / "manifest.json")
+    assert summary["captioned"] == 13 and summary["uncaptioned"] == 1 and summary["model"] == "builtin:tiny-llama"
     written = read_output(out)
     assert {r["caption_writer"] for r in written} <= {"llm", "template"}
     for r in written:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-IMAGES_PER_CLASS = 6
+IMAGES_PER_CLASS = 4
 
 
 def write_config(path: Path, sections: dict) -> Path:
@@ -78,11 +78,11 @@ def test_caption_and_train_jobs_survive_losing_the_worker_node(ray_two_nodes, ha
         "curate": {"sources": [f"ham10000={data}"], "out": f"file://{corpus}"},
         "caption": {"corpus": str(corpus), "out": str(captions)},
         "train": {
-            "captions": str(captions), "out": str(run), "steps": 30, "checkpoint_every": 5, "validate_every": 1000,
+            "captions": str(captions), "out": str(run), "steps": 16, "checkpoint_every": 4, "validate_every": 1000,
             "micro_batch": 4, "warmup_steps": 2, "max_failures": 2,
             # 2 workers x 2 CPUs on two 2-CPU nodes: one worker on each node, so losing a node loses a worker.
             "workers": 2, "cpus_per_worker": 2,
-            "vae_fit": {"steps": 10, "batch_size": 8},
+            "vae_fit": {"enabled": False},  # decoding quality is not what this test is about
         },
     })
 
@@ -107,7 +107,7 @@ def test_caption_and_train_jobs_survive_losing_the_worker_node(ray_two_nodes, ha
     logs = client.get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
     summary = job_summary(client, job_id)
-    assert summary["train"]["steps"] == 30
+    assert summary["train"]["steps"] == 16
     assert read_adapter(summary["final"]).kind == "full"
     assert latest_checkpoint(run / "ray").name > checkpoint_before.name
     # A training worker died with the node, so the run finished only through Ray Train's restart.
