@@ -79,7 +79,7 @@ def caption_shards(
         extract_batch,
         batch_format="pandas",
         batch_size=cfg.batch_size,
-        concurrency=cfg.extract_concurrency,
+        compute=ray.data.TaskPoolStrategy(size=cfg.extract_concurrency),
         ray_remote_args_fn=functools.partial(_task_args, cfg.extract_cpus),
     )
     ds = ds.map_batches(
@@ -87,7 +87,7 @@ def caption_shards(
         fn_constructor_kwargs={"caption_cfg": cfg.model_dump()},
         batch_format="pandas",
         batch_size=cfg.batch_size,
-        concurrency=cfg.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, metavar="N", help="grid cells running at once")
     parser.add_argument("--balancing", choices=["none", "sampler", "loss"])
     parser.add_argument("--synthetic-only", action="store_true", default=None, help="add synthetic-only cells")
+    parser.add_argument("--report-only", action="store_true", default=None,
+                        help="train nothing: report the cells already finished in --out")
 
 
 def config_overrides(args) -> dict:
@@ -44,7 +46,7 @@ def config_overrides(args) -> dict:
         "corpus": args.corpus, "synthetic": args.synthetic, "out": args.out, "fractions": args.fractions,
         "sizes": args.sizes, "ratios": args.ratios, "seeds": args.seeds, "models": args.model, "tasks": args.task,
         "epochs": args.epochs, "image_size": args.image_size, "parallel_cells": args.parallel,
-        "balancing": args.balancing, "synthetic_only": args.synthetic_only,
+        "balancing": args.balancing, "synthetic_only": args.synthetic_only, "report_only": args.report_only,
     }
     section = {k: v for k, v in mapping.items() if v is not None}
     return {"evaluate": section} if section else {}

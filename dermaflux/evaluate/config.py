@@ -53,6 +53,10 @@ class EvaluateConfig(ConfigModel):
     )
     max_test_images: int | None = Field(None, description="cap on real test images (None: all)")
 
+    report_only: bool = Field(
+        False, description="train nothing: write the report from the cells already finished in `out`"
+    )
+
     # Parallelism: each cell is one Ray task.
     parallel_cells: int = Field(2, ge=1, description="cells running at once")
     cpus_per_cell: float = Field(1.0, gt=0, description="CPUs (and torch threads) reserved per cell")

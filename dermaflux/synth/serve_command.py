@@ -23,6 +23,12 @@ def config_overrides(args) -> dict:
 def run(args, cfg) -> int:
     from dermaflux.synth.serve_app import start_service
 
+    from ray import serve
+
     print(f"serving on http://{cfg.synth.host}:{cfg.synth.port} (OpenAPI: /docs); Ctrl-C stops")
-    start_service(cfg, blocking=True)
+    try:
+        start_service(cfg, blocking=True)
+    except KeyboardInterrupt:
+        print("stopping the service")
+        serve.shutdown()
     return 0

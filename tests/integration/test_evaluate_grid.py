@@ -99,5 +99,12 @@ def test_rerun_through_the_cli_resumes_without_training(evaluated, capsys):
     printed = json.loads(capsys.readouterr().out.split("\nreport:")[0])
     assert printed["ran"] == 0 and printed["cells"] == 12
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    # A third seed with --report-only trains nothing and says which cells are missing.
+    code = main(["evaluate", "--corpus", str(corpus), "--synthetic", str(synthetic), "--out", str(out),
+                 "--fractions", "0.5,1", "--ratios", "0,1", "--seeds", "3", "--epochs", "2", "--synthetic-only",
+                 "--report-only", "--set", "evaluate.grid_images_per_class=3"])
+    printed = json.loads(capsys.readouterr().out.split("\nreport:")[0])
+    assert code == 0 and printed["ran"] == 0 and printed["not_run"] == 6
+    assert "were not run" in (out / "report.md").read_text()
     # A different training setting is a different run: refused, not mixed in.
     assert main(["evaluate", "--corpus", str(corpus), "--out", str(out), "--epochs", "5"]) == 2
