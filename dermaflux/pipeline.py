@@ -132,6 +132,15 @@ def plan(cfg) -> tuple[object, list[str], dict[str, str]]:
     return stage_cfg, runnable, skipped
 
 
+def _settings(section) -> dict:
+    # Defaults left out: a field added to a stage later does not make a finished stage look changed.
+    return section.model_dump(mode="json", exclude_defaults=True)
+
+
+def stage_fingerprint(stage_cfg, spec: StageSpec) -> str:
+    return fingerprint(_settings(stage_cfg.model), _settings(spec.section_of(stage_cfg)))
+
+
 def find_report(stage_out: Path, summary: dict) -> str | None:
     for key in ("report", "report_html", "report_md"):
         if summary.get(key):
@@ -156,7 +165,8 @@ def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
     stage_cfg, runnable, skipped = plan(cfg)
     # Everything before a stage runs: paths, preset, then (with Ray up) the resources.
     check_stages_in_order(stage_cfg, runnable)
-    resumed = claim_output(out, "pipeline", fingerprint(stage_cfg.model_dump(mode="json")))
+    # The folder belongs to one preset and model; each stage's own settings are checked per stage.
+    resumed = claim_output(out, "pipeline", fingerprint(stage_cfg.preset, _settings(stage_cfg.model)))
     save_effective_config(stage_cfg, out)
     init_ray(stage_cfg.ray)
     if capacity_check:
@@ -168,11 +178,15 @@ def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
     for index, name in enumerate(runnable, 1):
         spec: StageSpec = get_stage(name)
         marker = f"stage-{name}"
+        settings = stage_fingerprint(stage_cfg, spec)
         if is_done(out, marker):
             done = read_json(marker_path(out, marker))
-            results[name] = {**done.get("summary", {}), "status": "done earlier", "seconds": done.get("seconds")}
-            _banner(f"[{index}/{total}] {name}: done earlier, skipped")
-            continue
+            if done.get("settings") == settings:
+                results[name] = {**done.get("summary", {}), "status": "done earlier", "seconds": done.get("seconds")}
+                _banner(f"[{index}/{total}] {name}: done earlier, skipped")
+                continue
+            # Changed settings: the stage decides (resume, or refuse a folder holding a different run).
+            log.info("pipeline: %s settings changed since it ran; running it again", name)
         _banner(f"[{index}/{total}] {name} -> {getattr(spec.section_of(stage_cfg), spec.output)}")
         started = time.time()
         try:
@@ -182,7 +196,7 @@ def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
             _write_summary(out, results, runnable, stage_cfg)
             raise
         seconds = round(time.time() - started, 1)
-        mark_done(out, marker, {"summary": summary, "seconds": seconds})
+        mark_done(out, marker, {"summary": summary, "seconds": seconds, "settings": settings})
         results[name] = {**summary, "status": "succeeded", "seconds": seconds}
         _banner(f"[{index}/{total}] {name}: done in {seconds:.0f}s")
     return _write_summary(out, results, runnable, stage_cfg)

@@ -46,7 +46,7 @@ def test_pipeline_runs_resumes_and_points_to_its_summary(tmp_path, ham10000_dir,
     final = json.loads(again.stdout.strip().splitlines()[-1])
     assert final["status"] == "succeeded" and final["stages"]["caption"]["status"] == "done earlier"
 
-    # A different run into the same folder is refused up front, with the folder named.
+    # Changed curate settings: curate runs again and refuses its folder, which holds a different run.
     other = run([CLI, "pipeline", "--preset", "tiny", "--data", str(data), "--out", str(out),
                  "--stages", "curate,caption", "--set", "curate.seed=7"], dermaflux_cache)
     assert other.returncode == 2 and str(out) in other.stderr and "different" in other.stderr

@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +17,21 @@ import torch
 from train_inputs import build_captions
 
 pytestmark = pytest.mark.integration
+
+DRIVER = """
+import json, sys
+import ray
+from dermaflux.config import DermaFluxConfig
+from dermaflux.train.ray_trainer import run_training
+spec = json.load(open(sys.argv[1]))
+# This machine has a non-loopback IP too: pin the driver to the loopback nodes it joins.
+ray.init(address=spec["address"], _node_ip_address="127.0.0.1")
+nodes = len([n for n in ray.nodes() if n["Alive"]])
+result = run_training(DermaFluxConfig.model_validate(spec["cfg"]), spec["cache"], None, spec["out"])
+json.dump({"nodes": nodes, "error": None if result.error is None else repr(result.error),
+           "metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None},
+          open(spec["out"] + "/result.json", "w"), default=str)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +51,11 @@ def cache_dir(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
 
 
 def test_zero3_lora_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_dir, tiny_config):
-    import ray
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
     from dermaflux.config import load_config
     from dermaflux.model.adapters import LORA_FILE
-    from dermaflux.train.ray_trainer import run_training
 
     captions, cache = cache_dir
     cfg = load_config("tiny", extra={"train": {
@@ -45,23 +64,26 @@ def test_zero3_lora_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_
         "steps": 3, "micro_batch": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 3, "log_every": 1,
         "lora": {"rank": 4}, "vae_fit": {"enabled": False},
     }})
-    ray.init(address=ray_two_nodes.address)
-    try:
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        result = run_training(cfg, cache, None, tmp_path)
-    finally:
-        ray.shutdown()
-    assert result.error is None and result.metrics["step"] == 3
-    with result.checkpoint.as_directory() as ckpt:
-        saved = load_file(f"{ckpt}/adapter/{LORA_FILE}")
-        adapter_dir = str(tmp_path / "adapter")
-        __import__("shutil").copytree(f"{ckpt}/adapter", adapter_dir)
+    # The driver runs in its own process, as a submitted job's would: Ray Train keeps per-process
+    # state (e.g. the driver's node id) that an earlier local Ray session in this pytest process spoils.
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "cache": str(cache), "out": str(tmp_path),
+                                "address": ray_two_nodes.address}))
+    driver = subprocess.run([sys.executable, "-c", DRIVER, str(spec)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert driver.returncode == 0, driver.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["nodes"] == 2
+    assert result["error"] is None and result["metrics"]["step"] == 3
+    saved = load_file(f"{result['checkpoint']}/adapter/{LORA_FILE}")
+    adapter_dir = str(tmp_path / "adapter")
+    shutil.copytree(f"{result['checkpoint']}/adapter", adapter_dir)
     assert saved and all(t.numel() > 0 for t in saved.values())  # the ZeRO-3 trap: empty shards
     assert any(k.endswith("lora_B.weight") for k in saved)
     # lora_B starts at zero: non-zero values mean these are the trained, gathered weights
     assert all(float(t.abs().sum()) > 0 for k, t in saved.items() if k.endswith("lora_B.weight"))
     checksum = sum(float(t.double().abs().sum()) for t in saved.values())
-    assert checksum == pytest.approx(result.metrics["weights_checksum"], rel=1e-6)
+    assert checksum == pytest.approx(result["metrics"]["weights_checksum"], rel=1e-6)
 
     pipe = FluxPipeline.from_pretrained(tiny_model_dir)
 
