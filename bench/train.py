@@ -170,6 +170,10 @@ def full_size_bench(args) -> dict:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
+    if gpu and not args.cudnn_sdpa:
+        # Seen on an H200 (torch 2.11 + cu130): cuDNN's SDPA backward fails ("mha_graph.execute ...
+        # is_good()") on Flux's joint attention; the flash / mem-efficient kernels run it.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     tc = load_config("flux-dev").train.model_copy(update={"mode": "lora", "gradient_checkpointing": True})
     tc = tc.model_copy(update={"lora": tc.lora.model_copy(update={"rank": 16})})
     torch.manual_seed(0)
@@ -231,6 +235,7 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="full-size: timed steps")
+    parser.add_argument("--cudnn-sdpa", action="store_true", help="full-size: allow cuDNN attention (off by default)")
     args = parser.parse_args()
     if not args.full_size:
         # Ray sets this in its workers; the plain loop must run under the same threading to compare fairly.
