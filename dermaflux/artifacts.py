@@ -137,3 +137,18 @@ def mark_done(out_dir: str | os.PathLike, name: str, info: dict | None = None) -
 def done_names(out_dir: str | os.PathLike) -> set[str]:
     folder = Path(out_dir) / MARKER_DIR
     return {p.stem for p in folder.glob("*.json")} if folder.exists() else set()
+
+
+def parquet_shards(folder: str | os.PathLike, required: list[str], what: str, made_by: str) -> list[Path]:
+    """`<folder>/shards/*.parquet`, each checked for the `required` columns, with errors that say
+    which folder or shard is wrong and which stage writes it (`made_by`)."""
+    import pyarrow.parquet as pq
+
+    shards = sorted((Path(folder) / "shards").glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{Path(folder) / 'shards'}: no *.parquet {what} shards; run `{made_by}` first")
+    for shard in shards:
+        missing = [c for c in required if c not in set(pq.read_schema(shard).names)]
+        if missing:
+            raise ValueError(f"{shard}: {what} shard lacks column(s) {missing}")
+    return shards

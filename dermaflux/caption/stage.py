@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermaflux import artifacts
+from dermaflux.artifacts import parquet_shards
 from dermaflux.caption.schema import CAPTION_SCHEMA
 from dermaflux.config import save_effective_config
 
@@ -31,15 +32,7 @@ RUNTIME_FIELDS = {"out", "force", "batch_size", "concurrency", "cpus_per_actor",
 
 
 def corpus_shards(corpus: Path) -> list[Path]:
-    shards = sorted((corpus / "shards").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"{corpus / 'shards'}: no *.parquet corpus shards (run `dermaflux curate` first)")
-    for shard in shards:
-        names = set(pq.read_schema(shard).names)
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"{shard}: corpus shard lacks column(s) {missing}; expected the corpus schema")
-    return shards
+    return parquet_shards(corpus, REQUIRED_COLUMNS, "corpus", "dermaflux curate")
 
 
 def write_shard_output(out: Path, shard: Path, results: pd.DataFrame) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
+from dermaflux.artifacts import parquet_shards
 from dermaflux.train.cache import dtype_name, tensor_to_bytes
 from dermaflux.train.encode import decode_images, encode_captions, encode_images
 
@@ -13,15 +13,7 @@ CAPTION_COLUMNS = ["id", "split", "label", "caption", "image"]
 
 
 def caption_shards(captions_dir: str | Path) -> list[Path]:
-    shards = sorted((Path(captions_dir) / "shards").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"{captions_dir}/shards: no caption shards (*.parquet) — run `dermaflux caption` first")
-    for path in shards:
-        names = set(pq.read_schema(path).names)
-        missing = [c for c in CAPTION_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"{path}: missing caption columns {missing} (expected dermaflux.caption.schema.CAPTION_SCHEMA)")
-    return shards
+    return parquet_shards(captions_dir, CAPTION_COLUMNS, "caption", "dermaflux caption")
 
 
 def load_text_and_vae(model_cfg, vae_dir: str | None):

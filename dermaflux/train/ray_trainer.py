@@ -210,7 +210,6 @@ def latest_checkpoint(storage_dir: str | Path) -> Path | None:
 
 def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str | Path, resume: bool = False):
     """Start the TorchTrainer; returns the Ray Train result. Checkpoints land in <run_dir>/ray/train/step-*."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
