@@ -6,7 +6,6 @@ import base64
 import concurrent.futures
 import io
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

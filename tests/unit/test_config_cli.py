@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from dermaflux.cli import STAGES, available_stages, main
+from dermaflux.cli import STAGES, available_stages
 from dermaflux.config import ConfigError, available_presets, load_config, save_effective_config
 
 
