@@ -1,4 +1,4 @@
-"""Synthesis throughput: the Serve app (batched vs unbatched, 1 vs 2 replicas) vs a direct loop.
+"""Synthesis throughput: the Serve app (batched vs unbatched, 1 vs 2 replicas, adapters) vs a direct loop.
 
     .venv/bin/python bench/serve.py [--quick]                 # tiny preset, CPU, over HTTP on loopback
     .venv/bin/python bench/serve.py --full-size [--layers N]  # FLUX.1-dev transformer shape, random bf16 weights
@@ -7,7 +7,9 @@ Tiny mode: every row makes the same images (same prompts and seeds) with the sam
 "direct" rows call `sampling.generate_images` in this process (no Ray, no HTTP) with the threads
 of one replica (`synth.cpus_per_replica`); "serve" rows
 send single-image POST /v1/images requests from `--clients` concurrent clients. The overhead
-ratio is direct img/s over service img/s at the same batch size and one replica.
+ratio is direct img/s over service img/s at the same batch size and one replica. The adapter
+rows cycle requests over two random LoRAs with room for both per replica (each loads once) and
+room for one (Serve's multiplexer evicts on every switch): the cost of LoRA vs base, and of reloads.
 
 Full-size mode: a FluxPipeline whose transformer has the FLUX.1-dev architecture (19 double +
 38 single blocks, 3072 wide; `--layers N` keeps N of each to smoke-test on a CPU) with random
@@ -60,14 +62,14 @@ def requests_for(n: int, cfg):
 
 
 def direct_loop(cfg, n: int, batch_size: int) -> dict:
-    from dermaflux.synth.adapters import load_synthesis_pipeline
+    from dermaflux.synth.adapters import AdapterPool
     from dermaflux.synth.sampling import encode_png, generate_images
 
     import torch
 
     # The resources of one replica: Ray pins a 1-CPU worker to one thread (OMP_NUM_THREADS=1).
     torch.set_num_threads(max(1, int(cfg.synth.cpus_per_replica)))
-    pipe = load_synthesis_pipeline(cfg)
+    pipe = AdapterPool.from_config(cfg)
     requests = requests_for(n, cfg)
     options = {"max_batch_size": batch_size, "max_sequence_length": cfg.model.max_sequence_length}  # as the service
     generate_images(pipe, requests[:batch_size], **options)  # warm-up
@@ -80,7 +82,7 @@ def direct_loop(cfg, n: int, batch_size: int) -> dict:
             "img_per_s": n / seconds}
 
 
-def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int) -> dict:
+def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int, adapters=(None,), max_adapters: int = 4) -> dict:
     import httpx
     import numpy as np
     from ray import serve
@@ -93,6 +95,7 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int) -> dict
     run_cfg.synth.port = port
     run_cfg.synth.autoscaling.max_replicas = replicas
     run_cfg.synth.autoscaling.min_replicas = replicas
+    run_cfg.synth.max_adapters_per_replica = max_adapters
     start_service(run_cfg, access_log=False)
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=300) as client:
@@ -103,7 +106,8 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int) -> dict
     def one(i: int) -> tuple[int, float]:
         started = time.perf_counter()
         with httpx.Client(timeout=600) as client:
-            response = client.post(f"{url}/v1/images", json={"prompt": requests[i].prompt, "seed": requests[i].seed})
+            response = client.post(f"{url}/v1/images", json={"prompt": requests[i].prompt, "seed": requests[i].seed,
+                                                             "adapter": adapters[i % len(adapters)]})
         return response.status_code, time.perf_counter() - started
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -111,16 +115,19 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int) -> dict
         started = time.perf_counter()
         results = list(pool.map(one, range(n)))
     seconds = time.perf_counter() - started
+    replica = httpx.get(f"{url}/v1/adapters").json()["replica"]
     serve.shutdown()
     latencies = np.array([t for _, t in results])
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     return {"mode": "serve", "replicas": replicas, "batch_size": batch_size, "images": n, "seconds": seconds,
             "img_per_s": n / seconds, "failed": sum(code != 200 for code, _ in results), "clients": clients,
-            "p50_s": p50, "p95_s": p95, "p99_s": p99}
+            "p50_s": p50, "p95_s": p95, "p99_s": p99, "adapters": list(adapters), "max_adapters": max_adapters,
+            "adapter_loads": sum(replica["loads"].values())}
 
 
 def tiny_bench(args) -> dict:
     from dermaflux.config import load_config
+    from dermaflux.model.adapters import random_lora_adapter
     from dermaflux.ray_runtime import init_ray
 
     os.environ.setdefault("DERMAFLUX_CACHE", str(Path(tempfile.gettempdir()) / "dermaflux-bench-cache"))
@@ -131,22 +138,35 @@ def tiny_bench(args) -> dict:
     served = [serve_run(cfg, n, b, r, args.clients) for b, r in ((1, 1), (args.batch, 1), (args.batch, 2))]
     # Direct rows again after the service rows, keeping the faster pass: on a shared machine the
     # load drifts over minutes, and this brackets the service rows instead of preceding them.
+    # Adapter multiplexing: requests cycle over two LoRAs. Room for both: each loads once; room
+    # for one: every switch evicts and reloads (the worst case of `max_adapters_per_replica`).
+    with tempfile.TemporaryDirectory() as tmp:
+        loras = [str(random_lora_adapter(cfg.model, Path(tmp) / f"lora{i}", seed=i)) for i in (1, 2)]
+        lora_cfg = cfg.model_copy(deep=True)
+        lora_cfg.synth.adapters = loras
+        names = [Path(p).name for p in loras]
+        multiplexed = [serve_run(lora_cfg, n, args.batch, 1, args.clients, names, max_adapters=m) for m in (2, 1)]
     direct_after = [direct_loop(cfg, n, 1), direct_loop(cfg, n, args.batch)]
-    rows = [max(a, b, key=lambda r: r["img_per_s"]) for a, b in zip(direct_before, direct_after)] + served
-    by_key = {(r["mode"], r["replicas"], r["batch_size"]): r for r in rows}
+    rows = [max(a, b, key=lambda r: r["img_per_s"]) for a, b in zip(direct_before, direct_after)] + served + multiplexed
+    by_key = {(r["mode"], r["replicas"], r["batch_size"]): r for r in rows if r.get("adapters", [None]) == [None]}
     ratios = {
         "batched_over_unbatched_serve": by_key[("serve", 1, args.batch)]["img_per_s"] / by_key[("serve", 1, 1)]["img_per_s"],
         "two_over_one_replica": by_key[("serve", 2, args.batch)]["img_per_s"] / by_key[("serve", 1, args.batch)]["img_per_s"],
         "overhead_direct_over_serve_batch1": by_key[("direct", 0, 1)]["img_per_s"] / by_key[("serve", 1, 1)]["img_per_s"],
         f"overhead_direct_over_serve_batch{args.batch}":
             by_key[("direct", 0, args.batch)]["img_per_s"] / by_key[("serve", 1, args.batch)]["img_per_s"],
+        "two_loras_cached_over_base": multiplexed[0]["img_per_s"] / by_key[("serve", 1, args.batch)]["img_per_s"],
+        "two_loras_evicting_over_cached": multiplexed[1]["img_per_s"] / multiplexed[0]["img_per_s"],
     }
     print(f"\ntiny preset: {cfg.model.resolution}px, {cfg.model.num_inference_steps} steps, {n} images per row, "
           f"{args.clients} clients, {os.cpu_count()} CPUs")
-    print(f"{'mode':8} {'replicas':>8} {'batch':>5} {'img/s':>8} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'failed':>6}")
+    print(f"{'mode':8} {'replicas':>8} {'batch':>5} {'adapters':>13} {'img/s':>8} {'p50 s':>7} {'p95 s':>7} "
+          f"{'p99 s':>7} {'failed':>6} {'loads':>5}")
     for r in rows:
         lat = " ".join(f"{r[k]:7.2f}" if k in r else f"{'-':>7}" for k in ("p50_s", "p95_s", "p99_s"))
-        print(f"{r['mode']:8} {r['replicas']:8d} {r['batch_size']:5d} {r['img_per_s']:8.2f} {lat} {r.get('failed', 0):6d}")
+        held = f"2 LoRA, room {r['max_adapters']}" if r.get("adapters", [None]) != [None] else "base"
+        print(f"{r['mode']:8} {r['replicas']:8d} {r['batch_size']:5d} {held:>13} {r['img_per_s']:8.2f} {lat} "
+              f"{r.get('failed', 0):6d} {r.get('adapter_loads', 0):5d}")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
     return {"mode": "tiny", "rows": rows, "ratios": ratios, "direct_passes": direct_before + direct_after,
@@ -213,6 +233,8 @@ def full_size_bench(args) -> dict:
         seconds = (time.perf_counter() - started) / args.repeats
         rows.append({"batch_size": batch, "seconds_per_call": seconds, "seconds_per_image": seconds / batch,
                      "img_per_s": batch / seconds})
+    adapters = adapter_timings(args, pipe, device, rows[0]["seconds_per_call"] / rows[0]["batch_size"]) \
+        if args.lora_rank else None
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     print(f"\nfull-size Flux transformer ({params / 1e9:.2f}B params, {layers['num_layers']}+{layers['num_single_layers']} "
@@ -221,10 +243,98 @@ def full_size_bench(args) -> dict:
     print(f"{'batch':>5} {'s/image':>9} {'img/s':>8}")
     for r in rows:
         print(f"{r['batch_size']:5d} {r['seconds_per_image']:9.3f} {r['img_per_s']:8.3f}")
-    return {"mode": "full-size", "rows": rows, "device": gpu or "cpu", "params": params, **layers,
+    if adapters:
+        print(f"\nLoRA r{args.lora_rank} adapters through AdapterPool (what a replica does on multiplexed load/evict):")
+        for key in ("load_s", "switch_s", "unload_s", "seconds_per_image_base", "seconds_per_image_lora"):
+            print(f"  {key:24} {adapters[key]:9.3f}")
+        if adapters.get("base_load_s"):
+            print(f"  base transformer load    {adapters['base_load_s']:9.3f}   ({adapters['base_load_over_lora_load']:.0f}x a LoRA load)")
+        print(f"  LoRA load in images:     {adapters['load_in_images']:9.2f}   (unfused LoRA image cost x "
+              f"{adapters['lora_over_base_image']:.3f})")
+    return {"mode": "full-size", "rows": rows, "adapters": adapters, "device": gpu or "cpu", "params": params, **layers,
             "resolution": args.resolution, "steps": args.steps, "peak_gib": peak,
             "text_encoders": "skipped: random prompt embeddings of T5-XXL (512x4096) and CLIP-L (768) shapes",
             "vae": "full-size Flux VAE config, random weights"}
+
+
+def adapter_timings(args, pipe, device: str, base_image_s: float) -> dict:
+    """Seconds to load, switch to and unload a rank-r LoRA on the full-size transformer, and the
+    per-image cost with it active, through the same AdapterPool the Serve replica uses."""
+    import torch
+
+    from dermaflux.config import load_config
+    from dermaflux.model.adapters import random_lora_adapter
+    from dermaflux.synth.adapters import AdapterPool
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    model_cfg = load_config("flux-dev").model
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {f"lora{i}": str(random_lora_adapter(model_cfg, Path(tmp) / f"lora{i}", seed=i, rank=args.lora_rank,
+                                                         scale=0.01, transformer=pipe.transformer)) for i in (1, 2)}
+        pool = AdapterPool(pipe, folders, dtype=torch.bfloat16, device=device)
+        timings = {}
+        for name in folders:
+            started = time.perf_counter()
+            pool.load(name)
+            sync()
+            timings[name] = time.perf_counter() - started
+    embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    pooled = torch.randn(1, 768, device=device, dtype=torch.bfloat16)
+
+    def image(adapter):
+        with pool.lock:
+            started = time.perf_counter()
+            target = pool.pipeline_for(adapter)
+            sync()
+            switched = time.perf_counter() - started
+            started = time.perf_counter()
+            with torch.inference_mode():
+                target(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=args.resolution, width=args.resolution,
+                       num_inference_steps=args.steps, guidance_scale=3.5, output_type="pil",
+                       generator=torch.Generator("cpu").manual_seed(0))
+            sync()
+        return switched, time.perf_counter() - started
+
+    image("lora1")  # warm-up with LoRA layers in the graph
+    switch_s, lora_s = image("lora2")
+    _, base_s = image(None)
+    started = time.perf_counter()
+    pool.unload("lora1")
+    sync()
+    unload_s = time.perf_counter() - started
+    load_s = timings["lora2"]  # the second load: the first also pays peft's one-time wrapping of layers
+    base_load_s = time_base_load(pipe.transformer, device) if args.time_base_load else None
+    return {"base_load_s": base_load_s, "base_load_over_lora_load": base_load_s / load_s if base_load_s else None,
+            "rank": args.lora_rank, "load_s": load_s, "first_load_s": timings["lora1"], "switch_s": switch_s,
+            "unload_s": unload_s, "seconds_per_image_base": base_s, "seconds_per_image_lora": lora_s,
+            "lora_over_base_image": lora_s / base_s, "load_in_images": load_s / base_image_s}
+
+
+def time_base_load(transformer, device: str) -> float:
+    """Seconds to load the base transformer from safetensors onto the device: what a reload on every
+    adapter switch would cost. Saved just before, so it reads from the page cache (a lower bound)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # The base's own weights in the diffusers layout (peft renamed wrapped layers `base_layer`).
+        state = {k.replace(".base_layer", ""): v.contiguous()
+                 for k, v in transformer.state_dict().items() if "lora_" not in k}
+        transformer.save_config(tmp)
+        save_file(state, str(Path(tmp) / "diffusion_pytorch_model.safetensors"))
+        del state
+        started = time.perf_counter()
+        loaded = FluxTransformer2DModel.from_pretrained(tmp, torch_dtype=torch.bfloat16).to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    del loaded
+    return seconds
 
 
 def main() -> None:
@@ -239,6 +349,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2, help="full-size: timed calls per batch size")
+    parser.add_argument("--time-base-load", action="store_true",
+                        help="full-size: also time loading the base transformer from disk (writes ~24 GB to a temp dir)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="full-size: LoRA rank of the adapter timings (0: skip)")
     args = parser.parse_args()
     result = full_size_bench(args) if args.full_size else tiny_bench(args)
     result.update(host=platform.node(), cpus=os.cpu_count(), argv=sys.argv[1:], when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

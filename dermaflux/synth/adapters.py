@@ -1,15 +1,24 @@
-"""Which adapters a synthesis process serves, under which names, and the pipeline holding them.
+"""Which adapters a synthesis process serves, under which names, and the pool that holds them.
 
-`synth.adapters` entries are `DIR` (served under the folder's name) or `NAME=DIR`. All LoRAs are
-loaded once into one pipeline and switched per batch (see sampling.activate_adapter); at most
-one "full" adapter replaces the base transformer.
+`synth.adapters` entries are `DIR` (served under the folder's name) or `NAME=DIR`. An
+`AdapterPool` loads the base pipeline once and adapters on demand next to it:
+- a LoRA goes into the shared base transformer (`load_lora_weights` under its name) and is made
+  the only active one per call with `set_adapters`; unloading it is `delete_adapters`;
+- a "full" fine-tune (the tiny preset's) is its own transformer in a pipeline view that shares
+  the base text encoders, tokenizers and scheduler;
+- an adapter's fitted `vae/` likewise lives only in that adapter's view.
+The base weights are never reloaded or changed: `adapter=None` is always the base model. The
+Serve replica drives `load`/`unload` from `@serve.multiplexed` (LRU per replica); the offline
+job and benchmarks load what they use up front. Pure torch + diffusers: no Ray.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-from dermaflux.model.adapters import read_adapter
+from dermaflux.model.adapters import LORA_FILE, read_adapter
 
 
 def adapter_folders(entries: list[str]) -> dict[str, str]:
@@ -31,14 +40,121 @@ def adapter_folders(entries: list[str]) -> dict[str, str]:
     return table
 
 
-def load_synthesis_pipeline(cfg, device: str = "cpu"):
-    """The base pipeline with every configured adapter, on `device`, progress bars off."""
-    from dermaflux.model.adapters import load_pipeline_with_adapters
+@dataclass
+class _Loaded:
+    kind: str  # lora | full
+    pipe: object  # the pipeline that samples this adapter (the base, or a view sharing its modules)
 
-    folders = adapter_folders(cfg.synth.adapters)
-    pipe = load_pipeline_with_adapters(cfg.model, folders)
-    # A "full" adapter (the tiny preset's fine-tune) replaces the transformer itself: requests
-    # naming it run with every LoRA off (see sampling.activate_adapter).
-    pipe.dermaflux_full_adapters = frozenset(n for n, f in folders.items() if read_adapter(f).kind == "full")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+
+class AdapterPool:
+    """The base FluxPipeline plus the adapters loaded next to it, by name.
+
+    Every method takes `lock`: the active LoRA is state of the shared transformer, so one
+    pipeline call (or load/unload) runs at a time. Counters say what was loaded how often.
+    """
+
+    def __init__(self, base, folders: dict[str, str], *, dtype=None, device: str = "cpu"):
+        self.base = base
+        self.folders = dict(folders)
+        self.dtype = dtype
+        self.device = device
+        self.lock = threading.RLock()
+        self._loaded: dict[str, _Loaded] = {}
+        self.loads: dict[str, int] = {}
+        self.unloads: dict[str, int] = {}
+        base.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_config(cls, cfg, device: str = "cpu", preload: list[str] | None = None) -> "AdapterPool":
+        """The base of `cfg.model` on `device` with `synth.adapters` known; `preload` loaded now."""
+        from dermaflux.model.loading import load_pipeline, torch_dtype
+
+        folders = adapter_folders(cfg.synth.adapters)
+        pool = cls(load_pipeline(cfg.model).to(device), folders, dtype=torch_dtype(cfg.model.dtype), device=device)
+        for name in preload or []:
+            pool.load(name)
+        return pool
+
+    @property
+    def names(self) -> list[str]:
+        """Adapters requests may name (loaded or not)."""
+        return sorted(self.folders)
+
+    def loaded(self) -> list[str]:
+        with self.lock:
+            return sorted(self._loaded)
+
+    def _check(self, name: str) -> str:
+        if name not in self.folders:
+            raise KeyError(f"adapter {name!r} is not served; served: {', '.join(self.names) or 'none'}")
+        return self.folders[name]
+
+    def load(self, name: str) -> None:
+        """Load `name` next to the base (no-op when loaded); the base itself is untouched."""
+        from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+        folder = self._check(name)
+        with self.lock:
+            if name in self._loaded:
+                return
+            info = read_adapter(folder)
+            own = {}
+            if info.kind == "full":
+                own["transformer"] = FluxTransformer2DModel.from_pretrained(
+                    info.path / "transformer", torch_dtype=self.dtype).to(self.device)
+            else:
+                # peft puts the LoRA weights on the device of the layers they wrap.
+                self.base.load_lora_weights(folder, weight_name=LORA_FILE, adapter_name=name)
+            if info.has_vae:
+                own["vae"] = AutoencoderKL.from_pretrained(info.path / "vae", torch_dtype=self.dtype).to(self.device)
+            pipe = self.base
+            if own:
+                pipe = FluxPipeline(**{**self.base.components, **own})
+                pipe.set_progress_bar_config(disable=True)
+            self._loaded[name] = _Loaded(info.kind, pipe)
+            self.loads[name] = self.loads.get(name, 0) + 1
+
+    def unload(self, name: str) -> None:
+        """Free `name` (no-op when not loaded); LoRA weights leave the base transformer."""
+        with self.lock:
+            loaded = self._loaded.pop(name, None)
+            if loaded is None:
+                return
+            if loaded.kind == "lora":
+                self.base.delete_adapters(name)
+            self.unloads[name] = self.unloads.get(name, 0) + 1
+        del loaded
+        _release_device_memory(self.device)
+
+    def pipeline_for(self, adapter: str | None):
+        """The pipeline that samples `adapter` with exactly that adapter active; call under `lock`.
+
+        An adapter that is not loaded (the multiplexer evicted it between routing and this call)
+        is loaded; the caller unloads it afterwards via `transient`.
+        """
+        if adapter is None:
+            if self._lora_names():
+                self.base.disable_lora()
+            return self.base
+        self._check(adapter)
+        self.load(adapter)
+        loaded = self._loaded[adapter]
+        if loaded.kind == "lora":
+            self.base.enable_lora()
+            self.base.set_adapters([adapter], adapter_weights=[1.0])
+        elif self._lora_names():
+            self.base.disable_lora()
+        return loaded.pipe
+
+    def _lora_names(self) -> list[str]:
+        return [n for n, item in self._loaded.items() if item.kind == "lora"]
+
+
+def _release_device_memory(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -61,6 +61,9 @@ class SynthConfig(ConfigModel):
     gpus_per_replica: float = Field(0.0, ge=0)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     max_ongoing_requests: int = Field(32, ge=1, description="per synthesis replica")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="`serve`: adapters a replica keeps loaded (Serve multiplexing, least recently used out)"
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     jobs_dir: str | None = Field(
         None, description="where bulk jobs without an explicit output folder write (default: <cache>/synth-jobs)"

@@ -1,6 +1,6 @@
 """`dermaflux generate` on Ray Data: request rows -> an actor pool holding the pipeline -> shards.
 
-Each actor loads the pipeline (and adapters) once; `map_batches` feeds it request rows and it
+Each actor loads the pipeline (and its adapter) once; `map_batches` feeds it request rows and it
 runs the same `sampling.generate_images` the service uses. The driver collects images per
 planned shard and writes a shard as soon as it is complete (atomic + done marker), so an
 interrupted run resumes with only the unfinished shards as input.
@@ -24,11 +24,12 @@ class PipelineActor:
 
     def __init__(self, cfg_dict: dict):
         from dermaflux.config import DermaFluxConfig
-        from dermaflux.synth.adapters import load_synthesis_pipeline
+        from dermaflux.synth.adapters import AdapterPool
         from dermaflux.synth.sampling import pipeline_device
 
         self.cfg = DermaFluxConfig.model_validate(cfg_dict)
-        self.pipe = load_synthesis_pipeline(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
+        # Adapters load on first use and stay: one job samples one adapter.
+        self.pool = AdapterPool.from_config(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from dermaflux.synth.sampling import encode_png, generate_images
@@ -36,7 +37,7 @@ class PipelineActor:
         settings = Settings(**self.settings_of(batch))
         samples = [SampleRequest(str(p), int(s), settings) for p, s in zip(batch["prompt"], batch["seed"])]
         images = generate_images(
-            self.pipe, samples, max_batch_size=self.cfg.synth.batch_size,
+            self.pool, samples, max_batch_size=self.cfg.synth.batch_size,
             max_sequence_length=self.cfg.model.max_sequence_length,
         )
         return {"shard": batch["shard"], "position": batch["position"],

@@ -1,9 +1,12 @@
 """The Ray Serve application: a FastAPI ingress and a synthesis deployment holding the pipeline.
 
-- `SynthesisModel`: one FluxPipeline per replica with every configured LoRA loaded once;
-  `@serve.batch` gathers concurrent single-image calls and `sampling.generate_images` runs
-  equal-settings requests in one pipeline call (adapters switched with `set_adapters`, never a
-  reload). Replicas, autoscaling and GPUs per replica come from `synth` in the config.
+- `SynthesisModel`: one base FluxPipeline per replica (an `AdapterPool`); adapters are Serve
+  multiplexed models (`@serve.multiplexed`: loaded on first use, at most
+  `synth.max_adapters_per_replica`, LRU-evicted, requests routed to replicas holding their
+  adapter via `multiplexed_model_id`); the base is never reloaded. `@serve.batch` gathers
+  concurrent single-image calls (Serve splits a batch by adapter) and `sampling.generate_images`
+  runs equal-settings requests in one pipeline call. Replicas, autoscaling and GPUs per replica
+  come from `synth` in the config.
 - `SynthesisAPI`: the versioned HTTP API (`/v1/...`, OpenAPI at `/docs`); it validates every
   request before any work starts, so bad input costs nothing and writes nothing.
 - `BulkJobRunner`: a detached actor per bulk job that walks the job's shards through the
@@ -51,15 +54,36 @@ def _config(cfg_dict: dict):
     return DermaFluxConfig.model_validate(cfg_dict)
 
 
+class _AdapterLease:
+    """What `@serve.multiplexed` caches per adapter; Serve calls `__del__` when it evicts the adapter."""
+
+    def __init__(self, pool, name: str):
+        self.pool, self.name, self.released = pool, name, False
+
+    def __del__(self):
+        # Called by Serve on LRU eviction (in an executor thread), and again by the GC: once is enough.
+        if not self.released:
+            self.released = True
+            self.pool.unload(self.name)
+
+
 @serve.deployment(name=SYNTH_DEPLOYMENT)
 class SynthesisModel:
     def __init__(self, cfg_dict: dict):
-        from dermaflux.synth.adapters import load_synthesis_pipeline
-        from dermaflux.synth.sampling import loaded_adapters, pipeline_device
+        from dermaflux.synth.adapters import AdapterPool
+        from dermaflux.synth.sampling import pipeline_device
 
         self.cfg = _config(cfg_dict)
-        self.pipe = load_synthesis_pipeline(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
-        self.adapter_names = loaded_adapters(self.pipe)
+        self.pool = AdapterPool.from_config(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
+        self.base_loads = 1
+        # Serve model multiplexing: adapters load on first use, at most N per replica, LRU-evicted,
+        # and Serve routes a request to a replica that already holds its adapter. Wired here
+        # because N comes from the config (Ray detects init-time multiplexed attributes).
+        async def lease(name: str) -> _AdapterLease:  # a plain function: Serve caches its state on it
+            await asyncio.to_thread(self.pool.load, name)
+            return _AdapterLease(self.pool, name)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.synth.max_adapters_per_replica)(lease)
         self.generate_batch.set_max_batch_size(self.cfg.synth.batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.cfg.synth.batch_wait_timeout_s)
 
@@ -68,10 +92,14 @@ class SynthesisModel:
         from dermaflux.synth.sampling import encode_png, generate_images
 
         samples = [SampleRequest.from_dict(r) for r in requests]
+        # Serve splits batches by multiplexed model id; the request's own adapter field decides,
+        # so a caller that did not set the id still gets its adapter (loaded for that call only).
+        for adapter in sorted({s.settings.adapter for s in samples if s.settings.adapter}):
+            await self.get_adapter(adapter)
         # In a thread: the replica keeps answering health checks and queueing the next batch.
         images = await asyncio.to_thread(
-            generate_images, self.pipe, samples, max_batch_size=self.cfg.synth.batch_size,
-            max_sequence_length=self.cfg.model.max_sequence_length,
+            generate_images, self.pool, samples, max_batch_size=self.cfg.synth.batch_size,
+            max_sequence_length=self.cfg.model.max_sequence_length, keep_loaded=False,
         )
         return [{"png": encode_png(image), "width": image.width, "height": image.height} for image in images]
 
@@ -79,8 +107,18 @@ class SynthesisModel:
         """One image: {prompt, seed, settings} -> {png, width, height}."""
         return await self.generate_batch(request)
 
-    def adapters(self) -> list[str]:
-        return self.adapter_names
+    def adapters(self) -> dict:
+        """This replica's view: adapters it may serve, those loaded now, and load/unload counts."""
+        return {
+            "served": self.pool.names, "loaded": self.pool.loaded(), "base_loads": self.base_loads,
+            "loads": dict(self.pool.loads), "unloads": dict(self.pool.unloads),
+            "max_loaded": self.cfg.synth.max_adapters_per_replica,
+        }
+
+
+def synth_call(handle, adapter: str | None):
+    """The synthesis handle for a request: routed by adapter (Serve multiplexing) when it has one."""
+    return handle.options(multiplexed_model_id=adapter) if adapter else handle
 
 
 class ImageOut(BaseModel):
@@ -134,7 +172,7 @@ class BulkJobRunner:
         handle = serve.get_deployment_handle(SYNTH_DEPLOYMENT, app_name)
 
         def generate(samples: list[SampleRequest]) -> list[bytes]:
-            responses = [handle.generate.remote(s.to_dict()) for s in samples]
+            responses = [synth_call(handle, s.settings.adapter).generate.remote(s.to_dict()) for s in samples]
             return [r.result(timeout_s=600)["png"] for r in responses]
 
         try:
@@ -187,19 +225,23 @@ class SynthesisAPI:
     @api.get("/readyz", summary="a synthesis replica answers")
     async def readyz(self):
         try:
-            adapters = await asyncio.wait_for(self.synth.adapters.remote(), timeout=10)
+            replica = await asyncio.wait_for(self.synth.adapters.remote(), timeout=10)
         except Exception as err:  # no replica yet, or it is starting
             return JSONResponse(status_code=503, content={"status": "not ready", "reason": str(err)})
-        return {"status": "ready", "adapters": adapters}
+        return {"status": "ready", "adapters": replica["served"]}
 
-    @api.get("/v1/adapters", summary="adapter names that requests may name")
-    def adapters(self) -> dict:
-        return {"adapters": sorted(self.adapter_paths), "base": self.cfg.model.pretrained}
+    @api.get("/v1/adapters", summary="adapter names that requests may name; one replica's loaded set")
+    async def adapters(self) -> dict:
+        # `replica` is whichever replica answered: with several, each holds its own LRU set.
+        replica = await self.synth.adapters.remote()
+        return {"adapters": sorted(self.adapter_paths), "base": self.cfg.model.pretrained, "replica": replica}
 
     @api.post("/v1/images", response_model=ImagesResponse, summary="generate images (PNG, base64) now")
     async def images(self, body: ImageRequest) -> ImagesResponse:
         samples = expand_image_request(body, self.cfg, sorted(self.adapter_paths), self.tokenizer)
-        results = await asyncio.gather(*(self.synth.generate.remote(s.to_dict()) for s in samples))
+        results = await asyncio.gather(
+            *(synth_call(self.synth, s.settings.adapter).generate.remote(s.to_dict()) for s in samples)
+        )
         settings = samples[0].settings
         return ImagesResponse(
             prompt=samples[0].prompt, attributes=to_jsonable(body.attributes), adapter=settings.adapter,

@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from synth_helpers import make_lora_adapter
+from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
 
 pytestmark = pytest.mark.integration
 

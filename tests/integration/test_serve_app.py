@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import json
 import time
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_cluster import free_port
-from synth_helpers import make_lora_adapter
+from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,8 @@ def service(ray_local, tiny_config, dermaflux_cache, tmp_path_factory):
     cfg = load_config("tiny", extra={
         "model": {"cache_dir": str(dermaflux_cache)},
         "synth": {"adapters": [str(p) for p in loras], "port": port, "jobs_dir": str(root / "jobs"),
-                  "shard_size": 4, "batch_size": 4, "job_max_retries": 6, "num_inference_steps": 4},
+                  "shard_size": 4, "batch_size": 4, "job_max_retries": 6, "num_inference_steps": 4,
+                  "max_adapters_per_replica": 1},  # two adapters, room for one: switching evicts
     })
     start_service(cfg)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
@@ -91,6 +93,11 @@ def test_reproducible_and_adapters_switch_without_touching_the_base(service):
     # Alone or batched with other callers' requests: equal up to one grey level (float32 GEMM order).
     assert np.abs(lora_a - lora_a_again).max() <= 1
     assert np.abs(base_before - base_after).max() <= 1
+    # Serve multiplexing with room for one adapter: b evicted a, a evicted b; the base loaded once.
+    replica = service.client.get("/v1/adapters").json()["replica"]
+    assert replica["base_loads"] == 1 and replica["max_loaded"] == 1
+    assert replica["loaded"] == ["lora_a"]
+    assert replica["loads"]["lora_a"] >= 2 and replica["unloads"]["lora_a"] >= 1 and replica["unloads"]["lora_b"] >= 1
 
 
 @pytest.mark.parametrize(
@@ -124,6 +131,30 @@ def test_malformed_json_and_unknown_job(service):
     assert service.client.get("/v1/augmentations/never-started").status_code == 404
 
 
+def test_concurrent_requests_for_different_adapters_do_not_mix(service):
+    """Mixed adapters from concurrent clients, room for one adapter per replica: eviction while
+    other adapters' batches run. Every image must equal the one its (adapter, seed) gives alone."""
+    import httpx
+
+    asks = [{"prompt": "a dermoscopic image of a melanoma", "seed": seed, "adapter": adapter}
+            for seed in (30, 31, 32) for adapter in (None, "lora_a", "lora_b")]
+    alone = [images(service, **ask)[0] for ask in asks]
+    url = f"http://127.0.0.1:{service.port}/v1/images"
+
+    def one(ask):
+        with httpx.Client(timeout=120) as client:
+            response = client.post(url, json=ask)
+        assert response.status_code == 200, response.text
+        return decode(response.json()["images"][0])
+
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(one, asks * 2))
+    for i, image in enumerate(together):
+        assert np.abs(image - alone[i % len(asks)]).max() <= 1, asks[i % len(asks)]
+    replica = service.client.get("/v1/adapters").json()["replica"]
+    assert len(replica["loaded"]) <= 1 and replica["base_loads"] == 1
+
+
 def synth_replicas() -> list[str]:
     import ray
 
@@ -135,7 +166,8 @@ def test_bulk_job_survives_a_killed_replica_and_never_duplicates(service):
     import ray
 
     out = service.root / "jobs-out" / "kill1"
-    job = {"job_id": "kill1", "class_targets": {"mel": 6, "nv": 6, "bcc": 4}, "seed": 5, "out": str(out)}
+    job = {"job_id": "kill1", "class_targets": {"mel": 6, "nv": 6, "bcc": 4}, "seed": 5, "out": str(out),
+           "adapter": "lora_b"}  # routed by adapter; the replacement replica loads it on demand
     response = service.client.post("/v1/augmentations", json=job)
     assert response.status_code == 202, response.text
     assert response.json()["total"] == 16
@@ -158,8 +190,9 @@ def test_bulk_job_survives_a_killed_replica_and_never_duplicates(service):
     labels = table["label"].to_pylist()
     assert {c: labels.count(c) for c in set(labels)} == {"mel": 6, "nv": 6, "bcc": 4}
     assert len(set(table["id"].to_pylist())) == 16
-    manifest = (out / "manifest.json").read_text()
-    assert '"counts"' in manifest and '"mel": 6' in manifest
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"bcc": 4, "mel": 6, "nv": 6}
+    assert {image["adapter"] for image in manifest["images"]} == {"lora_b"}
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
 
     again = service.client.post("/v1/augmentations", json=job)  # the same job id again: nothing new

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from synth_helpers import make_lora_adapter
+from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,10 @@ def synth_cfg(tiny_config, adapters):
 
 @pytest.fixture(scope="module")
 def pipe(synth_cfg):
-    from dermaflux.synth.adapters import load_synthesis_pipeline
+    """An AdapterPool; adapters load on first use and stay (the offline job's mode)."""
+    from dermaflux.synth.adapters import AdapterPool
 
-    return load_synthesis_pipeline(synth_cfg)
+    return AdapterPool.from_config(synth_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -137,18 +138,59 @@ def test_mixed_settings_are_split_into_equal_setting_batches():
     assert len(batches) == 4  # 4 base (3+1), 3 adapter "a", 1 of 32 px
 
 
-def test_adapters_switch_without_changing_the_base(pipe):
-    from dermaflux.synth.sampling import loaded_adapters
+def base_state(pool) -> dict:
+    """The base transformer's own weights (LoRA layers excluded; peft renames wrapped ones `base_layer`), copied."""
+    return {k.replace(".base_layer", ""): v.detach().clone()
+            for k, v in pool.base.transformer.state_dict().items() if "lora_" not in k}
 
-    assert loaded_adapters(pipe) == ["lora_a", "lora_b"]
+
+def test_adapters_switch_without_changing_the_base(pipe):
+    base_weights = base_state(pipe)
     base_before = pixels(generate(pipe, [request(seed=5)])[0])
     lora_a = pixels(generate(pipe, [request(seed=5, adapter="lora_a")])[0])
     lora_b = pixels(generate(pipe, [request(seed=5, adapter="lora_b")])[0])
     lora_a_again = pixels(generate(pipe, [request(seed=5, adapter="lora_a")])[0])
     base_after = pixels(generate(pipe, [request(seed=5)])[0])
+    assert pipe.loaded() == ["lora_a", "lora_b"] and pipe.loads == {"lora_a": 1, "lora_b": 1}
     assert np.abs(lora_a - lora_b).mean() > 5 and np.abs(lora_a - base_before).mean() > 5
     assert np.array_equal(lora_a, lora_a_again)
     assert np.array_equal(base_before, base_after)
+    after = base_state(pipe)
+    assert after.keys() == base_weights.keys() and all(torch_equal(after[k], base_weights[k]) for k in after)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_unload_then_reload_gives_the_same_images_and_frees_the_lora(synth_cfg):
+    """What Serve's multiplexer does on eviction: delete the LoRA, later load it again."""
+    from dermaflux.synth.adapters import AdapterPool
+
+    pool = AdapterPool.from_config(synth_cfg, preload=["lora_a"])
+    first = pixels(generate(pool, [request(seed=9, adapter="lora_a")])[0])
+    pool.unload("lora_a")
+    assert pool.loaded() == []
+    assert not any("lora_" in k for k in pool.base.transformer.state_dict())  # LoRA weights are gone
+    base = pixels(generate(pool, [request(seed=9)])[0])
+    again = pixels(generate(pool, [request(seed=9, adapter="lora_a")])[0])
+    assert np.array_equal(first, again) and np.abs(first - base).mean() > 5
+    assert pool.loads == {"lora_a": 2} and pool.unloads == {"lora_a": 1}
+    with pytest.raises(KeyError, match="not served; served: lora_a, lora_b"):
+        pool.load("nope")
+
+
+def test_an_adapter_loaded_for_one_call_is_unloaded_after_it(synth_cfg):
+    """The replica's safety net: an adapter evicted between routing and sampling is loaded just for the call."""
+    from dermaflux.synth.adapters import AdapterPool
+
+    pool = AdapterPool.from_config(synth_cfg, preload=["lora_b"])
+    images = generate(pool, [request(seed=1, adapter="lora_a"), request(seed=1, adapter="lora_b")], keep_loaded=False)
+    assert len(images) == 2 and np.abs(pixels(images[0]) - pixels(images[1])).mean() > 5
+    assert pool.loaded() == ["lora_b"]  # lora_b was the caller's; lora_a was only borrowed
+    assert pool.loads == {"lora_a": 1, "lora_b": 1} and pool.unloads == {"lora_a": 1}
 
 
 # --- bulk jobs ------------------------------------------------------------------------------------
@@ -223,27 +265,32 @@ def test_core_modules_import_no_ray():
     assert out.stdout.strip() == "False"
 
 
-def test_a_full_fine_tune_is_served_under_its_name(synth_cfg, tmp_path):
+def test_a_full_fine_tune_is_served_under_its_name_beside_the_base(synth_cfg, tmp_path):
     import torch
     from diffusers import FluxTransformer2DModel
 
     from dermaflux.config import load_config
     from dermaflux.model.adapters import save_adapter
     from dermaflux.model.loading import resolve_pretrained
-    from dermaflux.synth.adapters import load_synthesis_pipeline
-    from dermaflux.synth.sampling import loaded_adapters
+    from dermaflux.synth.adapters import AdapterPool
 
     transformer = FluxTransformer2DModel.from_pretrained(resolve_pretrained(synth_cfg.model), subfolder="transformer")
     with torch.no_grad():
         transformer.proj_out.weight.mul_(-1.0)  # a different transformer than the base
     full = save_adapter(tmp_path / "final", transformer, kind="full", base="builtin:tiny")
     cfg = load_config("tiny", extra={"synth": {"adapters": [*synth_cfg.synth.adapters, str(full)]}})
-    pipe = load_synthesis_pipeline(cfg)
-    assert loaded_adapters(pipe) == ["final", "lora_a", "lora_b"]
-    tuned = pixels(generate(pipe, [request(seed=5, adapter="final")])[0])
-    base = pixels(generate(pipe, [request(seed=5)])[0])
-    assert np.array_equal(tuned, base)  # the full fine-tune is the pipeline's base, with every LoRA off
-    assert np.abs(pixels(generate(pipe, [request(seed=5, adapter="lora_a")])[0]) - tuned).mean() > 5
+    pool = AdapterPool.from_config(cfg)
+    assert pool.names == ["final", "lora_a", "lora_b"] and pool.loaded() == []
+    base = pixels(generate(pool, [request(seed=5)])[0])
+    lora_a = pixels(generate(pool, [request(seed=5, adapter="lora_a")])[0])
+    tuned = pixels(generate(pool, [request(seed=5, adapter="final")])[0])
+    # The full fine-tune samples with its own transformer, the base keeps its own, and the LoRA
+    # active on the base transformer does not leak into the fine-tune.
+    assert np.abs(tuned - base).mean() > 5 and np.abs(tuned - lora_a).mean() > 5
+    assert np.array_equal(base, pixels(generate(pool, [request(seed=5)])[0]))
+    pool.unload("final")
+    assert pool.loaded() == ["lora_a"]
+    assert np.array_equal(tuned, pixels(generate(pool, [request(seed=5, adapter="final")])[0]))
 
 
 def test_cli_flags_map_onto_the_synth_section(tmp_path):
@@ -252,8 +299,10 @@ def test_cli_flags_map_onto_the_synth_section(tmp_path):
     from dermaflux.synth import generate_command, serve_command
 
     parser = build_parser()
-    args = parser.parse_args(["serve", "--preset", "flux-dev", "--host", "0.0.0.0", "--port", "9000", "--replicas", "2"])
+    args = parser.parse_args(["serve", "--preset", "flux-dev", "--host", "0.0.0.0", "--port", "9000", "--replicas", "2",
+                              "--max-adapters", "2"])
     cfg = load_config(args.preset, extra=serve_command.config_overrides(args))
+    assert cfg.synth.max_adapters_per_replica == 2
     assert (cfg.synth.host, cfg.synth.port, cfg.model.resolution, cfg.model.num_inference_steps) == ("0.0.0.0", 9000, 512, 20)
     assert cfg.synth.autoscaling.min_replicas == cfg.synth.autoscaling.max_replicas == 2
     args = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--lora", "a=/x", "--lora", "/y"])
