@@ -245,12 +245,13 @@ def full_size_bench(args) -> dict:
         print(f"{r['batch_size']:5d} {r['seconds_per_image']:9.3f} {r['img_per_s']:8.3f}")
     if adapters:
         print(f"\nLoRA r{args.lora_rank} adapters through AdapterPool (what a replica does on multiplexed load/evict):")
-        for key in ("load_s", "switch_s", "unload_s", "seconds_per_image_base", "seconds_per_image_lora"):
+        for key in ("load_s", "switch_s", "unload_s", "fuse_s", "seconds_per_image_base", "seconds_per_image_lora",
+                    "seconds_per_image_fused"):
             print(f"  {key:24} {adapters[key]:9.3f}")
         if adapters.get("base_load_s"):
             print(f"  base transformer load    {adapters['base_load_s']:9.3f}   ({adapters['base_load_over_lora_load']:.0f}x a LoRA load)")
         print(f"  LoRA load in images:     {adapters['load_in_images']:9.2f}   (unfused LoRA image cost x "
-              f"{adapters['lora_over_base_image']:.3f})")
+              f"{adapters['lora_over_base_image']:.3f}; fused x {adapters['fused_over_base_image']:.3f})")
     return {"mode": "full-size", "rows": rows, "adapters": adapters, "device": gpu or "cpu", "params": params, **layers,
             "resolution": args.resolution, "steps": args.steps, "peak_gib": peak,
             "text_encoders": "skipped: random prompt embeddings of T5-XXL (512x4096) and CLIP-L (768) shapes",
@@ -291,12 +292,13 @@ def adapter_timings(args, pipe, device: str, base_image_s: float) -> dict:
             sync()
             switched = time.perf_counter() - started
             started = time.perf_counter()
-            with torch.inference_mode():
-                target(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=args.resolution, width=args.resolution,
-                       num_inference_steps=args.steps, guidance_scale=3.5, output_type="pil",
-                       generator=torch.Generator("cpu").manual_seed(0))
+            for _ in range(args.repeats):
+                with torch.inference_mode():
+                    target(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=args.resolution,
+                           width=args.resolution, num_inference_steps=args.steps, guidance_scale=3.5,
+                           output_type="pil", generator=torch.Generator("cpu").manual_seed(0))
             sync()
-        return switched, time.perf_counter() - started
+        return switched, (time.perf_counter() - started) / args.repeats
 
     image("lora1")  # warm-up with LoRA layers in the graph
     switch_s, lora_s = image("lora2")
@@ -307,7 +309,14 @@ def adapter_timings(args, pipe, device: str, base_image_s: float) -> dict:
     unload_s = time.perf_counter() - started
     load_s = timings["lora2"]  # the second load: the first also pays peft's one-time wrapping of layers
     base_load_s = time_base_load(pipe.transformer, device) if args.time_base_load else None
-    return {"base_load_s": base_load_s, "base_load_over_lora_load": base_load_s / load_s if base_load_s else None,
+    # `generate --fuse-lora`: the LoRA merged into the base weights, no LoRA matmuls per step.
+    started = time.perf_counter()
+    pool.fuse("lora2")
+    sync()
+    fuse_s = time.perf_counter() - started
+    _, fused_s = image("lora2")
+    return {"fuse_s": fuse_s, "seconds_per_image_fused": fused_s, "fused_over_base_image": fused_s / base_s,
+            "base_load_s": base_load_s, "base_load_over_lora_load": base_load_s / load_s if base_load_s else None,
             "rank": args.lora_rank, "load_s": load_s, "first_load_s": timings["lora1"], "switch_s": switch_s,
             "unload_s": unload_s, "seconds_per_image_base": base_s, "seconds_per_image_lora": lora_s,
             "lora_over_base_image": lora_s / base_s, "load_in_images": load_s / base_image_s}

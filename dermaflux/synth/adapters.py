@@ -62,6 +62,7 @@ class AdapterPool:
         self._loaded: dict[str, _Loaded] = {}
         self.loads: dict[str, int] = {}
         self.unloads: dict[str, int] = {}
+        self.fused: str | None = None  # set by `fuse`: the pool then samples that adapter only
         base.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -117,6 +118,8 @@ class AdapterPool:
     def unload(self, name: str) -> None:
         """Free `name` (no-op when not loaded); LoRA weights leave the base transformer."""
         with self.lock:
+            if name == self.fused:
+                raise ValueError(f"adapter {name!r} is fused into the base weights and cannot be unloaded")
             loaded = self._loaded.pop(name, None)
             if loaded is None:
                 return
@@ -126,12 +129,36 @@ class AdapterPool:
         del loaded
         _release_device_memory(self.device)
 
+    def fuse(self, name: str) -> None:
+        """Merge LoRA `name` into the base weights: no per-layer LoRA matmuls (images 1.33x faster with a
+        rank-16 LoRA on the full-size transformer on an H200, bench/serve.py), for a job that samples one adapter.
+
+        The base is changed for good, so the pool then refuses every other adapter and the base;
+        images match the unfused ones within rounding, not bit for bit.
+        """
+        with self.lock:
+            if self.fused == name:
+                return
+            if self.fused is not None:
+                raise ValueError(f"this pool is fused to adapter {self.fused!r}; cannot fuse {name!r} too")
+            self.load(name)
+            for other in [n for n in self._loaded if n != name]:
+                self.unload(other)
+            if self._loaded[name].kind == "lora":
+                self.base.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[name])
+                self.base.unload_lora_weights()  # drops the LoRA layers, keeps the merged weights
+            self.fused = name
+
     def pipeline_for(self, adapter: str | None):
         """The pipeline that samples `adapter` with exactly that adapter active; call under `lock`.
 
         An adapter that is not loaded (the multiplexer evicted it between routing and this call)
         is loaded; the caller unloads it afterwards via `transient`.
         """
+        if self.fused is not None:
+            if adapter != self.fused:
+                raise ValueError(f"this pool is fused to adapter {self.fused!r}; it cannot sample {adapter or 'the base'!r}")
+            return self._loaded[adapter].pipe
         if adapter is None:
             if self._lora_names():
                 self.base.disable_lora()

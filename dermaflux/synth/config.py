@@ -57,6 +57,10 @@ class SynthConfig(ConfigModel):
     batch_size: int = Field(4, ge=1, description="images per pipeline call (offline job and @serve.batch)")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch: wait this long to fill a batch")
     generate_actors: int = Field(1, ge=1, description="`generate`: Ray Data actor pool size (pipeline copies)")
+    fuse_lora: bool = Field(
+        False, description="`generate`: merge the sampled LoRA into the base weights (faster; images equal the "
+        "service's within rounding, not bit for bit)"
+    )
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)

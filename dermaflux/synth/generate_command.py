@@ -14,12 +14,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the preset's)")
     parser.add_argument("--actors", type=int, default=None, help="pipeline copies in the actor pool")
+    parser.add_argument("--fuse-lora", action="store_true", default=None,
+                        help="merge the LoRA into the base weights (faster; equal to the service's images within rounding)")
 
 
 def config_overrides(args) -> dict:
     synth = {
         "adapters": args.lora, "adapter": args.adapter, "per_class": args.per_class, "out": args.out,
         "seed": args.seed, "num_inference_steps": args.steps, "generate_actors": args.actors,
+        "fuse_lora": args.fuse_lora,
     }
     return {"synth": {k: v for k, v in synth.items() if v is not None}}
 

@@ -35,6 +35,8 @@ class PipelineActor:
         from dermaflux.synth.sampling import encode_png, generate_images
 
         settings = Settings(**self.settings_of(batch))
+        if self.cfg.synth.fuse_lora and settings.adapter:
+            self.pool.fuse(settings.adapter)  # once per actor: the job samples one adapter
         samples = [SampleRequest(str(p), int(s), settings) for p, s in zip(batch["prompt"], batch["seed"])]
         images = generate_images(
             self.pool, samples, max_batch_size=self.cfg.synth.batch_size,
@@ -90,5 +92,5 @@ def run_generate_job(cfg, out: Path, spec: bulk.JobSpec) -> dict:
                     bulk.write_shard(out, int(shard), spec, items, pngs, [size] * len(items))
                     log.info("generate %s: shard %d written", out, int(shard))
     if not (out / bulk.MANIFEST_FILE).exists():
-        bulk.write_manifest(out, spec, {"written_by": "dermaflux generate"})
+        bulk.write_manifest(out, spec, {"written_by": "dermaflux generate", "fuse_lora": cfg.synth.fuse_lora})
     return bulk.job_status(out)

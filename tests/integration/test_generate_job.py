@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -53,3 +54,20 @@ def test_generate_writes_exact_counts_and_resumes(ray_local, tiny_config, dermaf
     # Another spec into the same folder is refused (exit 2), not mixed in.
     per_class = argv.index("--per-class") + 1
     assert main([*argv[:per_class], "3", *argv[per_class + 1 :]]) == 2
+
+    # --fuse-lora merges the LoRA into the base once: the same set within rounding.
+    fused_out = tmp_path / "synthetic-fused"
+    out_at = argv.index("--out") + 1
+    assert main([*argv[:out_at], str(fused_out), *argv[out_at + 1 :], "--fuse-lora"]) == 0
+    assert json.loads((fused_out / "manifest.json").read_text())["fuse_lora"] is True
+    unfused_rows = {r["seed"]: r["image"] for r in pq.read_table(out / "shards").to_pylist()}
+    fused_rows = {r["seed"]: r["image"] for r in pq.read_table(fused_out / "shards").to_pylist()}
+    assert fused_rows.keys() == unfused_rows.keys()
+    gaps = [np.abs(pixels(fused_rows[s]) - pixels(unfused_rows[s])).max() for s in fused_rows]
+    assert max(gaps) <= 2, gaps
+
+
+def pixels(png: bytes):
+    from dermaflux.synth.sampling import decode_png
+
+    return np.asarray(decode_png(png)).astype(np.int16)

@@ -265,6 +265,26 @@ def test_core_modules_import_no_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_a_fused_lora_samples_like_the_unfused_one_and_nothing_else(synth_cfg):
+    from dermaflux.synth.adapters import AdapterPool
+
+    pool = AdapterPool.from_config(synth_cfg, preload=["lora_a", "lora_b"])
+    asks = [request(seed=s, adapter="lora_a") for s in (2, 3)]
+    unfused = [pixels(im) for im in generate(pool, asks)]
+    base = pixels(generate(pool, [request(seed=2)])[0])
+    pool.fuse("lora_a")
+    assert pool.loaded() == ["lora_a"] and not any("lora_" in k for k in pool.base.transformer.state_dict())
+    fused = [pixels(im) for im in generate(pool, asks)]
+    # W + BA once instead of Wx + B(Ax) every call: float32 rounding apart, the same images.
+    assert all(np.abs(f - u).max() <= 2 for f, u in zip(fused, unfused))
+    assert np.abs(fused[0] - base).mean() > 5
+    for other in (None, "lora_b"):
+        with pytest.raises(ValueError, match="fused to adapter 'lora_a'"):
+            generate(pool, [request(seed=2, adapter=other)])
+    with pytest.raises(ValueError, match="cannot be unloaded"):
+        pool.unload("lora_a")
+
+
 def test_a_full_fine_tune_is_served_under_its_name_beside_the_base(synth_cfg, tmp_path):
     import torch
     from diffusers import FluxTransformer2DModel
@@ -307,6 +327,9 @@ def test_cli_flags_map_onto_the_synth_section(tmp_path):
     assert cfg.synth.autoscaling.min_replicas == cfg.synth.autoscaling.max_replicas == 2
     args = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--lora", "a=/x", "--lora", "/y"])
     cfg = load_config(args.preset, extra=generate_command.config_overrides(args))
+    assert cfg.synth.fuse_lora is False
+    fused = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--fuse-lora"])
+    assert load_config(fused.preset, extra=generate_command.config_overrides(fused)).synth.fuse_lora is True
     assert (cfg.synth.per_class, cfg.synth.out, cfg.synth.adapters) == (3, str(tmp_path), ["a=/x", "/y"])
 
 
