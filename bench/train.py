@@ -79,7 +79,7 @@ def plain_loop(cfg, cache: Path, steps: int) -> dict:
     for step in range(steps):
         t0 = time.perf_counter()
         idx = torch.from_numpy(micro_batch_indices(len(data), tc.seed, step, 0, 1, tc.micro_batch))
-        batch = FlowBatch(data.latents[idx], data.prompt_embeds[idx], data.pooled_prompt_embeds[idx])
+        batch = FlowBatch(*data.rows(idx))
         loss = flow_matching_loss(transformer, batch, tc, guidance, torch.Generator().manual_seed(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()

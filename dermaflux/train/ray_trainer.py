@@ -143,7 +143,7 @@ def train_worker(loop_cfg: dict) -> None:
         for micro in range(tc.grad_accum):
             k = step * tc.grad_accum + micro  # the data position: a resumed run continues the same stream
             idx = torch.from_numpy(micro_batch_indices(len(data), tc.seed, k, rank, world, tc.micro_batch))
-            batch = FlowBatch(data.latents[idx], data.prompt_embeds[idx], data.pooled_prompt_embeds[idx]).to(device, dtype)
+            batch = FlowBatch(*data.rows(idx)).to(device, dtype)
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + k * 1_009 + rank)
             loss = flow_matching_loss(engine, batch, tc, guidance, gen)
             engine.backward(loss)
@@ -213,8 +213,11 @@ def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str |
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dermaflux.train.cache import ensure_split_file
+
     tc = cfg.train
     run_dir = Path(run_dir).resolve()
+    ensure_split_file(cache_dir, "train")  # once here, not raced by every worker
     storage = tc.storage_path or str(run_dir / "ray")
     # --resume looks for local checkpoints; on remote storage Ray Train restores the run by its name itself.
     resume_from = latest_checkpoint(storage) if resume and "://" not in storage else None
