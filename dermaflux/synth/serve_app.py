@@ -110,6 +110,7 @@ class SynthesisModel:
     def adapters(self) -> dict:
         """This replica's view: adapters it may serve, those loaded now, and load/unload counts."""
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "served": self.pool.names, "loaded": self.pool.loaded(), "base_loads": self.base_loads,
             "loads": dict(self.pool.loads), "unloads": dict(self.pool.unloads),
             "max_loaded": self.cfg.synth.max_adapters_per_replica,

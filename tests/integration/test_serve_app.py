@@ -7,44 +7,22 @@ import concurrent.futures
 import io
 import json
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ray_cluster import free_port
-from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
+from serve_service import tiny_service
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def service(ray_local, tiny_config, dermaflux_cache, tmp_path_factory):
-    import httpx
-    from ray import serve
-
-    from dermaflux.config import load_config
-    from dermaflux.synth.serve_app import start_service
-
-    root = tmp_path_factory.mktemp("serve")
-    loras = [make_lora_adapter(tiny_config.model, root / name, seed=i) for i, name in enumerate(["lora_a", "lora_b"], 1)]
-    port = free_port()
-    cfg = load_config("tiny", extra={
-        "model": {"cache_dir": str(dermaflux_cache)},
-        "synth": {"adapters": [str(p) for p in loras], "port": port, "jobs_dir": str(root / "jobs"),
-                  "shard_size": 4, "batch_size": 4, "job_max_retries": 6, "num_inference_steps": 4,
-                  "max_adapters_per_replica": 1},  # two adapters, room for one: switching evicts
-    })
-    start_service(cfg)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.time() + 120
-    while client.get("/readyz").status_code != 200:
-        assert time.time() < deadline, "service not ready after 120 s"
-        time.sleep(0.5)
-    yield SimpleNamespace(client=client, port=port, cfg=cfg, root=root)
-    client.close()
-    serve.shutdown()
+    with tiny_service(tiny_config.model, dermaflux_cache, tmp_path_factory.mktemp("serve"), ["lora_a", "lora_b"],
+                      shard_size=4, batch_size=4, job_max_retries=6, num_inference_steps=4,
+                      max_adapters_per_replica=1) as service:  # two adapters, room for one: switching evicts
+        yield service
 
 
 def decode(item) -> np.ndarray:

@@ -1,0 +1,38 @@
+"""The real synthesis service on loopback for tests: tiny preset, random LoRAs, ready when returned."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+@contextlib.contextmanager
+def tiny_service(model_cfg, cache: Path, root: Path, adapters: list[str], **synth):
+    """Yield (client, port, cfg, root) for a Serve app with one random LoRA per name in `adapters`."""
+    import httpx
+    from ray import serve
+
+    from dermaflux.config import load_config
+    from dermaflux.model.adapters import random_lora_adapter
+    from dermaflux.synth.serve_app import start_service
+    from ray_cluster import free_port
+
+    loras = [random_lora_adapter(model_cfg, root / name, seed=i) for i, name in enumerate(adapters, 1)]
+    port = free_port()
+    cfg = load_config("tiny", extra={
+        "model": {"cache_dir": str(cache)},
+        "synth": {"adapters": [str(p) for p in loras], "port": port, "jobs_dir": str(root / "jobs"), **synth},
+    })
+    start_service(cfg, access_log=False)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        deadline = time.time() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.time() < deadline, "service not ready after 120 s"
+            time.sleep(0.5)
+        yield SimpleNamespace(client=client, port=port, cfg=cfg, root=root)
+    finally:
+        client.close()
+        serve.shutdown()
