@@ -195,3 +195,36 @@ def fitzpatrick(value: object) -> str | None:
     if raw.endswith(".0"):
         raw = raw[:-2]
     return FITZPATRICK.get(raw, raw if raw in FITZPATRICK.values() else None)
+
+
+class RowChecks:
+    """One index file's rejects, and the checks CSV readers share; a failed check records a `Reject`
+    naming the file, line and field, and returns None so the reader skips the row."""
+
+    def __init__(self, source: str, file: str | Path):
+        self.source, self.file = source, str(file)
+        self.rejects: list[Reject] = []
+
+    def reject(self, line: int, original_id: str | None, reason: str) -> None:
+        self.rejects.append(Reject(self.source, self.file, line, original_id, reason))
+
+    def row_id(self, line: int, row: dict, column: str, what: str | None = None) -> str | None:
+        value = text(row.get(column))
+        if value is None:
+            self.reject(line, None, f"{what or column} is empty")
+        return value
+
+    def label(self, line: int, original_id: str, vocab: str, column: str, raw: object, known: str) -> str | None:
+        """The taxonomy code of `raw` in `vocab`; `known` says which spellings exist."""
+        from dermaflux.corpus import taxonomy
+
+        label = taxonomy.map_label(vocab, raw)
+        if label is None:
+            self.reject(line, original_id, f"unknown label {column}={raw!r} ({known})")
+        return label
+
+    def image(self, line: int, original_id: str, images: dict[str, list[Path]], name: str, where: str = "") -> Path | None:
+        path, problem = lookup_image(images, name)
+        if path is None:
+            self.reject(line, original_id, problem + where)
+        return path

@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dermaflux.corpus import taxonomy
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    Reject, SourceError, SourceIndex, SourceRecord, SourceSpec, fitzpatrick, index_images, lookup_image, number,
-    read_csv, sex_word, site_words, text,
+    RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, fitzpatrick, index_images, number, read_csv,
+    sex_word, site_words, text,
 )
 
 MAPPED = ("id", "label", "image", "lesion", "patient", "split", "age", "sex", "site", "skin_type", "method")
@@ -40,28 +39,22 @@ def read(spec: SourceSpec) -> SourceIndex:
     images = index_images(Path(spec.options.get("images", path.parent)))
     vocab = spec.options.get("vocab", spec.name)
     used = set(columns.values())
-    records, rejects = [], []
+    records, checks = [], RowChecks(spec.name, path)
     for line, row in rows:
-        original_id = text(row.get(columns["id"]))
-        if original_id is None:
-            rejects.append(Reject(spec.name, str(path), line, None, f"column {columns['id']} is empty"))
+        if (original_id := checks.row_id(line, row, columns["id"], f"column {columns['id']}")) is None:
             continue
         raw_label = row.get(columns["label"])
-        label = taxonomy.map_label(vocab, raw_label)
+        label = checks.label(line, original_id, vocab, columns["label"], raw_label, "see dermaflux/corpus/taxonomy.csv")
         if label is None:
-            rejects.append(Reject(spec.name, str(path), line, original_id,
-                                  f"unknown label {columns['label']}={raw_label!r} (see dermaflux/corpus/taxonomy.csv)"))
             continue
         split = None
         if "split" in columns:
             split = SPLIT_WORDS.get((text(row.get(columns["split"])) or "").lower())
             if split is None:
-                rejects.append(Reject(spec.name, str(path), line, original_id,
-                                      f"column {columns['split']}={row.get(columns['split'])!r}: expected train, val or test"))
+                checks.reject(line, original_id,
+                              f"column {columns['split']}={row.get(columns['split'])!r}: expected train, val or test")
                 continue
-        image, problem = lookup_image(images, row.get(columns["image"]) or "")
-        if image is None:
-            rejects.append(Reject(spec.name, str(path), line, original_id, problem))
+        if (image := checks.image(line, original_id, images, row.get(columns["image"]) or "")) is None:
             continue
         get = lambda key: row.get(columns[key]) if key in columns else None  # noqa: E731
         records.append(SourceRecord(
@@ -78,4 +71,4 @@ def read(spec: SourceSpec) -> SourceIndex:
             split = SPLIT_WORDS.get((text(row.get(columns["split"])) or "").lower())
             if split:
                 published[split] = published.get(split, 0) + 1
-    return SourceIndex(spec, records, rejects, len(rows), [str(path)], published)
+    return SourceIndex(spec, records, checks.rejects, len(rows), [str(path)], published)

@@ -12,8 +12,8 @@ from pathlib import Path
 from dermaflux.corpus import taxonomy
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    Reject, SourceError, SourceIndex, SourceRecord, SourceSpec, index_images, lookup_image, number, read_csv,
-    sex_word, site_words, text,
+    RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, index_images, number, read_csv, sex_word,
+    site_words, text,
 )
 
 REQUIRED = ["lesion_id", "image_id", "dx"]
@@ -39,21 +39,15 @@ def read(spec: SourceSpec) -> SourceIndex:
     metadata = Path(spec.options["metadata"]) if "metadata" in spec.options else find_metadata(root)
     image_root = Path(spec.options.get("images", root if root.is_dir() else root.parent))
     images = index_images(image_root)
-    records, rejects = [], []
+    records, checks = [], RowChecks(spec.name, metadata)
     rows = read_csv(metadata, REQUIRED, "ham10000")
+    known = "known: " + ", ".join(taxonomy.source_labels("ham10000"))
     for line, row in rows:
-        image_id = text(row.get("image_id"))
-        if image_id is None:
-            rejects.append(Reject(spec.name, str(metadata), line, None, "image_id is empty"))
+        if (image_id := checks.row_id(line, row, "image_id")) is None:
             continue
-        label = taxonomy.map_label("ham10000", row.get("dx"))
-        if label is None:
-            rejects.append(Reject(spec.name, str(metadata), line, image_id,
-                                  f"unknown label dx={row.get('dx')!r} (known: {', '.join(taxonomy.source_labels('ham10000'))})"))
+        if (label := checks.label(line, image_id, "ham10000", "dx", row.get("dx"), known)) is None:
             continue
-        path, problem = lookup_image(images, image_id)
-        if path is None:
-            rejects.append(Reject(spec.name, str(metadata), line, image_id, f"{problem} under {image_root}"))
+        if (path := checks.image(line, image_id, images, image_id, f" under {image_root}")) is None:
             continue
         records.append(SourceRecord(
             source=spec.name, original_id=image_id, file=str(metadata), row=line, image_path=str(path),
@@ -62,4 +56,4 @@ def read(spec: SourceSpec) -> SourceIndex:
             site=site_words(row.get("localization")), diagnosis_method=text(row.get("dx_type")),
             metadata_json=json.dumps({k: v for k, v in row.items() if k not in USED}, sort_keys=True),
         ))
-    return SourceIndex(spec, records, rejects, len(rows), [str(metadata)])
+    return SourceIndex(spec, records, checks.rejects, len(rows), [str(metadata)])

@@ -15,7 +15,7 @@ from pathlib import Path
 from dermaflux.corpus import taxonomy
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    Reject, SourceError, SourceIndex, SourceRecord, SourceSpec, index_images, lookup_image, number, read_csv,
+    RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, index_images, number, read_csv,
     sex_word, site_words, text,
 )
 
@@ -56,33 +56,28 @@ def read(spec: SourceSpec) -> SourceIndex:
     if meta_path is not None:
         metadata = {row["image"]: row for _, row in read_csv(meta_path, ["image"], "isic metadata")}
     images = index_images(Path(spec.options.get("images", root)))
-    records, rejects = [], []
+    records, checks = [], RowChecks(spec.name, gt)
     for line, row in gt_rows:
-        image = text(row.get("image"))
-        if image is None:
-            rejects.append(Reject(spec.name, str(gt), line, None, "image is empty"))
+        if (image := checks.row_id(line, row, "image")) is None:
             continue
         hot = []
         for column in onehot:
             value = number(row.get(column))
             if value is None:
-                rejects.append(Reject(spec.name, str(gt), line, image, f"column {column}={row.get(column)!r} is not a number"))
+                checks.reject(line, image, f"column {column}={row.get(column)!r} is not a number")
                 break
             if value >= 0.5:
                 hot.append(column)
         else:
             if len(hot) != 1:
-                rejects.append(Reject(spec.name, str(gt), line, image,
-                                      f"expected exactly one diagnosis column set to 1, got {hot or 'none'}"))
+                checks.reject(line, image, f"expected exactly one diagnosis column set to 1, got {hot or 'none'}")
                 continue
             source_label = hot[0]
             label = taxonomy.map_label("isic", source_label)
             if label is None:
-                rejects.append(Reject(spec.name, str(gt), line, image, f"unknown label {source_label} (not in the taxonomy)"))
+                checks.reject(line, image, f"unknown label {source_label} (not in the taxonomy)")
                 continue
-            path, problem = lookup_image(images, image)
-            if path is None:
-                rejects.append(Reject(spec.name, str(gt), line, image, problem))
+            if (path := checks.image(line, image, images, image)) is None:
                 continue
             meta = metadata.get(image, {})
             site = next((meta[c] for c in SITE_COLUMNS if c in meta), None)
@@ -95,4 +90,4 @@ def read(spec: SourceSpec) -> SourceIndex:
                 metadata_json=json.dumps({k: v for k, v in meta.items() if k not in used}, sort_keys=True),
             ))
     files = [str(gt)] + ([str(meta_path)] if meta_path else [])
-    return SourceIndex(spec, records, rejects, len(gt_rows), files, {split: len(gt_rows)} if split else {})
+    return SourceIndex(spec, records, checks.rejects, len(gt_rows), files, {split: len(gt_rows)} if split else {})

@@ -13,8 +13,8 @@ from pathlib import Path
 from dermaflux.corpus import taxonomy
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    Reject, SourceError, SourceIndex, SourceRecord, SourceSpec, fitzpatrick, index_images, lookup_image, number,
-    read_csv, sex_word, site_words, text,
+    RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, fitzpatrick, index_images, number, read_csv,
+    sex_word, site_words, text,
 )
 
 REQUIRED = ["img_id", "diagnostic", "patient_id", "lesion_id"]
@@ -29,21 +29,14 @@ def read(spec: SourceSpec) -> SourceIndex:
         raise SourceError(f"pad-ufes-20: {root} does not exist")
     images = index_images(Path(spec.options.get("images", root)))
     rows = read_csv(metadata, REQUIRED, "pad-ufes-20")
-    records, rejects = [], []
+    records, checks = [], RowChecks(spec.name, metadata)
+    known = "known: " + ", ".join(s.upper() for s in taxonomy.source_labels("pad-ufes-20"))
     for line, row in rows:
-        image = text(row.get("img_id"))
-        if image is None:
-            rejects.append(Reject(spec.name, str(metadata), line, None, "img_id is empty"))
+        if (image := checks.row_id(line, row, "img_id")) is None:
             continue
-        label = taxonomy.map_label("pad-ufes-20", row.get("diagnostic"))
-        if label is None:
-            rejects.append(Reject(spec.name, str(metadata), line, image,
-                                  f"unknown label diagnostic={row.get('diagnostic')!r} "
-                                  f"(known: {', '.join(s.upper() for s in taxonomy.source_labels('pad-ufes-20'))})"))
+        if (label := checks.label(line, image, "pad-ufes-20", "diagnostic", row.get("diagnostic"), known)) is None:
             continue
-        path, problem = lookup_image(images, image)
-        if path is None:
-            rejects.append(Reject(spec.name, str(metadata), line, image, problem))
+        if (path := checks.image(line, image, images, image)) is None:
             continue
         biopsed = text(row.get("biopsed"))
         method = None if biopsed is None else ("histo" if biopsed.lower() == "true" else "clinical")
@@ -55,4 +48,4 @@ def read(spec: SourceSpec) -> SourceIndex:
             skin_type=fitzpatrick(row.get("fitspatrick")), diagnosis_method=method,
             metadata_json=json.dumps({k: v for k, v in row.items() if k not in USED}, sort_keys=True),
         ))
-    return SourceIndex(spec, records, rejects, len(rows), [str(metadata)])
+    return SourceIndex(spec, records, checks.rejects, len(rows), [str(metadata)])
