@@ -75,26 +75,34 @@ def read_adapter(path: str | os.PathLike) -> AdapterInfo:
     return AdapterInfo(path, info["kind"], info["base"], bool(info.get("has_vae")), info.get("meta", {}))
 
 
+def adapter_components(info: AdapterInfo, dtype, *, transformer: bool = True, vae: bool = True) -> dict:
+    """The pipeline components an adapter folder replaces: `transformer` (kind "full") and `vae`."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    components = {}
+    if transformer and info.kind == "full":
+        components["transformer"] = FluxTransformer2DModel.from_pretrained(info.path / "transformer", torch_dtype=dtype)
+    if vae and info.has_vae:
+        components["vae"] = AutoencoderKL.from_pretrained(info.path / "vae", torch_dtype=dtype)
+    return components
+
+
 def load_pipeline_with_adapters(model_cfg, adapters: dict[str, str | os.PathLike] | None = None):
     """The base pipeline with LoRA adapters loaded under their names (switch with `set_adapters`).
 
     A "full" adapter replaces the transformer (only one allowed); a fitted `vae/` replaces the VAE.
     """
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
     from dermaflux.model.loading import load_pipeline, torch_dtype
 
     infos = {name: read_adapter(p) for name, p in (adapters or {}).items()}
     full = [i for i in infos.values() if i.kind == "full"]
     if len(full) > 1:
         raise ValueError(f"at most one full fine-tune can be served per pipeline, got {[str(i.path) for i in full]}")
-    components = {}
     dtype = torch_dtype(model_cfg.dtype)
-    if full:
-        components["transformer"] = FluxTransformer2DModel.from_pretrained(full[0].path / "transformer", torch_dtype=dtype)
+    components = adapter_components(full[0], dtype, vae=False) if full else {}
     vae_from = next((i for i in full + list(infos.values()) if i.has_vae), None)
     if vae_from is not None:
-        components["vae"] = AutoencoderKL.from_pretrained(vae_from.path / "vae", torch_dtype=dtype)
+        components.update(adapter_components(vae_from, dtype, transformer=False))
     pipe = load_pipeline(model_cfg, **components)
     for name, info in infos.items():
         if info.kind == "lora":

@@ -29,10 +29,20 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+_PIPELINE_LOADS = 0
+
+
+def pipeline_loads() -> int:
+    """How many pipelines this process has loaded from disk (a replica that swaps adapters keeps 1)."""
+    return _PIPELINE_LOADS
+
+
 def load_pipeline(model_cfg: ModelConfig, **components):
     """FluxPipeline for `model_cfg`; pass components (e.g. a fitted `vae=`) to replace the stored ones."""
     from diffusers import FluxPipeline
 
+    global _PIPELINE_LOADS
+    _PIPELINE_LOADS += 1
     source = resolve_pretrained(model_cfg)
     return FluxPipeline.from_pretrained(
         source, revision=model_cfg.revision, torch_dtype=torch_dtype(model_cfg.dtype), **components

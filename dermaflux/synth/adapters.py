@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermaflux.model.adapters import LORA_FILE, read_adapter
+from dermaflux.model.adapters import LORA_FILE, adapter_components, read_adapter
 
 
 def adapter_folders(entries: list[str]) -> dict[str, str]:
@@ -92,22 +92,17 @@ class AdapterPool:
 
     def load(self, name: str) -> None:
         """Load `name` next to the base (no-op when loaded); the base itself is untouched."""
-        from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+        from diffusers import FluxPipeline
 
         folder = self._check(name)
         with self.lock:
             if name in self._loaded:
                 return
             info = read_adapter(folder)
-            own = {}
-            if info.kind == "full":
-                own["transformer"] = FluxTransformer2DModel.from_pretrained(
-                    info.path / "transformer", torch_dtype=self.dtype).to(self.device)
-            else:
+            own = {k: m.to(self.device) for k, m in adapter_components(info, self.dtype).items()}
+            if info.kind == "lora":
                 # peft puts the LoRA weights on the device of the layers they wrap.
                 self.base.load_lora_weights(folder, weight_name=LORA_FILE, adapter_name=name)
-            if info.has_vae:
-                own["vae"] = AutoencoderKL.from_pretrained(info.path / "vae", torch_dtype=self.dtype).to(self.device)
             pipe = self.base
             if own:
                 pipe = FluxPipeline(**{**self.base.components, **own})
@@ -153,7 +148,7 @@ class AdapterPool:
         """The pipeline that samples `adapter` with exactly that adapter active; call under `lock`.
 
         An adapter that is not loaded (the multiplexer evicted it between routing and this call)
-        is loaded; the caller unloads it afterwards via `transient`.
+        is loaded; `sampling.generate_images(keep_loaded=False)` unloads it after the call.
         """
         if self.fused is not None:
             if adapter != self.fused:
@@ -163,7 +158,6 @@ class AdapterPool:
             if self._lora_names():
                 self.base.disable_lora()
             return self.base
-        self._check(adapter)
         self.load(adapter)
         loaded = self._loaded[adapter]
         if loaded.kind == "lora":
@@ -178,10 +172,11 @@ class AdapterPool:
 
 
 def _release_device_memory(device: str) -> None:
+    """Hand freed GPU memory back to the driver; on CPU reference counting already freed it."""
     import gc
 
     import torch
 
-    gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()

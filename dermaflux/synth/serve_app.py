@@ -75,7 +75,6 @@ class SynthesisModel:
 
         self.cfg = _config(cfg_dict)
         self.pool = AdapterPool.from_config(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
-        self.base_loads = 1
         # Serve model multiplexing: adapters load on first use, at most N per replica, LRU-evicted,
         # and Serve routes a request to a replica that already holds its adapter. Wired here
         # because N comes from the config (Ray detects init-time multiplexed attributes).
@@ -109,9 +108,11 @@ class SynthesisModel:
 
     def adapters(self) -> dict:
         """This replica's view: adapters it may serve, those loaded now, and load/unload counts."""
+        from dermaflux.model.loading import pipeline_loads
+
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
-            "served": self.pool.names, "loaded": self.pool.loaded(), "base_loads": self.base_loads,
+            "served": self.pool.names, "loaded": self.pool.loaded(), "base_loads": pipeline_loads(),
             "loads": dict(self.pool.loads), "unloads": dict(self.pool.unloads),
             "max_loaded": self.cfg.synth.max_adapters_per_replica,
         }

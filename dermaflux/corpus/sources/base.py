@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dermaflux.corpus import taxonomy
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MISSING = {"", "na", "nan", "none", "null", "unknown"}
 
@@ -216,8 +218,6 @@ class RowChecks:
 
     def label(self, line: int, original_id: str, vocab: str, column: str, raw: object, known: str) -> str | None:
         """The taxonomy code of `raw` in `vocab`; `known` says which spellings exist."""
-        from dermaflux.corpus import taxonomy
-
         label = taxonomy.map_label(vocab, raw)
         if label is None:
             self.reject(line, original_id, f"unknown label {column}={raw!r} ({known})")
