@@ -32,7 +32,8 @@ from caption_corpus import ham_rows, write_corpus  # noqa: E402
 from dermaflux.caption import stage  # noqa: E402
 from dermaflux.caption.batch import extract_batch, write_batch  # noqa: E402
 from dermaflux.caption.writers import create_writer  # noqa: E402
-from dermaflux.config import RayConfig, load_config  # noqa: E402
+from dermaflux.config import load_config
+from dermaflux.core.runtime import RayConfig  # noqa: E402
 
 
 def plain_loop(cfg, corpus: Path) -> dict:
@@ -71,7 +72,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
     per_label = 7 if args.quick else 35  # 7 HAM labels

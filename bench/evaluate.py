@@ -26,11 +26,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from dermaflux.config import RayConfig, load_config  # noqa: E402
+from dermaflux.config import load_config
+from dermaflux.core.runtime import RayConfig  # noqa: E402
 from dermaflux.evaluate.data import read_corpus, read_synthetic  # noqa: E402
 from dermaflux.evaluate.grid import build_cells  # noqa: E402
 from dermaflux.evaluate.ray_grid import run_grid  # noqa: E402
-from dermaflux.ray_runtime import init_ray  # noqa: E402
+from dermaflux.core.runtime import init_ray  # noqa: E402
 from evaluate_inputs import build_corpus, build_stand_in_synthetic  # noqa: E402
 
 

@@ -62,7 +62,7 @@ def requests_for(n: int, cfg):
 
 
 def direct_loop(cfg, n: int, batch_size: int) -> dict:
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
     from dermaflux.synth.sampling import encode_png, generate_images
 
     import torch
@@ -128,7 +128,7 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int, adapter
 def tiny_bench(args) -> dict:
     from dermaflux.config import load_config
     from dermaflux.model.adapters import random_lora_adapter
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     os.environ.setdefault("DERMAFLUX_CACHE", str(Path(tempfile.gettempdir()) / "dermaflux-bench-cache"))
     cfg = load_config("tiny")
@@ -265,7 +265,7 @@ def adapter_timings(args, pipe, device: str, base_image_s: float) -> dict:
 
     from dermaflux.config import load_config
     from dermaflux.model.adapters import random_lora_adapter
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     def sync():
         if device == "cuda":

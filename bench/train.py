@@ -113,7 +113,7 @@ def tiny_bench(args) -> dict:
     import ray
 
     from dermaflux.config import load_config
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     steps = 15 if args.quick else 50
     base = {"mode": "full", "micro_batch": 8, "steps": steps, "checkpoint_every": steps, "validate_every": steps,

@@ -11,7 +11,7 @@ def build_small_corpus(ham_dir: Path, out: Path, per_label: dict[str, int], test
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dermaflux.corpus import taxonomy
+    from dermaflux.lesion import taxonomy
     from dermaflux.corpus.schema import CORPUS_SCHEMA
 
     wanted = {dx: n + test_per_label for dx, n in per_label.items()}

@@ -13,7 +13,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from dermaflux.caption.extract import attributes_from, decode_image, measure_lesion
-from dermaflux.caption.template import LesionAttributes
+from dermaflux.lesion.attributes import LesionAttributes
 from dermaflux.caption.writers import CaptionRequest, CaptionWriter, caption_seed
 
 EXTRACTED_COLUMNS = ["attributes_json", "extract_flags", "uncaptioned_reason"]

@@ -6,7 +6,7 @@ import string
 
 from pydantic import Field, field_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
 
 PROMPT_FIELDS = ("diagnosis", "malignancy", "attribute_list")
 
@@ -68,6 +68,3 @@ class CaptionConfig(ConfigModel):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per writer actor (0 on CPU clusters)")
     extract_cpus: float = Field(1.0, gt=0, description="CPUs per attribute-extraction task")
     extract_concurrency: int | None = Field(None, ge=1, description="concurrent extraction tasks (None: as many as fit)")
-
-
-CONFIG = CaptionConfig

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, filters, measure, morphology
 
-from dermaflux.caption.template import ABCD_COLOURS, ASYMMETRY_AXIS_THRESHOLD, LesionAttributes
+from dermaflux.lesion.attributes import ABCD_COLOURS, ASYMMETRY_AXIS_THRESHOLD, LesionAttributes
 
 # ABCD colour prototypes in CIELAB (L*, a*, b*), applied after white-balancing the image so the
 # skin around the lesion looks like REFERENCE_SKIN_RGB: HAM10000 photos range from neutral to

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from dermaflux.caption.config import CaptionConfig
-from dermaflux.caption.template import COLOUR_WORDS, LesionAttributes, caption_from_attributes, diagnosis_words
+from dermaflux.lesion.attributes import COLOUR_WORDS, LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes, diagnosis_words
 from dermaflux.caption.validate import caption_problems
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
 
 
 class CurateConfig(ConfigModel):
@@ -57,6 +57,3 @@ class CurateConfig(ConfigModel):
     @property
     def fractions(self) -> dict[str, float]:
         return {"train": 1.0 - self.val_fraction - self.test_fraction, "val": self.val_fraction, "test": self.test_fraction}
-
-
-CONFIG = CurateConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 from dermaflux.corpus.plan import CurationPlan
 from dermaflux.corpus.sources.base import Reject
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from dermaflux.corpus import dedup, splits, taxonomy
+from dermaflux.corpus import dedup, splits
+from dermaflux.lesion import taxonomy
 from dermaflux.corpus.config import CurateConfig
 from dermaflux.corpus.sources.base import Reject, SourceIndex, SourceRecord
 

@@ -11,16 +11,19 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from dermaflux import artifacts
-from dermaflux.config import save_effective_config
+from dermaflux.core import artifacts
 from dermaflux.corpus import manifest as manifest_mod
 from dermaflux.corpus.images import clean_scan
 from dermaflux.corpus.plan import build_plan
 from dermaflux.corpus.sources import SourceIndex, read_source
 from dermaflux.corpus.sources.base import SourceSpec
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 STAGE = "curate"
@@ -59,9 +62,7 @@ def _scan(indexes: list[SourceIndex], out: Path, cfg) -> list[dict]:
             return [clean_scan(r) for r in frame.drop(columns="image_path").to_dict("records")]
         log.info("scan: %s is for other inputs, scanning again", path)
     from dermaflux.corpus import ray_pipeline
-    from dermaflux.ray_runtime import init_ray
 
-    init_ray(cfg.ray)
     started = time.time()
     results = ray_pipeline.scan(locators, cfg.curate)
     log.info("scan: %d images in %.1fs", len(locators), time.time() - started)
@@ -75,21 +76,16 @@ def _scan(indexes: list[SourceIndex], out: Path, cfg) -> list[dict]:
     return results
 
 
-def run(cfg) -> dict:
+def run(cfg: DermaFluxConfig) -> dict:
     section = cfg.curate
-    if not section.sources:
-        raise ValueError("curate: no sources; give --source READER=PATH (e.g. --source ham10000=/data/ham10000)")
-    if not section.out:
-        raise ValueError("curate: no output folder; give --out DIR")
     started = time.time()
     out = Path(section.out)
     indexes = index_sources(section.sources)
     identity = {k: v for k, v in section.model_dump(mode="json").items() if k not in EXECUTION_FIELDS}
     run_fingerprint = artifacts.fingerprint(identity, [_file_stamp(f) for index in indexes for f in index.files])
-    resumed = artifacts.claim_output(out, STAGE, run_fingerprint, force=section.force)
+    resumed = artifacts.claim_run(cfg, out, STAGE, run_fingerprint, force=section.force)
     if resumed:
         log.info("%s: resuming the run already there (fingerprint %s)", out, run_fingerprint)
-    save_effective_config(cfg, out)
 
     scans = _scan(indexes, out, cfg)
     plan = build_plan(indexes, scans, section)
@@ -106,9 +102,7 @@ def run(cfg) -> dict:
     shard_dir = out / SHARD_DIR
     if not artifacts.is_done(out, "shards"):
         from dermaflux.corpus import ray_pipeline
-        from dermaflux.ray_runtime import init_ray
 
-        init_ray(cfg.ray)
         with artifacts.atomic_dir(shard_dir) as staging:
             if len(plan.kept):
                 ray_pipeline.write_shards(plan.kept, staging, section)

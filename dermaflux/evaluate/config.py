@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
 
 Task = Literal["binary", "multiclass"]
 
@@ -100,6 +100,3 @@ class EvaluateConfig(ConfigModel):
         if not self.tasks:
             raise ValueError("tasks: give binary and/or multiclass")
         return self
-
-
-CONFIG = EvaluateConfig

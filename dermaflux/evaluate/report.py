@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dermaflux.artifacts import atomic_path, atomic_write_text
+from dermaflux.core.artifacts import atomic_path, atomic_write_text
 from dermaflux.evaluate.data import LABEL_ORDER, ImageTable, read_image_bytes
 
 THUMB = 112

@@ -13,16 +13,15 @@ import logging
 from pathlib import Path
 
 
-from dermaflux.artifacts import (
+from dermaflux.core.artifacts import (
     atomic_write_json,
     atomic_write_text,
-    claim_output,
+    claim_run,
     fingerprint,
     is_done,
     mark_done,
     read_json,
 )
-from dermaflux.config import save_effective_config
 from dermaflux.evaluate.data import read_corpus, read_manifest, read_synthetic
 from dermaflux.evaluate.grid import build_cells
 from dermaflux.evaluate.metrics import summarise
@@ -67,13 +66,10 @@ def run(cfg) -> dict:
     ev = cfg.evaluate
     corpus = _require_folder(ev.corpus, "corpus")
     synthetic_dir = _require_folder(ev.synthetic, "synthetic") if ev.synthetic else None
-    if not ev.out:
-        raise ValueError("evaluate.out is not set: pass --out DIR")
     out = Path(ev.out)
     run_id = fingerprint(_input_identity(corpus), _input_identity(synthetic_dir),
                          {k: getattr(ev, k) for k in RESULT_FIELDS})
-    resumed = claim_output(out, "evaluate", run_id)
-    save_effective_config(cfg, out)
+    resumed = claim_run(cfg, out, "evaluate", run_id)
 
     log.info("evaluate: reading corpus %s%s", corpus, f" and synthetic set {synthetic_dir}" if synthetic_dir else "")
     real = read_corpus(corpus, ev.image_size)
@@ -99,9 +95,7 @@ def run(cfg) -> dict:
     failed: list[str] = []
     if todo or assess:
         from dermaflux.evaluate.ray_grid import run_grid
-        from dermaflux.ray_runtime import init_ray
 
-        init_ray(cfg.ray)
         failed = run_grid(todo, real, synthetic, ev, on_cell, assess=assess, on_assessment=on_assessment)
 
     results_cells = [read_json(out / "cells" / f"{c.id}.json") for c in cells if is_done(out, f"cell-{c.id}")]

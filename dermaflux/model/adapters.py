@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dermaflux.artifacts import atomic_dir, atomic_write_json
+from dermaflux.core.artifacts import atomic_dir, atomic_write_json
 
 ADAPTER_FILE = "dermaflux_adapter.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"

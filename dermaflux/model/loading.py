@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dermaflux.config import ModelConfig, cache_dir
-from dermaflux.artifacts import fingerprint
+from dermaflux.model.config import ModelConfig, cache_dir
+from dermaflux.core.artifacts import fingerprint
 
 BUILTIN_TINY = "builtin:tiny"
 

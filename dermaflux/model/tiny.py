@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dermaflux.model.spec import TinyFluxSpec
+from dermaflux.model.config import TinyFluxSpec
 
 # Words the tokenizers are trained on: the caption vocabulary of DermaFlux (taxonomy names,
 # ABCD attributes, body sites, skin tones) plus filler so free text still tokenizes.

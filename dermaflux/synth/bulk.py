@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dermaflux import artifacts
-from dermaflux.caption.template import ABCD_COLOURS, LesionAttributes, caption_from_attributes
-from dermaflux.corpus import taxonomy
+from dermaflux.core import artifacts
+from dermaflux.lesion.attributes import ABCD_COLOURS, LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes
+from dermaflux.lesion import taxonomy
 from dermaflux.synth.requests import SampleRequest, Settings, derive_seed
 from dermaflux.synth.schema import SYNTHETIC_SCHEMA
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
 
 
 class LimitsConfig(ConfigModel):
@@ -77,6 +77,3 @@ class SynthConfig(ConfigModel):
     port: int = Field(8000, ge=0, le=65535)
     app_name: str = "dermaflux"
     route_prefix: str = "/"
-
-
-CONFIG = SynthConfig

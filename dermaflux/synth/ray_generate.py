@@ -24,7 +24,7 @@ class PipelineActor:
 
     def __init__(self, cfg_dict: dict):
         from dermaflux.config import DermaFluxConfig
-        from dermaflux.synth.adapters import AdapterPool
+        from dermaflux.synth.adapter_pool import AdapterPool
         from dermaflux.synth.sampling import pipeline_device
 
         self.cfg = DermaFluxConfig.model_validate(cfg_dict)

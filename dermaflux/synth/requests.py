@@ -14,8 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dermaflux.caption.template import LesionAttributes, caption_from_attributes
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion.attributes import LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes
+from dermaflux.lesion import taxonomy
 
 SIZE_MULTIPLE = 16  # Flux: VAE downsamples 8x, then 2x2 latent patches are packed
 

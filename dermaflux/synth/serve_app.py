@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
 
-from dermaflux import artifacts
+from dermaflux.core import artifacts
 from dermaflux.synth import bulk
 from dermaflux.synth.requests import (
     AugmentationRequest,
@@ -70,7 +70,7 @@ class _AdapterLease:
 @serve.deployment(name=SYNTH_DEPLOYMENT)
 class SynthesisModel:
     def __init__(self, cfg_dict: dict):
-        from dermaflux.synth.adapters import AdapterPool
+        from dermaflux.synth.adapter_pool import AdapterPool
         from dermaflux.synth.sampling import pipeline_device
 
         self.cfg = _config(cfg_dict)
@@ -215,7 +215,7 @@ class SynthesisAPI:
         self.tokenizer = AutoTokenizer.from_pretrained(
             resolve_pretrained(self.cfg.model), subfolder="tokenizer_2", revision=self.cfg.model.revision
         )
-        from dermaflux.synth.adapters import adapter_folders
+        from dermaflux.synth.adapter_pool import adapter_folders
 
         self.adapter_paths = adapter_folders(self.cfg.synth.adapters)
         self.jobs_dir = Path(self.cfg.synth.jobs_dir or Path(self.cfg.model.cache_dir or ".") / "synth-jobs")
@@ -325,19 +325,59 @@ def build_app(cfg):
     return SynthesisAPI.options(ray_actor_options={"num_cpus": 0}).bind(model, cfg_dict)
 
 
-def start_service(cfg, *, blocking: bool = False, access_log: bool = True):
-    """Start (or update) the app on `cfg.synth.host:port`; returns the ingress handle."""
-    from dermaflux.config import cache_dir
+def service_config(cfg):
+    """A copy with the model resolved and the cache folder fixed, so every replica on every node
+    finds the same ones; a wrong adapter folder or model fails here, with its name."""
+    from dermaflux.model.config import cache_dir
     from dermaflux.model.loading import resolve_pretrained
-    from dermaflux.ray_runtime import init_ray
-    from dermaflux.synth.adapters import adapter_folders
+    from dermaflux.synth.adapter_pool import adapter_folders
 
-    # Resolve here, once: replicas then find the same model and cache folder on every node.
     cfg = cfg.model_copy(deep=True)
     cfg.model.cache_dir = str(cache_dir(cfg.model))
     adapter_folders(cfg.synth.adapters)
     resolve_pretrained(cfg.model)
+    return cfg
+
+
+def start_service(cfg, *, blocking: bool = False, access_log: bool = True):
+    """Start (or update) the app on `cfg.synth.host:port`; returns the ingress handle."""
+    from dermaflux.core.runtime import init_ray
+
+    cfg = service_config(cfg)
     init_ray(cfg.ray)
     serve.start(http_options={"host": cfg.synth.host, "port": cfg.synth.port})
     return serve.run(build_app(cfg), name=cfg.synth.app_name, route_prefix=cfg.synth.route_prefix, blocking=blocking,
                      logging_config={"enable_access_log": access_log})
+
+
+def serve_forever(cfg) -> dict:
+    """The `serve` stage: run the service until Ctrl-C."""
+    print(f"serving on http://{cfg.synth.host}:{cfg.synth.port} (OpenAPI: /docs); Ctrl-C stops", flush=True)
+    try:
+        start_service(cfg, blocking=True)
+    except KeyboardInterrupt:
+        print("stopping the service", flush=True)
+        serve.shutdown()
+    return {"stopped": True}
+
+
+def app(args: dict):
+    """The application builder a RayService's `serveConfigV2` (or `serve run`) imports:
+
+        import_path: dermaflux.synth.serve_app:app
+        args: {preset: flux-dev, config: /path/run.yaml, set: ["synth.adapters=[s3://...]"]}
+    """
+    return build_app(service_config(config_from_args(args)))
+
+
+def config_from_args(args: dict):
+    """Serve's `args` ({preset, config, set}) -> the config, with the model cache folder fixed once."""
+    from dermaflux.config import load_config
+    from dermaflux.model.config import cache_dir
+
+    overrides = args.get("set") or []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    cfg = load_config(args.get("preset"), args.get("config"), list(overrides))
+    cfg.model.cache_dir = str(cache_dir(cfg.model))
+    return cfg

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 from dermaflux.synth import bulk
 from dermaflux.synth.requests import AugmentationRequest, check_labels, resolve_settings
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 
 def class_targets(cfg) -> dict[str, int]:
@@ -26,7 +30,7 @@ def class_targets(cfg) -> dict[str, int]:
 
 
 def job_spec(cfg) -> bulk.JobSpec:
-    from dermaflux.synth.adapters import adapter_folders
+    from dermaflux.synth.adapter_pool import adapter_folders
 
     synth = cfg.synth
     if not synth.out:
@@ -45,15 +49,13 @@ def job_spec(cfg) -> bulk.JobSpec:
     )
 
 
-def run(cfg) -> dict:
-    from dermaflux.config import save_effective_config
-    from dermaflux.ray_runtime import init_ray
+def run(cfg: DermaFluxConfig) -> dict:
+    from dermaflux.core.config import save_effective_config
     from dermaflux.synth.ray_generate import run_generate_job
 
     spec = job_spec(cfg)
     out = Path(cfg.synth.out).resolve()
-    resumed = bulk.prepare_job(out, spec)
+    resumed = bulk.prepare_job(out, spec)  # the job's own claim: a folder holds one job spec
     save_effective_config(cfg, out)
-    init_ray(cfg.ray)
     status = run_generate_job(cfg, out, spec)
     return {**status, "resumed": resumed}

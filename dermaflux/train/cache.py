@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dermaflux.artifacts import atomic_path, atomic_write_json
+from dermaflux.core.artifacts import atomic_path, atomic_write_json
 
 CACHE_SCHEMA = pa.schema(
     [

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
 
 # As in diffusers' train_dreambooth_lora_flux.py (its default --lora_layers).
 DEFAULT_LORA_TARGETS = [
@@ -84,6 +84,10 @@ class TrainConfig(ConfigModel):
     precompute_workers: int = Field(1, ge=1)
     vae_fit: VaeFitConfig = Field(default_factory=VaeFitConfig)
     max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
+    resume: bool = Field(
+        False, description="insist on continuing a stopped run (an error when `out` holds no checkpoint); "
+        "re-running the same run continues it anyway"
+    )
     fault_at_step: int | None = Field(
         None, description="testing hook: rank 1 exits hard after this step on the first attempt only"
     )
@@ -93,6 +97,3 @@ class TrainConfig(ConfigModel):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         return self
-
-
-CONFIG = TrainConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from dermaflux.artifacts import parquet_shards
+from dermaflux.core.artifacts import parquet_shards
 from dermaflux.train.cache import dtype_name, tensor_to_bytes
 from dermaflux.train.encode import decode_images, encode_captions, encode_images
 

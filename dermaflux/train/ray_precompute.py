@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dermaflux.artifacts import atomic_path, atomic_write_json
+from dermaflux.core.artifacts import atomic_path, atomic_write_json
 from dermaflux.train.cache import CACHE_SCHEMA, cache_shards
 from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
 
@@ -24,7 +24,7 @@ class CaptionEncoder:
     """A Ray Data actor: loads the encoders once, then encodes batches."""
 
     def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int):
-        from dermaflux.config import ModelConfig
+        from dermaflux.model.config import ModelConfig
 
         torch.set_num_threads(1)
         self.pipe = load_text_and_vae(ModelConfig.model_validate(model_cfg_json), vae_dir)
@@ -46,7 +46,7 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
     """Encode the rows of cfg.train.captions not yet in `cache_dir`. `max_images`: split -> limit (quick runs)."""
     import ray
 
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     init_ray(cfg.ray)
     cache_dir = Path(cache_dir)
@@ -91,7 +91,7 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
 
 def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None) -> Path:
     """The validation prompts' embeddings, so training workers render without text encoders."""
-    from dermaflux.artifacts import atomic_path
+    from dermaflux.core.artifacts import atomic_path
     from dermaflux.train.encode import encode_captions
 
     path = Path(cache_dir) / "validation.pt"

@@ -85,7 +85,7 @@ def run_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dermaflux.artifacts import atomic_dir
+    from dermaflux.core.artifacts import atomic_dir
 
     run_dir = Path(run_dir).resolve()
     trainer = TorchTrainer(

@@ -1,7 +1,7 @@
 """`dermaflux train`: VAE fit (tiny preset) -> pre-compute (Ray Data) -> fine-tune (Ray Train + DeepSpeed).
 
 Each step leaves a done-marker in the run folder, so re-running skips finished steps, and training
-continues from its last checkpoint (also with more `train.steps`); `resume=True` (`--resume`) insists
+continues from its last checkpoint (also with more `train.steps`); `train.resume` (`--resume`) insists
 that there is a stopped run to continue.
 """
 
@@ -11,15 +11,18 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dermaflux.artifacts import (atomic_dir, atomic_write_json, claim_output, fingerprint, is_done, mark_done,
-                                 read_json, marker_path)
-from dermaflux.config import save_effective_config
+from dermaflux.core.artifacts import (atomic_dir, atomic_write_json, claim_run, fingerprint, is_done, mark_done,
+                                      marker_path, read_json)
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (how long, how wide, how it fails).
-_RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "fault_at_step", "cpus_per_worker", "use_gpu"}
+_RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "cpus_per_worker", "use_gpu", "resume"}
 
 
 def run_fingerprint(cfg) -> str:
@@ -31,26 +34,19 @@ def _finished(out: Path, steps: int) -> bool:
     return is_done(out, "train") and read_json(marker_path(out, "train")).get("steps") == steps
 
 
-def run(cfg, resume: bool = False) -> dict:
-    from dermaflux.ray_runtime import init_ray
+def run(cfg: DermaFluxConfig) -> dict:
     from dermaflux.train.ray_precompute import encode_validation_prompts, run_precompute
     from dermaflux.train.ray_trainer import latest_checkpoint, run_training
     from dermaflux.train.ray_vae_fit import run_vae_fit
 
     tc = cfg.train
-    if not tc.captions:
-        raise ValueError("train.captions is not set: pass --captions DIR (a `dermaflux caption` output folder)")
-    if not tc.out:
-        raise ValueError("train.out is not set: pass --out DIR")
     out = Path(tc.out).resolve()
-    if resume and latest_checkpoint(tc.storage_path or out / "ray") is None:
+    if tc.resume and latest_checkpoint(tc.storage_path or out / "ray") is None:
         raise ValueError(f"--resume: {out} holds no training checkpoint to continue (check --out)")
-    same_run = claim_output(out, "train", run_fingerprint(cfg))  # a different run's folder is refused here
+    same_run = claim_run(cfg, out, "train", run_fingerprint(cfg))  # a different run's folder is refused here
     stopped = same_run and latest_checkpoint(tc.storage_path or out / "ray") is not None
     # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
-    resume = resume or stopped
-    save_effective_config(cfg, out)
-    init_ray(cfg.ray)
+    resume = tc.resume or stopped
     started = time.time()
     summary: dict = {"out": str(out)}
 

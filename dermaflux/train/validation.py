@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dermaflux.artifacts import atomic_write_bytes
+from dermaflux.core.artifacts import atomic_write_bytes
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from caption_corpus import ham_rows, write_corpus
-from dermaflux import artifacts
+from dermaflux.core import artifacts
 from dermaflux.caption.schema import CAPTION_SCHEMA
-from dermaflux.caption.template import caption_from_attributes
+from dermaflux.lesion.captions import caption_from_attributes
 from dermaflux.caption.writers import caption_seed
 from dermaflux.cli import main as cli_main
 from dermaflux.config import load_config

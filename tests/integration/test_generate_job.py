@@ -14,9 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_generate_writes_exact_counts_and_resumes(ray_local, tiny_config, dermaflux_cache, tmp_path):
-    from dermaflux import artifacts
+    from dermaflux.core import artifacts
     from dermaflux.cli import main
-    from dermaflux.corpus import taxonomy
+    from dermaflux.lesion import taxonomy
     from dermaflux.synth import bulk
 
     lora = make_lora_adapter(tiny_config.model, tmp_path / "lora_a", seed=1)

@@ -1,6 +1,6 @@
 import pytest
 
-from dermaflux.artifacts import OutputConflict, atomic_path, atomic_write_json, claim_output, is_done, mark_done, read_json
+from dermaflux.core.artifacts import OutputConflict, atomic_path, atomic_write_json, claim_output, is_done, mark_done, read_json
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

@@ -8,14 +8,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from dermaflux.caption.template import (
-    DIAGNOSIS_NAMES,
-    LesionAttributes,
-    caption_from_attributes,
-    estimate_tokens,
-    essentials_end,
-    fits_budget,
-)
+from dermaflux.lesion.attributes import DIAGNOSIS_NAMES, LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes, estimate_tokens, essentials_end, fits_budget
 
 FULL = dict(
     diagnosis="mel", asymmetry=0.4, border_irregularity=0.6, colours=["black", "light_brown", "blue_grey", "white"],
@@ -75,6 +69,6 @@ def test_invalid_attributes_name_the_field():
 
 
 def test_import_is_light():
-    code = "import sys, dermaflux.caption.template; print(any(m.split('.')[0] in ('ray', 'torch') for m in sys.modules))"
+    code = "import sys, dermaflux.lesion.captions; print(any(m.split('.')[0] in ('ray', 'torch') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

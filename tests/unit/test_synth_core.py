@@ -34,7 +34,7 @@ def synth_cfg(tiny_config, adapters):
 @pytest.fixture(scope="module")
 def pipe(synth_cfg):
     """An AdapterPool; adapters load on first use and stay (the offline job's mode)."""
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     return AdapterPool.from_config(synth_cfg)
 
@@ -66,7 +66,7 @@ def request(prompt="a dermoscopic image of a melanoma", seed=0, adapter=None, si
 
 
 def test_image_request_expands_with_preset_defaults_and_template_caption(synth_cfg, tokenizer):
-    from dermaflux.caption.template import caption_from_attributes
+    from dermaflux.lesion.captions import caption_from_attributes
     from dermaflux.synth.requests import ImageRequest, expand_image_request
 
     body = ImageRequest(attributes={"diagnosis": "mel", "colours": ["black", "dark_brown"]}, count=3, seed=7)
@@ -167,7 +167,7 @@ def torch_equal(a, b) -> bool:
 
 def test_unload_then_reload_gives_the_same_images_and_frees_the_lora(synth_cfg):
     """What Serve's multiplexer does on eviction: delete the LoRA, later load it again."""
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     pool = AdapterPool.from_config(synth_cfg, preload=["lora_a"])
     first = pixels(generate(pool, [request(seed=9, adapter="lora_a")])[0])
@@ -184,7 +184,7 @@ def test_unload_then_reload_gives_the_same_images_and_frees_the_lora(synth_cfg):
 
 def test_an_adapter_loaded_for_one_call_is_unloaded_after_it(synth_cfg):
     """The replica's safety net: an adapter evicted between routing and sampling is loaded just for the call."""
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     pool = AdapterPool.from_config(synth_cfg, preload=["lora_b"])
     images = generate(pool, [request(seed=1, adapter="lora_a"), request(seed=1, adapter="lora_b")], keep_loaded=False)
@@ -204,7 +204,7 @@ def spec_for(targets, shard_size=2, job_id="job1", seed=0):
 
 
 def test_plan_is_deterministic_and_labelled():
-    from dermaflux.caption.template import LesionAttributes
+    from dermaflux.lesion.attributes import LesionAttributes
     from dermaflux.synth.bulk import plan_items, plan_shards
 
     spec = spec_for({"mel": 3, "nv": 2})
@@ -219,7 +219,7 @@ def test_plan_is_deterministic_and_labelled():
 
 
 def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
-    from dermaflux.artifacts import OutputConflict
+    from dermaflux.core.artifacts import OutputConflict
     from dermaflux.synth import bulk
     from dermaflux.synth.sampling import encode_png
 
@@ -259,14 +259,14 @@ def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
 def test_core_modules_import_no_ray():
     code = (
         "import sys; import dermaflux.synth.sampling, dermaflux.synth.requests, dermaflux.synth.bulk, "
-        "dermaflux.synth.adapters, dermaflux.synth.stage; print('ray' in sys.modules)"
+        "dermaflux.synth.adapter_pool, dermaflux.synth.stage; print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_a_fused_lora_samples_like_the_unfused_one_and_nothing_else(synth_cfg):
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     pool = AdapterPool.from_config(synth_cfg, preload=["lora_a", "lora_b"])
     asks = [request(seed=s, adapter="lora_a") for s in (2, 3)]
@@ -292,7 +292,7 @@ def test_a_full_fine_tune_is_served_under_its_name_beside_the_base(synth_cfg, tm
     from dermaflux.config import load_config
     from dermaflux.model.adapters import save_adapter
     from dermaflux.model.loading import resolve_pretrained
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     transformer = FluxTransformer2DModel.from_pretrained(resolve_pretrained(synth_cfg.model), subfolder="transformer")
     with torch.no_grad():
@@ -335,7 +335,7 @@ def test_cli_flags_map_onto_the_synth_section(tmp_path):
 
 def test_generate_targets_from_the_config(tmp_path):
     from dermaflux.config import load_config
-    from dermaflux.corpus import taxonomy
+    from dermaflux.lesion import taxonomy
     from dermaflux.synth.stage import class_targets
 
     cfg = load_config("tiny", extra={"synth": {"per_class": 2, "class_targets": {"mel": 5}}})

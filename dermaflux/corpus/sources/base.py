@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MISSING = {"", "na", "nan", "none", "null", "unknown"}

@@ -44,7 +44,7 @@ def read(spec: SourceSpec) -> SourceIndex:
         if (original_id := checks.row_id(line, row, columns["id"], f"column {columns['id']}")) is None:
             continue
         raw_label = row.get(columns["label"])
-        label = checks.label(line, original_id, vocab, columns["label"], raw_label, "see dermaflux/corpus/taxonomy.csv")
+        label = checks.label(line, original_id, vocab, columns["label"], raw_label, "see dermaflux/lesion/taxonomy.csv")
         if label is None:
             continue
         split = None

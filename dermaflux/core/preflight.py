@@ -9,32 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dermaflux.config import ConfigError, available_presets
-from dermaflux.remote_paths import filesystem_for, is_remote, local_path
-from dermaflux.stage_registry import get_stage
-
-# Inputs a stage cannot run without (the others are optional: generate without adapters samples
-# the base model, evaluate without a synthetic set runs the real-only grid).
-REQUIRED_INPUTS = {("caption", "corpus"), ("train", "captions"), ("evaluate", "corpus")}
-
-# Which earlier stage's output feeds an input field, for hints and for pipeline runs.
-PRODUCED_BY = {
-    ("caption", "corpus"): "curate",
-    ("train", "captions"): "caption",
-    ("generate", "adapters"): "train",
-    ("evaluate", "corpus"): "curate",
-    ("evaluate", "synthetic"): "generate",
-}
-
-
-@dataclass
-class Demand:
-    """Resources one stage asks for: `bundles` copies of `bundle`, all at once when `gang`."""
-
-    what: str
-    bundle: dict[str, float]
-    bundles: int = 1
-    gang: bool = True
+from dermaflux.core.config import ConfigError, available_presets
+from dermaflux.core.storage import filesystem_for, is_remote, local_path
+from dermaflux.stages import get_stage
 
 
 @dataclass
@@ -44,39 +21,6 @@ class Capacity:
     largest_node: dict[str, float] = field(default_factory=dict)
     total: dict[str, float] = field(default_factory=dict)
     source: str = ""
-
-
-def stage_demands(cfg, stage: str) -> list[Demand]:
-    """The resource requests a stage will make, read from its config section."""
-    spec = get_stage(stage)
-    section = spec.section_of(cfg)
-    if section is None:
-        return []
-    if stage == "train":
-        bundle = {"CPU": float(section.cpus_per_worker)}
-        if section.use_gpu:
-            bundle["GPU"] = 1.0
-        return [Demand(f"train.workers={section.workers} x {bundle}", bundle, section.workers, gang=True)]
-    if stage == "generate":
-        bundle = {"CPU": float(section.cpus_per_replica)}
-        if section.gpus_per_replica:
-            bundle["GPU"] = float(section.gpus_per_replica)
-        # The offline job's actors run side by side but Ray Data starts with what fits.
-        return [Demand(f"synth.generate_actors={section.generate_actors} x {bundle}", bundle, 1)]
-    if stage == "evaluate":
-        bundle = {"CPU": float(section.cpus_per_cell)}
-        if section.gpus_per_cell:
-            bundle["GPU"] = float(section.gpus_per_cell)
-        return [Demand(f"evaluate cell {bundle}", bundle, 1)]
-    if stage == "caption":
-        bundle = {"CPU": float(section.cpus_per_actor)}
-        if section.gpus_per_actor:
-            bundle["GPU"] = float(section.gpus_per_actor)
-        return [Demand(f"caption writer actor {bundle}", bundle, section.concurrency, gang=False),
-                Demand("caption extraction task", {"CPU": float(section.extract_cpus)}, 1)]
-    if stage == "curate":
-        return [Demand("curate per-image task", {"CPU": float(section.cpus_per_worker)}, 1)]
-    return []
 
 
 def capacity_from_ray() -> Capacity:
@@ -111,7 +55,8 @@ def capacity_from_ray() -> Capacity:
 def resource_problems(cfg, stages: list[str], capacity: Capacity) -> list[str]:
     problems = []
     for stage in stages:
-        for demand in stage_demands(cfg, stage):
+        spec = get_stage(stage)
+        for demand in spec.demands(spec.section_of(cfg)):
             for key, amount in demand.bundle.items():
                 if amount > capacity.largest_node.get(key, 0.0) + 1e-9:
                     problems.append(
@@ -140,54 +85,30 @@ def _path_problem(field_path: str, value: str) -> str | None:
     return None
 
 
-def _adapter_dir(item: str) -> str:
-    """`NAME=DIR` (an adapter served under NAME) -> DIR; a plain folder or URI unchanged."""
-    name, sep, rest = item.partition("=")
-    return rest if sep and "/" not in name and ":" not in name else item
-
-
 def path_problems(cfg, stages: list[str], produced: set[str] = frozenset()) -> list[str]:
-    """Inputs that must exist now: those not made by an earlier stage of the same run."""
+    """Inputs that must exist now (those not made by an earlier stage of the same run) and outputs that are set."""
     problems = []
     for stage in stages:
         spec = get_stage(stage)
         section = spec.section_of(cfg)
-        if section is None:
-            problems.append(f"{stage}: not available in this install (no {spec.section} config section)")
-            continue
-        if getattr(section, spec.output, None) in (None, ""):
+        if spec.output and getattr(section, spec.output) in (None, ""):
             problems.append(f"{spec.section}.{spec.output}: not set; give the output folder (--out or --set)")
-        for name in spec.inputs:
-            value = getattr(section, name, None)
-            producer = PRODUCED_BY.get((stage, name))
-            if producer in produced:
+        for needed in spec.inputs:
+            if needed.made_by in produced:
                 continue
-            field_path = f"{spec.section}.{name}"
+            field_path = f"{spec.section}.{needed.field}"
+            value = getattr(section, needed.field)
             if value in (None, "", []):
-                if (stage, name) in REQUIRED_INPUTS:
-                    problems.append(f"{field_path}: not set; give the {producer} stage's output folder")
+                if needed.required:
+                    source = f"the {needed.made_by} stage's output folder" if needed.made_by else "at least one"
+                    problems.append(f"{field_path}: not set; give {source}")
                 continue
-            for item in value if isinstance(value, list) else [value]:
-                problem = _path_problem(field_path, _adapter_dir(item) if name == "adapters" else item)
+            for i, item in enumerate(value if needed.many else [value]):
+                where = f"{field_path}[{i}]" if needed.many else field_path
+                path = needed.path_of(item) if needed.path_of else item
+                problem = _path_problem(where, path) if path else f"{where}: {item!r} names no path"
                 if problem:
                     problems.append(problem)
-    if "curate" in stages and getattr(cfg, "curate", None) is not None:
-        problems += curate_source_problems(cfg)
-    return problems
-
-
-def curate_source_problems(cfg) -> list[str]:
-    """Each source's folder must exist (specs are `READER=PATH[,key=value...]`, see corpus.sources)."""
-    problems = []
-    for i, source in enumerate(getattr(cfg.curate, "sources", None) or []):
-        head = str(source).split(",", 1)[0]
-        path = head.split("=", 1)[1].strip() if "=" in head else ""
-        if not path:
-            problems.append(f"curate.sources[{i}]: {source!r} is not READER=PATH, e.g. ham10000=/data/ham10000")
-            continue
-        problem = _path_problem(f"curate.sources[{i}]", path)
-        if problem:
-            problems.append(problem)
     return problems
 
 

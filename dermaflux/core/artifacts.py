@@ -122,6 +122,15 @@ def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *
     return False
 
 
+def claim_run(cfg, out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False) -> bool:
+    """Every stage's start: own `out_dir` (see claim_output) and write the effective config beside it."""
+    from dermaflux.core.config import save_effective_config
+
+    resumed = claim_output(out_dir, stage, run_fingerprint, force=force)
+    save_effective_config(cfg, out_dir)
+    return resumed
+
+
 def marker_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / MARKER_DIR / f"{name}.json"
 

@@ -1,6 +1,6 @@
 """Stage inputs and outputs at cloud URIs: staged through a local folder, copied with pyarrow.fs.
 
-Stages write local folders through dermaflux.artifacts (atomic renames need a POSIX filesystem).
+Stages write local folders through dermaflux.core.artifacts (atomic renames need a POSIX filesystem).
 A job whose config names a URI (s3://, gs://, any scheme pyarrow or an installed fsspec
 implementation knows) gets the remote input copied down first, writes its output to a local
 staging folder (seeded from the remote copy, so a re-run resumes) and copies it up on success.

@@ -1,4 +1,4 @@
-"""Start or join Ray the same way in every stage.
+"""The `ray` section and starting or joining Ray the same way for every stage.
 
 With no address: inside a Ray job (RAY_ADDRESS set) join that cluster; otherwise start a new
 local instance (never silently join a stray `ray start` cluster on the same machine).
@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import os
 
-from dermaflux.config import RayConfig
+from pydantic import Field
+
+from dermaflux.core.config import ConfigModel
+
+
+class RayConfig(ConfigModel):
+    address: str | None = Field(
+        None, description="cluster address; None uses RAY_ADDRESS when set (Ray jobs), else a new local instance"
+    )
+    num_cpus: int | None = Field(None, description="CPUs of the local instance (None: all)")
+    num_gpus: int | None = None
 
 
 def init_ray(ray_cfg: RayConfig | None = None, **kwargs):
