@@ -68,53 +68,69 @@ def _nested(counter: Counter, *positions: int) -> dict:
     return out
 
 
-def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], config: dict, fingerprint: str) -> dict:
+SPLITS = ("train", "val", "test")
+
+
+def _count(keys: Counter, **match) -> int:
+    """Rows of shard keys (source, label, split, malignant) matching every given position."""
+    position = {"source": 0, "label": 1, "split": 2, "malignant": 3}
+    return sum(n for k, n in keys.items() if all(k[position[name]] == value for name, value in match.items()))
+
+
+def _shard_keys(plan: CurationPlan, shards: list[dict]) -> Counter:
+    """Counts per (source, label, split, malignant) as written, checked against the plan."""
     keys: Counter = Counter()
     for shard in shards:
         keys.update(shard["keys"])
     written = sum(s["rows"] for s in shards)
-    summary = plan.summary
-    if written != summary["kept"]:
-        raise AssertionError(f"shards hold {written} rows but the plan kept {summary['kept']}")
+    if written != plan.summary["kept"]:
+        raise AssertionError(f"shards hold {written} rows but the plan kept {plan.summary['kept']}")
     planned = Counter(zip(plan.kept["source"], plan.kept["label"], plan.kept["split"], plan.kept["malignant"])) \
         if len(plan.kept) else Counter()
     if planned != keys:
         raise AssertionError("shard counts per (source, label, split) differ from the plan")
-    published = Counter()
+    return keys
+
+
+def _per_source(plan: CurationPlan, keys: Counter) -> dict:
+    return {
+        name: {**entry,
+               "by_split": {split: _count(keys, source=name, split=split) for split in SPLITS},
+               "by_label": {label: _count(keys, source=name, label=label)
+                            for label in sorted({k[1] for k in keys if k[0] == name})}}
+        for name, entry in plan.summary["per_source"].items()
+    }
+
+
+def _published(plan: CurationPlan) -> dict:
+    """Rows each source published per split, and how many were kept there (the rest are duplicates
+    or quarantined, listed in their files)."""
+    kept = Counter()
     if len(plan.kept):
         official = plan.kept[plan.kept["split_origin"] == "official"]
-        published = Counter(zip(official["source"], official["split"]))
-    dups = plan.duplicates
+        kept = Counter(zip(official["source"], official["split"]))
+    return {source: {split: {"published": n, "kept": kept[source, split]} for split, n in published.items()}
+            for source, published in plan.published_splits.items()}
+
+
+def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], config: dict, fingerprint: str) -> dict:
+    keys = _shard_keys(plan, shards)
+    summary, dups = plan.summary, plan.duplicates
+    totals = {k: summary[k] for k in ("input_rows", "kept", "duplicates", "quarantined")}
     return {
         "version": MANIFEST_VERSION,
         "fingerprint": fingerprint,
         "sources": sources,
-        "reconciliation": {**{k: summary[k] for k in ("input_rows", "kept", "duplicates", "quarantined")},
-                           "shard_rows": written,
-                           "balanced": summary["input_rows"] == summary["kept"] + summary["duplicates"] + summary["quarantined"]},
-        "per_source": {
-            name: {**entry,
-                   "by_split": {split: sum(n for k, n in keys.items() if k[0] == name and k[2] == split)
-                                for split in ("train", "val", "test")},
-                   "by_label": {label: sum(n for k, n in keys.items() if k[0] == name and k[1] == label)
-                                for label in sorted({k[1] for k in keys if k[0] == name})}}
-            for name, entry in summary["per_source"].items()
-        },
-        "by_split": {split: sum(n for k, n in keys.items() if k[2] == split) for split in ("train", "val", "test")},
-        "by_label": {label: sum(n for k, n in keys.items() if k[1] == label) for label in taxonomy.CODES
-                     if any(k[1] == label for k in keys)},
-        "by_malignancy": {"malignant": sum(n for k, n in keys.items() if k[3]),
-                          "benign": sum(n for k, n in keys.items() if not k[3])},
+        "reconciliation": {**totals, "shard_rows": sum(s["rows"] for s in shards),
+                           "balanced": totals["input_rows"] == totals["kept"] + totals["duplicates"] + totals["quarantined"]},
+        "per_source": _per_source(plan, keys),
+        "by_split": {split: _count(keys, split=split) for split in SPLITS},
+        "by_label": {label: _count(keys, label=label) for label in taxonomy.CODES if any(k[1] == label for k in keys)},
+        "by_malignancy": {"malignant": _count(keys, malignant=True), "benign": _count(keys, malignant=False)},
         "by_split_label": _nested(keys, 2, 1),
-        "by_split_malignancy": {split: {"malignant": sum(n for k, n in keys.items() if k[2] == split and k[3]),
-                                        "benign": sum(n for k, n in keys.items() if k[2] == split and not k[3])}
-                                for split in ("train", "val", "test")},
-        # Published splits: rows the source published per split, and how many of them were kept
-        # there (the rest are duplicates or quarantined, listed in their files).
-        "published_splits": {
-            source: {split: {"published": n, "kept": published[source, split]} for split, n in splits.items()}
-            for source, splits in plan.published_splits.items()
-        },
+        "by_split_malignancy": {split: {"malignant": _count(keys, split=split, malignant=True),
+                                        "benign": _count(keys, split=split, malignant=False)} for split in SPLITS},
+        "published_splits": _published(plan),
         "duplicates": {
             "near_pairs_within_threshold": plan.near_pairs,
             "dropped": len(dups),

@@ -48,9 +48,44 @@ def build_plan(indexes: list[SourceIndex], scans: list[dict], cfg: CurateConfig)
     if len(scans) != len(records):
         raise ValueError(f"{len(scans)} scan results for {len(records)} indexed rows")
     quarantine: list[Reject] = [reject for index in indexes for reject in index.rejects]
-    source_order = {index.spec.name: k for k, index in enumerate(indexes)}
+    valid = _valid_rows(records, scans, quarantine)
+    recs = [records[r] for r in valid]
+    scan_ok = [scans[r] for r in valid]
+    ids = [f"{r.source}:{r.original_id}" for r in recs]
+    pairs = dedup.near_pairs(dedup.hash_words([s["phash"] for s in scan_ok]), cfg.phash_threshold)
+    published = [r.official_split for r in recs]
+    official = published if cfg.official_splits == "keep" else [None] * len(recs)
 
-    # Rows whose image failed, or whose id repeats within a source, leave here.
+    source_order = {index.spec.name: k for k, index in enumerate(indexes)}
+    priority = sorted(
+        range(len(recs)),
+        key=lambda i: (SPLIT_RANK[official[i]], source_order[recs[i].source],
+                       -(scan_ok[i]["width"] * scan_ok[i]["height"]), i),
+    )
+    chosen = dedup.choose_kept(len(recs), pairs, priority)
+    # Dropped copies still link groups: another image of a dropped copy's lesion follows the kept copy.
+    groups = splits.group_rows([_group_keys(r) for r in recs], pairs)
+    audit_given = splits.audit_splits([p or "" for p in published], groups, pairs, ids, [True] * len(recs))
+
+    kept_mask = chosen.kept.tolist()
+    strata = [f"{r.source}/{r.label}" for r in recs]
+    assigned = splits.assign_splits(groups, strata, official, cfg.fractions, cfg.seed, active=kept_mask)
+    audit_final = splits.audit_splits(assigned.split, groups, pairs, ids, kept_mask)
+
+    duplicates = [_duplicate_row(recs, ids, i, int(chosen.duplicate_of[i]), int(chosen.distance[i]))
+                  for i in range(len(recs)) if not kept_mask[i]]
+    kept = pd.DataFrame([_corpus_row(recs[i], scan_ok[i], ids[i], assigned.split[i], assigned.origin[i])
+                         for i in range(len(recs)) if kept_mask[i]])
+    input_rows = {index.spec.name: index.input_rows for index in indexes}
+    published_splits = {index.spec.name: index.published_splits for index in indexes if index.published_splits}
+    result = CurationPlan(kept, duplicates, quarantine, input_rows, published_splits, audit_given, audit_final,
+                          len(pairs))
+    result.summary = reconcile(result)
+    return result
+
+
+def _valid_rows(records: list[SourceRecord], scans: list[dict], quarantine: list[Reject]) -> list[int]:
+    """Rows whose image decoded and whose id is new within its source; the others join `quarantine`."""
     valid: list[int] = []
     seen_ids: set[str] = set()
     for row, (record, scan) in enumerate(zip(records, scans)):
@@ -64,68 +99,35 @@ def build_plan(indexes: list[SourceIndex], scans: list[dict], cfg: CurateConfig)
         else:
             seen_ids.add(corpus_id)
             valid.append(row)
+    return valid
 
-    recs = [records[r] for r in valid]
-    scan_ok = [scans[r] for r in valid]
-    ids = [f"{r.source}:{r.original_id}" for r in recs]
-    words = dedup.hash_words([s["phash"] for s in scan_ok])
-    pairs = dedup.near_pairs(words, cfg.phash_threshold)
-    published = [r.official_split for r in recs]
-    official = published if cfg.official_splits == "keep" else [None] * len(recs)
 
-    priority = sorted(
-        range(len(recs)),
-        key=lambda i: (SPLIT_RANK[official[i]], source_order[recs[i].source],
-                       -(scan_ok[i]["width"] * scan_ok[i]["height"]), i),
-    )
-    chosen = dedup.choose_kept(len(recs), pairs, priority)
-    # Dropped copies still link groups: another image of a dropped copy's lesion follows the kept copy.
-    groups = splits.group_rows([_group_keys(r) for r in recs], pairs)
-    everyone = [True] * len(recs)
-    audit_given = splits.audit_splits([p or "" for p in published], groups, pairs, ids, everyone)
+def _duplicate_row(recs: list[SourceRecord], ids: list[str], i: int, j: int, distance: int) -> dict:
+    """Row `i` dropped as a near-copy of kept row `j`."""
+    return {
+        "dropped_id": ids[i], "kept_id": ids[j], "distance": distance,
+        "dropped_source": recs[i].source, "kept_source": recs[j].source,
+        "dropped_file": recs[i].image_path, "kept_file": recs[j].image_path,
+        "dropped_label": recs[i].label, "kept_label": recs[j].label,
+        "label_conflict": recs[i].label != recs[j].label,
+        "cross_source": recs[i].source != recs[j].source,
+    }
 
-    kept_mask = chosen.kept.tolist()
-    strata = [f"{r.source}/{r.label}" for r in recs]
-    plan = splits.assign_splits(groups, strata, official, cfg.fractions, cfg.seed, active=kept_mask)
-    audit_final = splits.audit_splits(plan.split, groups, pairs, ids, kept_mask)
 
-    duplicates = []
-    for i in range(len(recs)):
-        if kept_mask[i]:
-            continue
-        j = int(chosen.duplicate_of[i])
-        duplicates.append({
-            "dropped_id": ids[i], "kept_id": ids[j], "distance": int(chosen.distance[i]),
-            "dropped_source": recs[i].source, "kept_source": recs[j].source,
-            "dropped_file": recs[i].image_path, "kept_file": recs[j].image_path,
-            "dropped_label": recs[i].label, "kept_label": recs[j].label,
-            "label_conflict": recs[i].label != recs[j].label,
-            "cross_source": recs[i].source != recs[j].source,
-        })
-
-    rows = []
-    for i, (record, scan) in enumerate(zip(recs, scan_ok)):
-        if not kept_mask[i]:
-            continue
-        rows.append({
-            "id": ids[i], "source": record.source, "original_id": record.original_id,
-            "image_format": scan["format"], "width": scan["width"], "height": scan["height"],
-            "label": record.label, "source_label": record.source_label,
-            "malignant": taxonomy.is_malignant(record.label),
-            "lesion_id": record.lesion_id, "patient_id": record.patient_id,
-            "split": plan.split[i], "split_origin": plan.origin[i], "phash": scan["phash"],
-            "age": record.age, "sex": record.sex, "site": record.site, "skin_type": record.skin_type,
-            "diagnosis_method": record.diagnosis_method, "mm_per_pixel": record.mm_per_pixel,
-            "metadata_json": record.metadata_json,
-            "image_path": record.image_path, "sha256": scan["sha256"],
-        })
-    kept = pd.DataFrame(rows)
-    input_rows = {index.spec.name: index.input_rows for index in indexes}
-    published_splits = {index.spec.name: index.published_splits for index in indexes if index.published_splits}
-    result = CurationPlan(kept, duplicates, quarantine, input_rows, published_splits, audit_given, audit_final,
-                          len(pairs))
-    result.summary = reconcile(result)
-    return result
+def _corpus_row(record: SourceRecord, scan: dict, corpus_id: str, split: str, split_origin: str) -> dict:
+    """A kept row: the corpus columns (CORPUS_SCHEMA) but the image bytes, plus where to read them."""
+    return {
+        "id": corpus_id, "source": record.source, "original_id": record.original_id,
+        "image_format": scan["format"], "width": scan["width"], "height": scan["height"],
+        "label": record.label, "source_label": record.source_label,
+        "malignant": taxonomy.is_malignant(record.label),
+        "lesion_id": record.lesion_id, "patient_id": record.patient_id,
+        "split": split, "split_origin": split_origin, "phash": scan["phash"],
+        "age": record.age, "sex": record.sex, "site": record.site, "skin_type": record.skin_type,
+        "diagnosis_method": record.diagnosis_method, "mm_per_pixel": record.mm_per_pixel,
+        "metadata_json": record.metadata_json,
+        "image_path": record.image_path, "sha256": scan["sha256"],
+    }
 
 
 def reconcile(plan: CurationPlan) -> dict:
