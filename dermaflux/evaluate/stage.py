@@ -47,6 +47,8 @@ STAND_IN_NOTE = ("The synthetic set's manifest marks it as a stand-in (not gener
 
 @dataclass
 class Inputs:
+    """The corpus and synthetic set as arrays, read once and handed to every step."""
+
     corpus: Path
     synthetic_dir: Path | None
     real: ImageTable
