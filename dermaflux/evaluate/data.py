@@ -228,27 +228,11 @@ def assemble_cell(
     rng = np.random.default_rng(seed)
     classes = class_names(real, task)
     real_y = targets(real, task, classes)
+    val_idx, test_idx = _eval_indices(real, max_test_images)
     train_pool = np.flatnonzero(real.split == "train")
-    val_idx = np.flatnonzero(real.split == "val")
-    test_idx = np.flatnonzero(real.split == "test")
-    if max_test_images is not None and len(test_idx) > max_test_images:
-        # Fixed across cells (seed 0), so every cell is scored on the same test images.
-        test_idx = np.sort(test_idx[stratified_subsample(real.labels[test_idx], max_test_images, np.random.default_rng(0))])
     # Stratified by diagnosis code (finer than benign/malignant), the same subsample for both tasks.
     real_sel = train_pool[stratified_subsample(real.labels[train_pool], real_count, rng)]
-
-    syn_sel = np.zeros(0, dtype=np.int64)
-    shortfall = 0
-    if synthetic is not None and (ratio > 0 or synthetic_only):
-        syn_y = targets(synthetic, task, classes)
-        usable = np.flatnonzero(syn_y >= 0)
-        want = len(real_sel) if synthetic_only else int(round(ratio * len(real_sel)))
-        syn_sel = usable[sample_synthetic(real.labels[real_sel], synthetic.labels[usable], want, rng)]
-        shortfall = want - len(syn_sel)
-        if shortfall:
-            log.warning("synthetic pool short by %d images for %s ratio %s", shortfall, task, ratio)
-    elif ratio > 0 or synthetic_only:
-        raise ValueError(f"cell with synthetic ratio {ratio} (synthetic_only={synthetic_only}) but no synthetic set")
+    syn_sel, shortfall = _synthetic_selection(real, real_sel, synthetic, task, classes, ratio, synthetic_only, rng)
     if synthetic_only:
         real_sel = real_sel[:0]
 
@@ -275,6 +259,34 @@ def assemble_cell(
     )
     check_no_synthetic_in_eval(data, synthetic)
     return data
+
+
+def _eval_indices(real: ImageTable, max_test_images: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The real val rows and the real test rows (capped at `max_test_images`)."""
+    val_idx = np.flatnonzero(real.split == "val")
+    test_idx = np.flatnonzero(real.split == "test")
+    if max_test_images is not None and len(test_idx) > max_test_images:
+        # Fixed across cells (seed 0), so every cell is scored on the same test images.
+        test_idx = np.sort(test_idx[stratified_subsample(real.labels[test_idx], max_test_images, np.random.default_rng(0))])
+    return val_idx, test_idx
+
+
+def _synthetic_selection(real: ImageTable, real_sel: np.ndarray, synthetic: ImageTable | None, task: str,
+                         classes: tuple[str, ...], ratio: float, synthetic_only: bool,
+                         rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(synthetic indices for the train set, how many the pool fell short): 1:ratio of the real
+    subset, or as many as it when synthetic_only, matching its label mix."""
+    if not (ratio > 0 or synthetic_only):
+        return np.zeros(0, dtype=np.int64), 0
+    if synthetic is None:
+        raise ValueError(f"cell with synthetic ratio {ratio} (synthetic_only={synthetic_only}) but no synthetic set")
+    usable = np.flatnonzero(targets(synthetic, task, classes) >= 0)
+    want = len(real_sel) if synthetic_only else int(round(ratio * len(real_sel)))
+    syn_sel = usable[sample_synthetic(real.labels[real_sel], synthetic.labels[usable], want, rng)]
+    shortfall = want - len(syn_sel)
+    if shortfall:
+        log.warning("synthetic pool short by %d images for %s ratio %s", shortfall, task, ratio)
+    return syn_sel, shortfall
 
 
 def check_no_synthetic_in_eval(data: CellData, synthetic: ImageTable | None) -> None:

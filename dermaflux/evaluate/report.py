@@ -1,13 +1,18 @@
-"""The report a person opens: report.html and report.md (same tables), plots and image thumbnails
-in `plots/` and `images/` beside them (relative paths, so the folder can be moved or zipped)."""
+"""The report a person opens: report.html and report.md, plots and image thumbnails in `plots/` and
+`images/` beside them (relative paths, so the folder can be moved or zipped).
+
+Both files are rendered from one `ReportData` by the Jinja2 templates in `templates/`, so they
+hold the same sections, tables and images."""
 
 from __future__ import annotations
 
-import html
+import functools
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import numpy as np
 from PIL import Image
 
@@ -16,6 +21,48 @@ from dermaflux.evaluate.data import LABEL_ORDER, ImageTable, read_image_bytes
 
 THUMB = 112
 MAX_NEAR_COPIES_SHOWN = 48
+
+
+@dataclass
+class Table:
+    id: str  # the HTML table id (the render test finds tables by it)
+    head: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    src: str  # relative to the report folder
+    alt: str
+    caption: str
+
+
+@dataclass
+class Gallery:
+    title: str
+    figures: list[Figure]
+
+
+@dataclass
+class QualitySection:
+    feature_network: str
+    table: Table
+    near_copy_rule: str
+    near_copies: Table | None  # None: nothing was flagged
+    near_copy_figures: list[Figure]
+
+
+@dataclass
+class ReportData:
+    """Everything report.html and report.md show, built once from results.json and the thumbnails."""
+
+    facts: list[str]
+    notes: list[str]
+    summary: Table
+    plots: list[Figure]
+    recall: Table
+    quality: QualitySection | None
+    galleries: list[Gallery]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -34,7 +81,7 @@ def _signed(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.3f}"
 
 
-def summary_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+def summary_table(summary: list[dict]) -> Table:
     head = ["task", "model", "real images", "synthetic 1:x", "train real+syn", "seeds", "accuracy",
             "balanced acc.", "macro-F1", "macro AUROC", "Δ bal. acc. vs real-only", "Δ AUROC vs real-only"]
     rows = []
@@ -45,10 +92,10 @@ def summary_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
             str(r["seeds"]), _pm(r, "accuracy"), _pm(r, "balanced_accuracy"), _pm(r, "macro_f1"),
             _pm(r, "macro_auroc"), _signed(r["balanced_accuracy_gain"]), _signed(r["macro_auroc_gain"]),
         ])
-    return head, rows
+    return Table("summary", head, rows)
 
 
-def recall_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+def recall_table(summary: list[dict]) -> Table:
     names = []
     for r in summary:
         names += [n for n in r["per_class_recall_mean"] if n not in names]
@@ -58,10 +105,10 @@ def recall_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
         ratio = "synthetic only" if r["synthetic_only"] else f"{r['ratio']:g}"
         rows.append([r["task"], r["model"], str(r["real_size"]), ratio]
                     + [_fmt(r["per_class_recall_mean"].get(n)) for n in names])
-    return head, rows
+    return Table("recall", head, rows)
 
 
-def quality_table(assessment: dict) -> tuple[list[str], list[list[str]]]:
+def quality_table(assessment: dict) -> Table:
     mem = assessment["memorisation"]
     head = ["measure", "synthetic vs real test", "reference: real val vs real test"]
     rows = [
@@ -77,7 +124,7 @@ def quality_table(assessment: dict) -> tuple[list[str], list[list[str]]]:
         ["median nearest feature cosine distance", _fmt(mem["median_feature_cosine_distance"], 4),
          _fmt(mem["control_median_feature_cosine_distance"], 4)],
     ]
-    return head, rows
+    return Table("quality", head, rows)
 
 
 def plot_accuracy(summary: list[dict], path: Path, metric: str, label: str) -> bool:
@@ -173,109 +220,86 @@ def near_copy_pairs(out: Path, corpus: Path, synthetic_dir: Path, assessment: di
     return pairs
 
 
-# --- rendering -------------------------------------------------------------------------------
+# --- building the ReportData, then rendering it -----------------------------------------------
 
-def _html_table(head: list[str], rows: list[list[str]], table_id: str) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
-    return "\n".join(lines)
+def _facts(results: dict) -> list[str]:
+    inputs = results["inputs"]
+    synthetic = (f"Synthetic set: {inputs['synthetic']} ({inputs['synthetic_images']} images)"
+                 if inputs.get("synthetic") else "Synthetic set: none")
+    return [f"Corpus: {inputs['corpus']} ({inputs['real_counts']})", synthetic,
+            "All scores are on the real test split; synthetic images only ever join training sets.",
+            f"Grid: {len(results['cells'])} cells; metrics are mean ± sample std over seeds."]
 
 
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f0f0f0} td:first-child,td:nth-child(2){text-align:left}
-.grid{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;width:%dpx;font-size:10px}
-figure img{width:%dpx;height:%dpx;display:block} .note{background:#fff7e0;padding:.6em;border-left:4px solid #e0a000}
-""" % (THUMB, THUMB, THUMB)
+def _quality_section(assessment: dict, pairs: list[dict]) -> QualitySection:
+    net = assessment["feature_network"]
+    network = (f"Feature network: timm {net['model']} ({'pretrained + ' if net['pretrained_weights'] else 'random init, '}"
+               f"trained on the {net['trained_on']}; {net['task']} task, {net['image_size']} px, "
+               f"{net['feature_dim']}-d pre-logit features). Not Inception: FID/KID values compare runs "
+               "of this project only.")
+    crit = assessment["memorisation"]["criteria"]
+    rule = (f"Near-copy: 256-bit pHash within {crit['phash_max_bits']} bits of a train image, or 32 px grey "
+            f"pixel correlation ≥ {crit['pixel_corr_min']} with one (every synthetic image's nearest train "
+            "image is in memorisation.csv).")
+    near_copies = Table(
+        "near-copies", ["synthetic image", "nearest train image", "pHash bits", "pixel corr.", "feature cos. dist."],
+        [[p["query_id"], p["pixel_nearest_id"], str(p["phash_distance"]), _fmt(p["pixel_correlation"], 4),
+          _fmt(p.get("feature_cosine_distance"), 4)] for p in pairs],
+    ) if pairs else None
+    figures = []
+    for p in pairs:
+        for src, caption in ((p["synthetic_src"], f"synthetic {p['query_id']}"),
+                             (p["real_src"], f"train {p['pixel_nearest_id']}")):
+            figures.append(Figure(src, caption, caption))
+    return QualitySection(network, quality_table(assessment), rule, near_copies, figures)
+
+
+def _galleries(grids: dict) -> list[Gallery]:
+    galleries = []
+    for label, kinds in grids.items():
+        for kind, items in kinds.items():
+            if items:
+                title = f"{label} · {kind} ({'prompt' if kind == 'synthetic' else 'metadata'} below each image)"
+                galleries.append(Gallery(title, [Figure(i["src"], i["id"], i["caption"]) for i in items]))
+    return galleries
+
+
+def report_data(results: dict, grids: dict, pairs: list[dict], plots: list[tuple[str, str]]) -> ReportData:
+    assessment = results.get("assessment")
+    return ReportData(
+        facts=_facts(results),
+        notes=list(results.get("notes", [])),
+        summary=summary_table(results["summary"]),
+        plots=[Figure(src, title, title) for src, title in plots],
+        recall=recall_table(results["summary"]),
+        quality=_quality_section(assessment, pairs) if assessment is not None else None,
+        galleries=_galleries(grids),
+    )
+
+
+def _markdown_cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _markdown_alt(text: str) -> str:
+    # A bracket in alt text would end the image link early.
+    return str(text).replace("[", "(").replace("]", ")")
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("dermaflux.evaluate", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of printing nothing
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters.update(md_cell=_markdown_cell, md_alt=_markdown_alt)
+    return env
 
 
 def write_report(out: Path, results: dict, grids: dict, pairs: list[dict], plots: list[tuple[str, str]]) -> None:
-    summary = results["summary"]
-    assessment = results.get("assessment")
-    notes = results.get("notes", [])
-    h = ['<!doctype html><html><head><meta charset="utf-8"><title>DermaFlux evaluation</title>',
-         f"<style>{CSS}</style></head><body>", "<h1>DermaFlux evaluation</h1>"]
-    md = ["# DermaFlux evaluation", ""]
-    inputs = results["inputs"]
-    facts = [f"Corpus: {inputs['corpus']} ({inputs['real_counts']})",
-             f"Synthetic set: {inputs.get('synthetic') or 'none'}"
-             + (f" ({inputs['synthetic_images']} images)" if inputs.get("synthetic") else ""),
-             "All scores are on the real test split; synthetic images only ever join training sets.",
-             f"Grid: {len(results['cells'])} cells; metrics are mean ± sample std over seeds."]
-    h += ["<ul>"] + [f"<li>{html.escape(f)}</li>" for f in facts] + ["</ul>"]
-    md += [f"- {f}" for f in facts] + [""]
-    for note in notes:
-        h.append(f'<p class="note">{html.escape(note)}</p>')
-        md += [f"> {note}", ""]
-
-    head, rows = summary_table(summary)
-    h += ["<h2>Classification: real-only vs real + synthetic</h2>", _html_table(head, rows, "summary")]
-    md += ["## Classification: real-only vs real + synthetic", "", _md_table(head, rows), ""]
-    for src, title in plots:
-        h.append(f'<figure style="width:auto"><img class="plot" src="{src}" alt="{html.escape(title)}" style="width:auto;height:auto"><figcaption>{html.escape(title)}</figcaption></figure>')
-        md += [f"![{title}]({src})", ""]
-    head, rows = recall_table(summary)
-    h += ["<h2>Per-class recall (mean over seeds)</h2>", _html_table(head, rows, "recall")]
-    md += ["## Per-class recall (mean over seeds)", "", _md_table(head, rows), ""]
-
-    if assessment is not None:
-        net = assessment["feature_network"]
-        net_text = (f"Feature network: timm {net['model']} ({'pretrained + ' if net['pretrained_weights'] else 'random init, '}"
-                    f"trained on the {net['trained_on']}; {net['task']} task, {net['image_size']} px, "
-                    f"{net['feature_dim']}-d pre-logit features). Not Inception: FID/KID values compare runs "
-                    "of this project only.")
-        head, rows = quality_table(assessment)
-        h += ["<h2>Synthetic-set quality and memorisation</h2>", f"<p>{html.escape(net_text)}</p>",
-              _html_table(head, rows, "quality")]
-        md += ["## Synthetic-set quality and memorisation", "", net_text, "", _md_table(head, rows), ""]
-        crit = assessment["memorisation"]["criteria"]
-        rule = (f"Near-copy: 256-bit pHash within {crit['phash_max_bits']} bits of a train image, or 32 px grey "
-                f"pixel correlation ≥ {crit['pixel_corr_min']} with one (every synthetic image's nearest train "
-                "image is in memorisation.csv).")
-        h += ["<h3>Flagged near-copies</h3>", f"<p>{html.escape(rule)}</p>"]
-        md += ["### Flagged near-copies", "", rule, ""]
-        if pairs:
-            prow = [[p["query_id"], p["pixel_nearest_id"], str(p["phash_distance"]), _fmt(p["pixel_correlation"], 4),
-                     _fmt(p.get("feature_cosine_distance"), 4)] for p in pairs]
-            phead = ["synthetic image", "nearest train image", "pHash bits", "pixel corr.", "feature cos. dist."]
-            h.append(_html_table(phead, prow, "near-copies"))
-            md += [_md_table(phead, prow), ""]
-            h.append('<div class="grid">')
-            for p in pairs:
-                for src, cap in ((p["synthetic_src"], f"synthetic {p['query_id']}"), (p["real_src"], f"train {p['pixel_nearest_id']}")):
-                    h.append(f'<figure><img src="{src}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}</figcaption></figure>')
-                    md.append(f"![{cap}]({src})")
-            h.append("</div>")
-            md.append("")
-        else:
-            h.append("<p>No synthetic image was flagged.</p>")
-            md += ["No synthetic image was flagged.", ""]
-
-    h.append("<h2>Images per class</h2>")
-    md += ["## Images per class", ""]
-    for label, kinds in grids.items():
-        for kind, items in kinds.items():
-            if not items:
-                continue
-            title = f"{label} · {kind} ({'prompt' if kind == 'synthetic' else 'metadata'} below each image)"
-            h += [f"<h3>{html.escape(title)}</h3>", '<div class="grid">']
-            md += [f"### {title}", ""]
-            for item in items:
-                h.append(f'<figure><img src="{item["src"]}" alt="{html.escape(item["id"])}">'
-                         f"<figcaption>{html.escape(item['caption'])}</figcaption></figure>")
-                alt = item["caption"].replace("[", "(").replace("]", ")")
-                md.append(f"![{alt}]({item['src']})")
-            h.append("</div>")
-            md.append("")
-    h.append("</body></html>")
-    atomic_write_text(out / "report.html", "\n".join(h))
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    data = report_data(results, grids, pairs, plots)
+    for name in ("report.html", "report.md"):
+        text = _templates().get_template(f"{name}.j2").render(report=data, thumb=THUMB)
+        atomic_write_text(out / name, text)

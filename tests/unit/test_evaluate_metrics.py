@@ -118,7 +118,7 @@ def test_evaluate_core_imports_no_ray():
     import subprocess
     import sys
 
-    modules = ["data", "metrics", "classifier", "quality", "assess", "grid", "report", "stage", "command", "config"]
+    modules = ["data", "metrics", "classifier", "quality", "assess", "grid", "report", "stage", "config"]
     code = ("import sys\n" + "".join(f"import dermaflux.evaluate.{m}\n" for m in modules)
             + "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
