@@ -2,7 +2,7 @@
 
 Each subcommand takes the shared `--preset/--config/--set`, its stage's flags (each one a
 config field, see `dermaflux.stages`), loads the config and calls `core.entry.run`: the same
-path as the Ray jobs.
+path as the Ray jobs. `dermaflux model random` is a tool, not a stage: no config, no Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +39,57 @@ def _subcommands() -> list[tuple[str, str, str, tuple[Option, ...]]]:
     return rows + [("pipeline", PIPELINE_HELP, PIPELINE_EXAMPLE, PIPELINE_OPTIONS)]
 
 
+MODEL_RANDOM_HELP = ("write a Flux pipeline with seeded random weights in the Hugging Face layout, "
+                     "for full-size runs without the hub")
+MODEL_RANDOM_EXAMPLE = ("dermaflux model random --like flux-dev --out models/flux-dev-random\n"
+                        "  dermaflux train --preset flux-dev --set model.pretrained=models/flux-dev-random ...")
+
+
+def _add_model_tool(sub) -> None:
+    """`dermaflux model random`: the logic is in `dermaflux.model.random_weights`."""
+    from dermaflux.model.random_weights import DEFAULT_SHARD_SIZE, LIKES
+
+    model = sub.add_parser("model", help="model tools (not a stage): `model random` writes a random-weight pipeline",
+                           description="model tools (not a stage)", formatter_class=_HelpFormatter)
+    actions = model.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tool = actions.add_parser("random", help=MODEL_RANDOM_HELP, formatter_class=_HelpFormatter,
+                              description=f"{MODEL_RANDOM_HELP}\n\nexample:\n  {MODEL_RANDOM_EXAMPLE}")
+    tool.add_argument("--like", required=True, choices=tuple(LIKES),
+                      help="whose shapes: flux-dev (FLUX.1-dev: 12B transformer, T5-XXL, CLIP-L, VAE; 34 GB in "
+                           "bf16) or tiny (the tiny preset's sizes)")
+    tool.add_argument("--out", required=True, metavar="DIR",
+                      help="folder to write; must be missing, empty or hold a model this command wrote")
+    tool.add_argument("--seed", type=int, default=0, help="seed of the weights: the same seed writes the same bytes")
+    tool.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                      help="weight dtype (default: the preset's model.dtype: bfloat16 for flux-dev, float32 for tiny)")
+    tool.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, metavar="SIZE",
+                      help=f"largest safetensors shard (tensor bytes), e.g. 5GB or 200MB; default {DEFAULT_SHARD_SIZE}")
+    tool.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="threads drawing random tensors (default: the CPUs this process may use)")
+    tool.add_argument("--dry-run", action="store_true",
+                      help="print the plan (components, parameters, bytes, shards, free disk) and write nothing")
+    tool.add_argument("--force", action="store_true", help="replace DIR when it holds a different random model")
+    tool.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _run_model_tool(args: argparse.Namespace) -> int:
+    from dermaflux.core.entry import USER_ERRORS
+    from dermaflux.model.random_weights import format_plan, plan_random_model, write_random_model
+
+    try:
+        plan = plan_random_model(args.like, seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        if args.dry_run:
+            print(format_plan(plan, args.out), flush=True)
+            return 0
+        summary = write_random_model(plan, args.out, force=args.force, workers=args.workers,
+                                     echo=lambda line: print(line, flush=True))
+    except USER_ERRORS as err:
+        print(f"dermaflux model random: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dermaflux import __version__
     from dermaflux.core.entry import add_config_arguments
@@ -54,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         for option in options:
             option.add_to(stage)
         stage.set_defaults(_options=options)
+    _add_model_tool(sub)
     return parser
 
 
@@ -96,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.stage == "model":
+        return _run_model_tool(args)
     try:
         cfg = load_config(args.preset, args.config, args.overrides, extra=flag_settings(args))
         summary = run(args.stage, cfg)
