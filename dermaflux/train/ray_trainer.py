@@ -99,7 +99,7 @@ class Trainer:
         self.tc = tc = self.cfg.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.hooks = list(loop_cfg.get("hooks") or ())
+        self.hooks = list(loop_cfg.get("hooks", ()))
         if not tc.use_gpu:
             torch.set_num_threads(max(tc.cpus_per_worker, 1))
         self.device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
