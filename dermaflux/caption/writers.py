@@ -104,9 +104,10 @@ class LlmWriter(CaptionWriter):
         import torch
 
         from dermaflux.caption.tiny_llm import resolve_chat_model
+        from dermaflux.model.loading import torch_dtype
 
         self.device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         if cfg.vision:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -23,10 +23,25 @@ def resolve_pretrained(model_cfg: ModelConfig) -> str:
     return model_cfg.pretrained
 
 
+# The dtype names configs (`model.dtype`, `caption.dtype`) and the training cache's `dtype` column hold.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
 def torch_dtype(name: str):
+    """torch.bfloat16 for "bfloat16" (one of DTYPE_NAMES)."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def dtype_name(dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the inverse of torch_dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype}: expected one of {', '.join(DTYPE_NAMES)}")
+    return name
 
 
 _PIPELINE_LOADS = 0

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dermaflux.core.artifacts import atomic_path, atomic_write_json
+from dermaflux.model.loading import torch_dtype
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -35,20 +36,13 @@ CACHE_SCHEMA = pa.schema(
     ]
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def bytes_to_tensor(blob: bytes, shape, dtype_name: str) -> torch.Tensor:
     raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    return raw.view(_DTYPES[dtype_name]).reshape(list(shape)).clone()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+    return raw.view(torch_dtype(dtype_name)).reshape(list(shape)).clone()
 
 
 def cache_shards(cache_dir: str | Path) -> list[Path]:

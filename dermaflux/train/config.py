@@ -88,9 +88,6 @@ class TrainConfig(ConfigModel):
         False, description="insist on continuing a stopped run (an error when `out` holds no checkpoint); "
         "re-running the same run continues it anyway"
     )
-    fault_at_step: int | None = Field(
-        None, description="testing hook: rank 1 exits hard after this step on the first attempt only"
-    )
 
     @model_validator(mode="after")
     def _check(self):

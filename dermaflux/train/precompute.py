@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 from dermaflux.core.artifacts import parquet_shards
-from dermaflux.train.cache import dtype_name, tensor_to_bytes
+from dermaflux.model.loading import dtype_name
+from dermaflux.train.cache import tensor_to_bytes
 from dermaflux.train.encode import decode_images, encode_captions, encode_images
 
 CAPTION_COLUMNS = ["id", "split", "label", "caption", "image"]

@@ -35,9 +35,7 @@ def _finished(out: Path, steps: int) -> bool:
 
 
 def run(cfg: DermaFluxConfig) -> dict:
-    from dermaflux.train.ray_precompute import encode_validation_prompts, run_precompute
-    from dermaflux.train.ray_trainer import latest_checkpoint, run_training
-    from dermaflux.train.ray_vae_fit import run_vae_fit
+    from dermaflux.train.ray_trainer import latest_checkpoint
 
     tc = cfg.train
     out = Path(tc.out).resolve()
@@ -45,46 +43,70 @@ def run(cfg: DermaFluxConfig) -> dict:
         raise ValueError(f"--resume: {out} holds no training checkpoint to continue (check --out)")
     same_run = claim_run(cfg, out, "train", run_fingerprint(cfg))  # a different run's folder is refused here
     stopped = same_run and latest_checkpoint(tc.storage_path or out / "ray") is not None
-    # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
-    resume = tc.resume or stopped
     started = time.time()
     summary: dict = {"out": str(out)}
 
     vae_dir = None
     if tc.vae_fit.enabled:
         if not is_done(out, "vae_fit"):
-            log.info("fitting the VAE (%d steps)", tc.vae_fit.steps)
-            _, metrics = run_vae_fit(cfg, out)
-            mark_done(out, "vae_fit", metrics)
+            mark_done(out, "vae_fit", _vae_fit(cfg, out))
         vae_dir = str(out / "vae")
-        summary["vae"] = {k: v for k, v in read_json(marker_path(out, "vae_fit")).items() if k != "done"}
-
-    cache_dir = out / "cache"
+        summary["vae"] = _marker(out, "vae_fit")
     if not is_done(out, "precompute"):
-        # Only the train split feeds the transformer; val/test stay for the evaluate stage.
-        info = run_precompute(cfg, cache_dir, vae_dir, max_images={"train": tc.max_images, "val": 0, "test": 0})
-        encode_validation_prompts(cfg, cache_dir, vae_dir)
-        mark_done(out, "precompute", info)
-    summary["precompute"] = {k: v for k, v in read_json(marker_path(out, "precompute")).items() if k != "done"}
-
+        mark_done(out, "precompute", _precompute(cfg, out / "cache", vae_dir))
+    summary["precompute"] = _marker(out, "precompute")
     if not _finished(out, tc.steps):
-        result = run_training(cfg, cache_dir, vae_dir, out, resume=resume)
-        if result.error is not None:
-            raise RuntimeError(f"training failed: {result.error}")
-        with result.checkpoint.as_directory() as ckpt:
-            ckpt = Path(ckpt)
-            with atomic_dir(out / "final") as staging:
-                shutil.copytree(ckpt / "adapter", staging, dirs_exist_ok=True)
-            for name in ("loss.csv", "loss.png"):
-                shutil.copy2(ckpt / name, out / name)
-            grids = sorted(ckpt.glob("validation-*.png"))
-            if grids:
-                shutil.copy2(grids[-1], out / "validation.png")
-        mark_done(out, "train", {"steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
-                                 "weights_checksum": result.metrics.get("weights_checksum"),
-                                 "checkpoint": str(result.checkpoint.path)})
-    summary["train"] = {k: v for k, v in read_json(marker_path(out, "train")).items() if k != "done"}
+        # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
+        mark_done(out, "train", _train(cfg, out, vae_dir, resume=tc.resume or stopped))
+    summary["train"] = _marker(out, "train")
+
     summary["final"] = str(out / "final")
     summary["wall_s"] = round(time.time() - started, 1)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _marker(out: Path, step: str) -> dict:
+    return {k: v for k, v in read_json(marker_path(out, step)).items() if k != "done"}
+
+
+def _vae_fit(cfg: DermaFluxConfig, out: Path) -> dict:
+    """Fit the tiny preset's random VAE to the corpus (Ray Train DDP) into <out>/vae; returns its metrics."""
+    from dermaflux.train.ray_vae_fit import run_vae_fit
+
+    log.info("fitting the VAE (%d steps)", cfg.train.vae_fit.steps)
+    return run_vae_fit(cfg, out)[1]
+
+
+def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> dict:
+    """Latents and text embeddings (Ray Data) plus the validation prompts' embeddings, into `cache_dir`."""
+    from dermaflux.train.ray_precompute import encode_validation_prompts, run_precompute
+
+    # Only the train split feeds the transformer; val/test stay for the evaluate stage.
+    info = run_precompute(cfg, cache_dir, vae_dir, max_images={"train": cfg.train.max_images, "val": 0, "test": 0})
+    encode_validation_prompts(cfg, cache_dir, vae_dir)
+    return info
+
+
+def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool) -> dict:
+    """Ray Train + DeepSpeed on the cache, then the final adapter from the last checkpoint; returns the marker fields."""
+    from dermaflux.train.ray_trainer import run_training
+
+    result = run_training(cfg, out / "cache", vae_dir, out, resume=resume)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    with result.checkpoint.as_directory() as ckpt:
+        _copy_final(Path(ckpt), out)
+    return {"steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
+            "weights_checksum": result.metrics.get("weights_checksum"), "checkpoint": str(result.checkpoint.path)}
+
+
+def _copy_final(ckpt: Path, out: Path) -> None:
+    """<out>/final (the adapter), loss.csv/png and the last validation grid, from a checkpoint folder."""
+    with atomic_dir(out / "final") as staging:
+        shutil.copytree(ckpt / "adapter", staging, dirs_exist_ok=True)
+    for name in ("loss.csv", "loss.png"):
+        shutil.copy2(ckpt / name, out / name)
+    grids = sorted(ckpt.glob("validation-*.png"))
+    if grids:
+        shutil.copy2(grids[-1], out / "validation.png")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +44,18 @@ def first_run(ray_local, captions, tmp_path_factory, tiny_model_dir):
     return cfg, run(cfg)
 
 
+class ExitOnceAfterStep:
+    """Trainer hook: rank `rank` exits hard after `step`, once; the marker it leaves stops the restarted worker."""
+
+    def __init__(self, step: int, marker: Path, rank: int = 1):
+        self.step, self.marker, self.rank = step, Path(marker), rank
+
+    def __call__(self, trainer, step: int) -> None:
+        if trainer.rank == self.rank and step == self.step and not self.marker.exists():
+            self.marker.write_text(json.dumps({"step": step, "pid": os.getpid()}))
+            os._exit(1)
+
+
 def read_loss_csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
@@ -54,7 +69,7 @@ def test_stage_outputs(first_run):
     assert summary["precompute"]["encoded"] == 48  # the train split only
     assert [int(r["step"]) for r in read_loss_csv(f"{out}/loss.csv")] == [1, 2, 3, 4]
     for name in ("loss.png", "validation.png", "config.yaml", "final/dermaflux_adapter.json", "final/vae/config.json"):
-        assert (cfg.train.out and __import__("pathlib").Path(out, name).exists()), name
+        assert Path(out, name).exists(), name
 
 
 def test_final_weights_load_and_change_output(first_run, tiny_config):
@@ -90,21 +105,32 @@ def test_precompute_resumes_without_re_encoding(first_run):
 
 
 def test_worker_killed_mid_run_resumes_to_exact_steps(first_run, tmp_path):
-    from dermaflux.train.ray_trainer import FAULT_MARKER, run_training
+    import ray.cloudpickle
+
+    from dermaflux.train.ray_trainer import run_training
 
     cfg, _ = first_run
     first_out = cfg.train.out
-    cfg = small_train_config(cfg.train.captions, tmp_path, steps=6, fault_at_step=3, max_failures=2,
-                             validate_every=100)
-    result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path)
+    cfg = small_train_config(cfg.train.captions, tmp_path, steps=6, max_failures=2, validate_every=100)
+    marker = tmp_path / "fault.json"
+    # Ray workers cannot import this test module: ship the hook's class by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path,
+                              hooks=[ExitOnceAfterStep(3, marker)])
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.error is None
-    fault = json.loads((tmp_path / FAULT_MARKER).read_text())
+    fault = json.loads(marker.read_text())
     assert fault["step"] == 3  # rank 1 really died after step 3 ...
     assert result.metrics["step"] == 6  # ... and the run finished with exactly the configured steps
     with result.checkpoint.as_directory() as ckpt:
-        steps = [int(r["step"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
+        rows = read_loss_csv(f"{ckpt}/loss.csv")
     # restarted from the step-2 checkpoint: step 3 was redone, none skipped or doubled
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    # ... on the same sample stream: the losses are the uninterrupted first run's
+    uninterrupted = [float(r["loss"]) for r in read_loss_csv(f"{first_out}/loss.csv")][:4]
+    assert [float(r["loss"]) for r in rows[:4]] == pytest.approx(uninterrupted, rel=1e-5)
 
 
 def test_lora_with_gradient_checkpointing_and_optimizer_offload_trains_the_same(first_run, tmp_path):
@@ -133,7 +159,7 @@ def test_resume_extends_a_stopped_run(first_run):
 
     cfg, _ = first_run
     with pytest.raises(ValueError, match="no training checkpoint"):
-        run(small_train_config(cfg.train.captions, f"{cfg.train.out}-elsewhere", steps=6), resume=True)
-    summary = run(small_train_config(cfg.train.captions, cfg.train.out, steps=6), resume=True)
+        run(small_train_config(cfg.train.captions, f"{cfg.train.out}-elsewhere", steps=6, resume=True))
+    summary = run(small_train_config(cfg.train.captions, cfg.train.out, steps=6, resume=True))
     assert summary["train"]["steps"] == 6
     assert [int(r["step"]) for r in read_loss_csv(f"{cfg.train.out}/loss.csv")] == [1, 2, 3, 4, 5, 6]
