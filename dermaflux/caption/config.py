@@ -7,6 +7,7 @@ import string
 from pydantic import Field, field_validator
 
 from dermaflux.core.config import ConfigModel
+from dermaflux.model.config import DtypeName
 
 PROMPT_FIELDS = ("diagnosis", "malignancy", "attribute_list")
 
@@ -56,7 +57,7 @@ class CaptionConfig(ConfigModel):
     )
     vision: bool = Field(False, description="llm writer: show the image to a vision-language model")
     vision_model: str = Field("meta-llama/Llama-3.2-11B-Vision-Instruct", description="model when vision is on")
-    dtype: str = Field("float32", description="llm weights: float32 | bfloat16 | float16")
+    dtype: DtypeName = Field("float32", description="llm weights")
     prompts: CaptionPrompts = Field(default_factory=CaptionPrompts)
     max_new_tokens: int = Field(48, ge=1, description="generated tokens per caption (the prefix is extra)")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (reproducible)")

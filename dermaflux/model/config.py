@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
 from dermaflux.core.config import ConfigModel
+
+# The weight precisions a config may name (model.dtype, caption.dtype); model.loading maps them to torch.
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 
 
 class TinyFluxSpec(ConfigModel):
@@ -42,7 +46,7 @@ class ModelConfig(ConfigModel):
         description="hub id (black-forest-labs/FLUX.1-dev), a local diffusers folder, or builtin:tiny",
     )
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     resolution: int = Field(64, description="training and default generation side, multiple of 16")
     tiny: TinyFluxSpec = Field(default_factory=TinyFluxSpec, description="sizes when pretrained is builtin:tiny")
     cache_dir: str | None = Field(None, description="where builtin models are built; default $DERMAFLUX_CACHE")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dermaflux.model.config import ModelConfig, cache_dir
+from dermaflux.model.config import DTYPE_NAMES, ModelConfig, cache_dir
 from dermaflux.core.artifacts import fingerprint
 
 BUILTIN_TINY = "builtin:tiny"
@@ -24,7 +24,6 @@ def resolve_pretrained(model_cfg: ModelConfig) -> str:
 
 
 # The dtype names configs (`model.dtype`, `caption.dtype`) and the training cache's `dtype` column hold.
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str):
