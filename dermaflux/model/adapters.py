@@ -42,6 +42,9 @@ def save_adapter(
 
     For LoRA under ZeRO-3 the caller must pass `lora_state_dict` gathered from all ranks: the
     module's own parameters are empty shards there (a known trap of Flux LoRA trainers).
+    A LoRA's peft config (rank, alpha, targets) goes into the safetensors header as diffusers'
+    own Flux trainer writes it (`transformer_lora_adapter_metadata`): without it a loader assumes
+    alpha = rank, and a LoRA trained with another alpha reloads scaled wrongly.
     """
     if kind not in ("lora", "full"):
         raise ValueError(f"adapter kind must be 'lora' or 'full', got {kind!r}")
@@ -53,7 +56,8 @@ def save_adapter(
             state = lora_state_dict if lora_state_dict is not None else get_peft_model_state_dict(transformer)
             if not state or any(t.numel() == 0 for t in state.values()):
                 raise ValueError("LoRA state dict is empty or holds empty tensors (gather ZeRO-3 shards before saving)")
-            FluxPipeline.save_lora_weights(staging, transformer_lora_layers=state)
+            FluxPipeline.save_lora_weights(staging, transformer_lora_layers=state,
+                                           transformer_lora_adapter_metadata=_lora_metadata(transformer))
         else:
             transformer.save_pretrained(staging / "transformer")
         if vae is not None:
@@ -62,6 +66,17 @@ def save_adapter(
             staging / ADAPTER_FILE, {"kind": kind, "base": base, "has_vae": vae is not None, "meta": meta or {}}
         )
     return Path(out_dir)
+
+
+def _lora_metadata(transformer) -> dict | None:
+    """The peft LoraConfig of the transformer's LoRA as a dict (None: no adapter on it, alpha = rank)."""
+    configs = getattr(transformer, "peft_config", None) or {}
+    if not configs:
+        return None
+    if len(configs) > 1 and "default" not in configs:
+        raise ValueError(f"the transformer holds several LoRA adapters {sorted(configs)}: save one at a time")
+    config = configs.get("default") or next(iter(configs.values()))
+    return config.to_dict()
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterInfo:
