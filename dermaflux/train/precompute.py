@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 
 from dermaflux.core.artifacts import parquet_shards
 from dermaflux.model.loading import dtype_name
+from dermaflux.train.augment import VIEWS, dihedral
 from dermaflux.train.cache import tensor_to_bytes
 from dermaflux.train.encode import decode_images, encode_captions, encode_images
 
@@ -30,14 +32,22 @@ def load_text_and_vae(model_cfg, vae_dir: str | None):
     return pipe
 
 
-def encode_rows(pipe, batch: dict, resolution: int, max_sequence_length: int) -> dict:
-    """A columnar batch of caption rows -> a columnar batch of CACHE_SCHEMA rows."""
+def encode_views(vae, images: torch.Tensor, views: int) -> torch.Tensor:
+    """Latents of each image's `views` dihedral views: [B, C, h, w] for one view, else [B, views, C, h, w]."""
+    if views == 1:
+        return encode_images(vae, images)
+    # One VAE pass per view (not all views in one batch): the peak memory of the plain pre-compute.
+    return torch.stack([encode_images(vae, dihedral(images, view)) for view in range(views)], dim=1)
+
+
+def encode_rows(pipe, batch: dict, resolution: int, max_sequence_length: int, augment: str = "none") -> dict:
+    """A columnar batch of caption rows -> a columnar batch of CACHE_SCHEMA rows (`augment`: train.augment)."""
     captions = [str(c) for c in batch["caption"]]
     for row_id, caption in zip(batch["id"], captions):
         if not caption.strip():
             raise ValueError(f"caption row {row_id}: empty caption")
     images = decode_images(list(batch["image"]), resolution)
-    latents = encode_images(pipe.vae, images)
+    latents = encode_views(pipe.vae, images, VIEWS[augment])
     prompt_embeds, pooled = encode_captions(pipe, captions, max_sequence_length)
     dtype = dtype_name(prompt_embeds.dtype)
     latents = latents.to(prompt_embeds.dtype)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dermaflux.core.artifacts import atomic_path, atomic_write_json
+from dermaflux.train.augment import VIEWS
 from dermaflux.train.cache import CACHE_SCHEMA, cache_shards
 from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
 
@@ -23,16 +24,18 @@ log = logging.getLogger(__name__)
 class CaptionEncoder:
     """A Ray Data actor: loads the encoders once, then encodes batches."""
 
-    def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int):
+    def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int,
+                 augment: str = "none"):
         from dermaflux.model.config import ModelConfig
 
         torch.set_num_threads(1)
         self.pipe = load_text_and_vae(ModelConfig.model_validate(model_cfg_json), vae_dir)
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
+        self.augment = augment
 
     def __call__(self, batch: dict) -> dict:
-        return encode_rows(self.pipe, batch, self.resolution, self.max_sequence_length)
+        return encode_rows(self.pipe, batch, self.resolution, self.max_sequence_length, self.augment)
 
 
 def _existing_ids(cache_dir: Path) -> set[str]:
@@ -40,6 +43,35 @@ def _existing_ids(cache_dir: Path) -> set[str]:
     for path in cache_shards(cache_dir):
         ids.update(pq.read_table(path, columns=["id"])["id"].to_pylist())
     return ids
+
+
+def text_token_plan(cfg, table: pa.Table) -> dict:
+    """The T5 length this run encodes at (train.text_tokens), from the token counts of every caption in `table`
+    and of the validation prompts; an error naming the ids of captions that do not fit."""
+    from transformers import AutoTokenizer
+
+    from dermaflux.model.loading import resolve_pretrained
+    from dermaflux.train.text_length import pick_text_tokens, token_counts
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(cfg.model), subfolder="tokenizer_2",
+                                              revision=cfg.model.revision)
+    prompts = list(cfg.train.validation_prompts)
+    ids = [f"caption row {i}" for i in table["id"].to_pylist()]
+    ids += [f"train.validation_prompts[{n}]" for n in range(len(prompts))]
+    counts = token_counts(tokenizer, [str(c) for c in table["caption"].to_pylist()] + prompts)
+    return pick_text_tokens(zip(ids, counts), cfg.model.max_sequence_length, cfg.train.text_tokens)
+
+
+def _check_cached_length(cache_dir: Path, text_tokens: int) -> None:
+    """Rows cached by an earlier attempt must have been encoded at the length this one picks."""
+    shards = cache_shards(cache_dir)
+    if not shards:
+        return
+    first = pq.read_table(shards[0], columns=["prompt_embeds_shape"])["prompt_embeds_shape"]
+    cached = first[0].as_py()[0] if len(first) else text_tokens
+    if cached != text_tokens:
+        raise ValueError(f"{cache_dir}: rows cached at {cached} T5 tokens, but these captions need {text_tokens} "
+                         "(the captions changed?): remove the cache folder to re-encode")
 
 
 def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: dict | None = None) -> dict:
@@ -60,16 +92,20 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
             limit = max_images.get(split)
             parts.append(sub.slice(0, limit) if limit is not None else sub)
         table = pa.concat_tables(parts)
+    text_tokens = text_token_plan(cfg, table)
+    _check_cached_length(cache_dir, text_tokens["length"])
     done = _existing_ids(cache_dir)
     todo = table.filter(pa.compute.invert(pa.compute.is_in(table["id"], value_set=pa.array(sorted(done), pa.string()))))
-    summary = {"rows": table.num_rows, "cached_before": len(done & set(table["id"].to_pylist())), "encoded": 0}
+    summary = {"rows": table.num_rows, "cached_before": len(done & set(table["id"].to_pylist())), "encoded": 0,
+               "text_tokens": text_tokens, "views": VIEWS[cfg.train.augment]}
     if todo.num_rows == 0:
         return summary
     log.info("pre-compute: encoding %d of %d rows (%d already cached)", todo.num_rows, table.num_rows, len(done))
     ds = ray.data.from_arrow(todo)
     encoded = ds.map_batches(
         CaptionEncoder,
-        fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, cfg.model.max_sequence_length),
+        fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, text_tokens["length"],
+                             cfg.train.augment),
         batch_size=cfg.train.precompute_batch,
         batch_format="numpy",
         concurrency=cfg.train.precompute_workers,
@@ -89,8 +125,9 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
     return summary
 
 
-def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None) -> Path:
-    """The validation prompts' embeddings, so training workers render without text encoders."""
+def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None, text_tokens: int | None = None) -> Path:
+    """The validation prompts' embeddings (at `text_tokens`, default model.max_sequence_length), so training
+    workers render without text encoders."""
     from dermaflux.core.artifacts import atomic_path
     from dermaflux.train.encode import encode_captions
 
@@ -98,7 +135,8 @@ def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None) -
     if path.exists():
         return path
     pipe = load_text_and_vae(cfg.model, vae_dir)
-    prompt_embeds, pooled = encode_captions(pipe, cfg.train.validation_prompts, cfg.model.max_sequence_length)
+    prompt_embeds, pooled = encode_captions(pipe, cfg.train.validation_prompts,
+                                            text_tokens or cfg.model.max_sequence_length)
     with atomic_path(path) as tmp:
         torch.save({"prompts": list(cfg.train.validation_prompts), "prompt_embeds": prompt_embeds,
                     "pooled_prompt_embeds": pooled}, tmp)

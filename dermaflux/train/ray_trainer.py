@@ -90,13 +90,14 @@ class Trainer:
 
     def __init__(self, loop_cfg: dict):
         import ray.train
+        from diffusers import FluxTransformer2DModel
 
         from dermaflux.config import DermaFluxConfig
         from dermaflux.model.loading import resolve_pretrained
         from dermaflux.train.ds_config import use_bf16
 
         self.cfg = DermaFluxConfig.model_validate(loop_cfg["cfg"])
-        self.tc = tc = self.cfg.train
+        tc = self.cfg.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.hooks = list(loop_cfg.get("hooks", ()))
@@ -106,29 +107,71 @@ class Trainer:
         self.dtype = torch.bfloat16 if use_bf16(tc) else torch.float32
         self.base_dir = resolve_pretrained(self.cfg.model)
         self.state_mb: float | None = None  # measured once per process, see train_step
+        self._load_data(Path(loop_cfg["cache_dir"]), loop_cfg.get("vae_dir"))
+        self.transformer = FluxTransformer2DModel.from_pretrained(self.base_dir, subfolder="transformer")
+        self.tc = self._resolve_batch(tc)  # ints from here on: micro_batch "auto" measured once
         self._build_engine()
         self.step, self.history = self._resume(loop_cfg.get("resume_from"))
-        self._load_data(Path(loop_cfg["cache_dir"]), loop_cfg.get("vae_dir"))
+
+    def _resolve_batch(self, tc):
+        """`train.micro_batch: auto`: micro-batch and gradient checkpointing from the free GPU memory (before the
+        transformer moves there) and this cache's tokens per sample; without CUDA, 1 and the configured value."""
+        from dermaflux.train.memory import pick_micro_batch, size_class
+
+        latents, prompt_embeds, _ = self.data.rows([0])
+        self.text_tokens = int(prompt_embeds.shape[1])
+        if tc.micro_batch != "auto":
+            return tc
+        free_gib = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
+        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) + self.text_tokens
+        shards = self.world if tc.zero_stage == 3 else 1
+        picked = pick_micro_batch(free_gib, size_class(self.transformer.config), tokens, shards)
+        micro_batch, checkpointing = picked or (1, tc.gradient_checkpointing)
+        if self.rank == 0:
+            free = "no GPU" if free_gib is None else f"{free_gib:.0f} GiB free"
+            print(f"train.micro_batch auto: {micro_batch}, gradient checkpointing {checkpointing} "
+                  f"({free}, {tokens} tokens per sample)", flush=True)
+        return tc.model_copy(update={"micro_batch": micro_batch, "gradient_checkpointing": checkpointing})
 
     def _build_engine(self) -> None:
         import deepspeed
-        from diffusers import FluxTransformer2DModel
 
         from dermaflux.train.ds_config import deepspeed_config
         from dermaflux.train.flow import train_guidance_for
-        from dermaflux.train.model_setup import lr_schedule, prepare_transformer
+        from dermaflux.train.model_setup import lr_scheduler, prepare_transformer
 
         tc = self.tc
         torch.manual_seed(tc.seed)  # identical LoRA init on every rank
-        self.transformer = FluxTransformer2DModel.from_pretrained(self.base_dir, subfolder="transformer")
         params = prepare_transformer(self.transformer, tc)
         self.guidance = train_guidance_for(self.transformer.config, self.cfg.model)
+        self.compiled = self._compile() if tc.compile else False
         optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(tc))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.transformer, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc),
-            dist_init_required=False,
+            model=self.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, tc),
+            config=deepspeed_config(tc), dist_init_required=False,
         )
+
+    def _compile(self) -> bool:
+        """Compile the repeated blocks, probed by one forward + backward at the training shape before DeepSpeed
+        hooks the gradients (so the probe leaves no state); False (eager, one warning) when that fails."""
+        from dermaflux.train.compile import compile_blocks
+        from dermaflux.train.flow import flow_matching_loss
+
+        if self.tc.zero_stage == 3:
+            if self.rank == 0:
+                log.warning("train.compile: not under ZeRO-3 (its parameter hooks break compiled graphs); "
+                            "training runs eager")
+            return False
+        self.transformer.to(self.device, self.dtype)  # what DeepSpeed would do: compile for the real dtype
+
+        def probe() -> None:
+            try:
+                batch, gen = self._micro_batch(0)
+                flow_matching_loss(self.transformer, batch, self.tc, self.guidance, gen).backward()
+            finally:
+                self.transformer.zero_grad(set_to_none=True)
+
+        return compile_blocks(self.transformer, probe)
 
     def _resume(self, resume_from: str | None) -> tuple[int, list[dict]]:
         """(step, loss history) of the checkpoint Ray restores after a lost worker, or of `resume_from`."""
@@ -149,7 +192,7 @@ class Trainer:
 
         from dermaflux.train.cache import load_cached_set
 
-        self.data = load_cached_set(cache_dir, "train", self.tc.max_images)
+        self.data = load_cached_set(cache_dir, "train", self.cfg.train.max_images)
         self.validation = torch.load(cache_dir / "validation.pt") if (cache_dir / "validation.pt").exists() else None
         self.vae = None
         if self.rank == 0:  # only rank 0 renders and saves
@@ -170,6 +213,7 @@ class Trainer:
 
         tc = self.tc
         started = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step runs at (the scheduler steps with the optimizer)
         micro_losses = [self.forward_backward_step(self.step * tc.grad_accum + micro) for micro in range(tc.grad_accum)]
         self.step += 1
         loss = torch.stack(micro_losses).mean().reshape(1)
@@ -177,7 +221,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         if self.state_mb is None:  # fixed once AdamW has built its state: no walk over the parameters every step
             self.state_mb = _rank_state_mb(self.engine, self.optimizer)
-        record = {"step": self.step, "loss": float(loss) / self.world, "lr": self.scheduler.get_last_lr()[0],
+        record = {"step": self.step, "loss": float(loss) / self.world, "lr": lr,
                   "samples_per_s": tc.micro_batch * tc.grad_accum * self.world / elapsed,
                   "peak_mem_mb": _peak_memory_mb(self.device), "rank_state_mb": self.state_mb}
         self.history.append(record)
@@ -186,18 +230,26 @@ class Trainer:
     def forward_backward_step(self, micro_step: int) -> torch.Tensor:
         """Loss of this rank's micro-batch `micro_step`, back-propagated; DeepSpeed steps the optimizer at the
         accumulation boundary (engine.step() is called after every micro-batch)."""
-        from dermaflux.train.cache import micro_batch_indices
-        from dermaflux.train.flow import FlowBatch, flow_matching_loss
+        from dermaflux.train.flow import flow_matching_loss
 
-        tc = self.tc
-        # The data position: a resumed run continues the same sample stream and noise.
-        idx = micro_batch_indices(len(self.data), tc.seed, micro_step, self.rank, self.world, tc.micro_batch)
-        batch = FlowBatch(*self.data.rows(torch.from_numpy(idx))).to(self.device, self.dtype)
-        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro_step * 1_009 + self.rank)
-        loss = flow_matching_loss(self.engine, batch, tc, self.guidance, gen)
+        batch, gen = self._micro_batch(micro_step)
+        loss = flow_matching_loss(self.engine, batch, self.tc, self.guidance, gen)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach().float()
+
+    def _micro_batch(self, micro_step: int):
+        """(FlowBatch, noise generator) of this rank's micro-batch `micro_step`: rows, their augmented views and
+        the noise are functions of the data position, so a resumed run continues the same stream."""
+        from dermaflux.train.cache import micro_batch_indices, micro_batch_views
+        from dermaflux.train.flow import FlowBatch
+
+        tc, n = self.tc, len(self.data)
+        idx = micro_batch_indices(n, tc.seed, micro_step, self.rank, self.world, tc.micro_batch)
+        views = micro_batch_views(n, tc.seed, micro_step, self.rank, self.world, tc.micro_batch, self.data.views)
+        batch = FlowBatch(*self.data.rows(idx, views)).to(self.device, self.dtype)
+        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro_step * 1_009 + self.rank)
+        return batch, gen
 
     def report(self, record: dict) -> None:
         """Metrics to Ray Train every log_every steps; with a checkpoint on checkpoint/validation steps."""
@@ -208,7 +260,9 @@ class Trainer:
         render = self.validation is not None and (step % tc.validate_every == 0 or step == tc.steps)
         if not (save or render or step % tc.log_every == 0):
             return
-        metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * self.world / len(self.data)}
+        metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * self.world / len(self.data),
+                   "micro_batch": tc.micro_batch, "gradient_checkpointing": int(tc.gradient_checkpointing),
+                   "compiled": int(self.compiled), "text_tokens": self.text_tokens}
         if self.rank == 0:  # the progress display: Ray forwards worker stdout to the driver
             print(f"train step {step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
                   f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}", flush=True)
@@ -253,19 +307,22 @@ class Trainer:
         tc = self.tc
         save_adapter(ckpt_dir / "adapter", model, kind=tc.mode, base=self.cfg.model.pretrained, vae=self.vae,
                      lora_state_dict=state if tc.mode == "lora" else None,
-                     meta={"step": self.step, "weights_checksum": checksum})
+                     meta={"step": self.step, "weights_checksum": checksum, "text_tokens": self.text_tokens})
         write_loss_curve(self.history, ckpt_dir)
 
     def validate(self, ckpt_dir: Path, model) -> None:
         """`validation-<step>.png`: one row per validation prompt, one column per seed (rank 0)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        from dermaflux.train.compile import eager
         from dermaflux.train.validation import image_grid, render_validation, save_png
 
         tc, model_cfg = self.tc, self.cfg.model
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base_dir, subfolder="scheduler")
-        images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds, model_cfg.resolution,
-                                   tc.validation_steps or model_cfg.num_inference_steps, model_cfg.guidance_scale)
+        with eager():  # other shapes than training's: no recompilation of compiled blocks
+            images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds,
+                                       model_cfg.resolution, tc.validation_steps or model_cfg.num_inference_steps,
+                                       model_cfg.guidance_scale)
         save_png(image_grid(images, cols=len(tc.validation_seeds)), ckpt_dir / f"validation-{self.step:06d}.png")
 
 
@@ -281,6 +338,22 @@ def latest_checkpoint(storage_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
+def _flat_params(cfg) -> dict[str, str]:
+    """The model and train sections as flat `section.key` strings (a tracker's run parameters)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        else:
+            flat[prefix] = str(value)[:500]
+
+    for section in ("model", "train"):
+        walk(section, getattr(cfg, section).model_dump(mode="json"))
+    return flat
+
+
 def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str | Path, resume: bool = False,
                  hooks: Sequence[Callable[[Trainer, int], None]] = ()):
     """Start the TorchTrainer; returns the Ray Train result. Checkpoints land in <run_dir>/ray/train/step-*.
@@ -291,8 +364,10 @@ def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str |
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dermaflux.train.cache import ensure_split_file
+    from dermaflux.train.ray_tracking import TrackingCallback, check_trackers
 
     tc = cfg.train
+    check_trackers(tc.tracking)
     run_dir = Path(run_dir).resolve()
     ensure_split_file(cache_dir, "train")  # once here, not raced by every worker
     storage = tc.storage_path or str(run_dir / "ray")
@@ -314,7 +389,9 @@ def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str |
         run_config=RunConfig(
             name="train", storage_path=storage,
             failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_kept),
+            callbacks=[TrackingCallback(tc.tracking, run_dir, tc.mlflow_tracking_uri, _flat_params(cfg))]
+            if tc.tracking else [],
         ),
     )
     return trainer.fit()

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (how long, how wide, how it fails).
-_RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "cpus_per_worker", "use_gpu", "resume"}
+_RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "cpus_per_worker", "use_gpu", "resume",
+                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile"}
 
 
 def run_fingerprint(cfg) -> str:
@@ -84,7 +85,7 @@ def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> d
 
     # Only the train split feeds the transformer; val/test stay for the evaluate stage.
     info = run_precompute(cfg, cache_dir, vae_dir, max_images={"train": cfg.train.max_images, "val": 0, "test": 0})
-    encode_validation_prompts(cfg, cache_dir, vae_dir)
+    encode_validation_prompts(cfg, cache_dir, vae_dir, info["text_tokens"]["length"])
     return info
 
 
@@ -97,8 +98,10 @@ def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool) -
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
         _copy_final(Path(ckpt), out)
-    return {"steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
-            "weights_checksum": result.metrics.get("weights_checksum"), "checkpoint": str(result.checkpoint.path)}
+    metrics = result.metrics
+    return {"steps": metrics.get("step"), "loss": metrics.get("loss"), "weights_checksum": metrics.get("weights_checksum"),
+            "checkpoint": str(result.checkpoint.path),
+            **{k: metrics.get(k) for k in ("micro_batch", "gradient_checkpointing", "compiled", "text_tokens")}}
 
 
 def _copy_final(ckpt: Path, out: Path) -> None:
