@@ -25,11 +25,13 @@ class CaptionEncoder:
     """A Ray Data actor: loads the encoders once, then encodes batches."""
 
     def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int,
-                 augment: str = "none"):
+                 augment: str = "none", use_gpu: bool = False):
         from dermaflux.model.config import ModelConfig
 
         torch.set_num_threads(1)
         self.pipe = load_text_and_vae(ModelConfig.model_validate(model_cfg_json), vae_dir)
+        if use_gpu:  # Ray gave this actor a GPU (num_gpus=1): T5-XXL and 8 VAE views per image are GPU work
+            self.pipe.to("cuda")
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
         self.augment = augment
@@ -105,11 +107,12 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
     encoded = ds.map_batches(
         CaptionEncoder,
         fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, text_tokens["length"],
-                             cfg.train.augment),
+                             cfg.train.augment, cfg.train.use_gpu),
         batch_size=cfg.train.precompute_batch,
         batch_format="numpy",
         concurrency=cfg.train.precompute_workers,
         num_cpus=1,
+        num_gpus=1 if cfg.train.use_gpu else 0,
     )
     part = len(cache_shards(cache_dir))
     (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -135,8 +138,11 @@ def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None, t
     if path.exists():
         return path
     pipe = load_text_and_vae(cfg.model, vae_dir)
+    if cfg.train.use_gpu and torch.cuda.is_available():  # a driver on a CPU-only head node encodes on its CPU
+        pipe.to("cuda")
     prompt_embeds, pooled = encode_captions(pipe, cfg.train.validation_prompts,
                                             text_tokens or cfg.model.max_sequence_length)
+    prompt_embeds, pooled = prompt_embeds.cpu(), pooled.cpu()
     with atomic_path(path) as tmp:
         torch.save({"prompts": list(cfg.train.validation_prompts), "prompt_embeds": prompt_embeds,
                     "pooled_prompt_embeds": pooled}, tmp)

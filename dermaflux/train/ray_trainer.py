@@ -182,10 +182,26 @@ class Trainer:
             checkpoint = ray.train.Checkpoint(resume_from)
         if checkpoint is None:
             return 0, []
+        lora = self.tc.mode == "lora"
         with checkpoint.as_directory() as ckpt_dir:
-            _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=DS_TAG)
+            # LoRA checkpoints hold no frozen base weights (see `checkpoint`): not strict about their keys, so the
+            # restored trainable weights are checked against the checksum saved with them instead.
+            _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=DS_TAG,
+                                                    load_module_strict=not lora)
+        self._check_restored(client, checkpoint.path)
         log.info("rank %d: resumed at step %d from %s", self.rank, client["step"], checkpoint.path)
         return int(client["step"]), list(client["history"])
+
+    def _check_restored(self, client: dict, where: str) -> None:
+        from dermaflux.train.model_setup import state_checksum
+
+        saved = client.get("weights_checksum")
+        if saved is None:  # a checkpoint written before the checksum was saved with it
+            return
+        restored = state_checksum(_gather_trainable(self.engine, self.transformer, self.tc))  # collective (ZeRO-3)
+        if abs(restored - saved) > 1e-6 * max(abs(saved), 1.0):
+            raise RuntimeError(f"checkpoint {where}: the restored trainable weights differ from the saved ones "
+                               f"(checksum {restored} != {saved})")
 
     def _load_data(self, cache_dir: Path, vae_dir: str | None) -> None:
         from diffusers import AutoencoderKL
@@ -279,12 +295,17 @@ class Trainer:
         from dermaflux.train.model_setup import state_checksum
 
         ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dfx-step{self.step}-r{self.rank}-"))
-        if save:
-            self.engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=DS_TAG,
-                                        client_state={"step": self.step, "history": self.history})
         state = _gather_trainable(self.engine, self.transformer, self.tc)  # collective under ZeRO-3: every rank joins
+        checksum = state_checksum(state)
+        if save:
+            # LoRA: without the frozen base (24 GB for FLUX.1-dev, per checkpoint), which resuming loads from the
+            # base model anyway.
+            self.engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=DS_TAG,
+                                        client_state={"step": self.step, "history": self.history,
+                                                      "weights_checksum": checksum},
+                                        exclude_frozen_parameters=self.tc.mode == "lora")
         if self.rank == 0:
-            metrics["weights_checksum"] = state_checksum(state)
+            metrics["weights_checksum"] = checksum
             # Below ZeRO-3 every rank holds whole weights: use them in place. ZeRO-3 shards need a plain copy.
             model = self.transformer if self.tc.zero_stage < 3 else \
                 _inference_transformer(self.base_dir, self.tc, state, self.dtype).to(self.device)

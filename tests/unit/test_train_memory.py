@@ -55,3 +55,10 @@ def test_micro_batch_setting(tiny_config):
     assert load_config("flux-dev").train.micro_batch == "auto"
     with pytest.raises(ConfigError, match="micro_batch"):
         load_config("tiny", overrides=["train.micro_batch=0"])
+
+
+def test_readme_figures():
+    """The per-GPU picks the README states (512 px, 128 text tokens unless said)."""
+    assert pick_micro_batch(79.0, "flux-dev", IMAGE_TOKENS + 128) == (8, False)  # 80 GB
+    assert pick_micro_batch(39.4, "flux-dev", IMAGE_TOKENS + 128) == (1, False)  # 40 GB
+    assert estimate_peak_gib(SIZE_CLASSES["flux-dev"], 8, IMAGE_TOKENS + 128, False) == pytest.approx(66, abs=1)
