@@ -2,7 +2,8 @@
 
 A stage never leaves half a file: everything is written to a temp name beside the target and
 renamed into place. A folder remembers which run owns it (a fingerprint of the inputs and the
-config), so re-running resumes the same run and refuses to mix two different ones.
+config), so re-running resumes the same run and refuses to mix two different ones. Nothing here
+deletes a folder without that run marker, or one that is, holds or lies inside the run's input.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *
         owner = read_json(owner_path)
         if owner.get("stage") == stage and owner.get("fingerprint") == run_fingerprint:
             return True
-        found = f"{out} holds a different {owner.get('stage')!r} run (fingerprint {owner.get('fingerprint')}, " \
-                f"this run {run_fingerprint})"
+        found = (f"{out} holds a different {owner.get('stage')!r} run (fingerprint {owner.get('fingerprint')}, "
+                 f"this run {run_fingerprint})")
         if not force:
             raise OutputConflict(f"{found}: choose another --out, or pass --force to replace it")
         if owner.get("stage") != stage:  # --force replaces a run of this stage, not a whole pipeline folder
@@ -152,7 +153,7 @@ def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *
         shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         raise OutputConflict(f"{out} is not empty and was not written by dermaflux (no {OWNER_FILE}): DermaFlux "
-                             "never deletes it, even with --force; choose another --out or empty it yourself")
+                             "never deletes such a folder (not even when forced); choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(owner_path, {"stage": stage, "fingerprint": run_fingerprint, "created": time.time()})
     return False

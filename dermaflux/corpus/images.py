@@ -1,7 +1,8 @@
 """Per-image work (runs inside Ray Data tasks): read the bytes, prove they decode, hash them.
 
 Pure PIL/numpy/imagehash, no Ray. A failure is returned as a reason string, never raised, so one
-bad file quarantines one row instead of failing a task.
+bad file quarantines one row instead of failing a task. No decode starts before the header's size
+is checked against curate.max_pixels (`open_bounded`, which caption's workers use too).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import hashlib
 import io
 import math
 import warnings
-from functools import lru_cache
 from collections.abc import Iterator
+from functools import lru_cache
 
 import imagehash
 import numpy as np
@@ -67,7 +68,8 @@ def open_bounded(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[
         raise ImageRefused(f"image does not decode: not an image ({len(data)} bytes starting {data[:12]!r}, "
                            "no image format Pillow knows)") from None
     except Image.DecompressionBombError as err:  # over twice Pillow's own limit: refused before ours
-        raise ImageRefused(f"image cannot be read within curate.max_pixels = {_megapixels(max_pixels)}: {err}") from None
+        raise ImageRefused(
+            f"image cannot be read within curate.max_pixels = {_megapixels(max_pixels)}: {err}") from None
     with image:
         width, height = image.size
         if width * height > max_pixels:

@@ -114,7 +114,8 @@ def _scan(indexes: list[SourceIndex], out: Path, cfg) -> list[dict]:
     for i, result in zip(todo, ray_pipeline.scan([locators[i] for i in todo], cfg.curate)):
         results[i] = result
     log.info("scan: %d images in %.1fs", len(todo), time.time() - started)
-    frame = pd.DataFrame([{"image_path": loc, "stamp": stamp, **res} for loc, stamp, res in zip(locators, stamps, results)])
+    frame = pd.DataFrame([{"image_path": loc, "stamp": stamp, **result}
+                          for loc, stamp, result in zip(locators, stamps, results)])
     for column in ("error", "format", "phash", "sha256"):
         if column not in frame:
             frame[column] = None

@@ -48,7 +48,8 @@ def test_force_never_deletes_a_folder_dermaflux_did_not_write(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "data.csv").write_text("a,b\n")
     before = snapshot(tmp_path)
-    with pytest.raises(OutputConflict, match=r"not empty and was not written by dermaflux.*even with --force"):
+    refusal = r"not empty and was not written by dermaflux.*never deletes such a folder \(not even when forced\)"
+    with pytest.raises(OutputConflict, match=refusal):
         claim_output(tmp_path, "curate", "abc", force=True)
     assert snapshot(tmp_path) == before
 

@@ -58,7 +58,8 @@ def test_csv_that_is_not_utf8_fails_naming_file_and_line(tmp_path):
     metadata = tmp_path / "HAM10000_metadata.csv"
     metadata.write_bytes(b"lesion_id,image_id,dx,localization\nHAM_1,ISIC_1,nv,back\n"
                          + "HAM_2,ISIC_2,nv,t\u00eate\n".encode("latin-1"))
-    with pytest.raises(SourceError, match=rf"^ham10000: {re.escape(str(metadata))} line 3: byte 18 of the line \(0xea\) is not UTF-8"):
+    expected = rf"^ham10000: {re.escape(str(metadata))} line 3: byte 18 of the line \(0xea\) is not UTF-8"
+    with pytest.raises(SourceError, match=expected):
         read_source(f"ham10000={tmp_path}")
     generic = tmp_path / "labels.csv"
     generic.write_bytes(b"\xef\xbb\xbfimage,dx\n\xff,nv\n")  # a UTF-8 BOM is fine; 0xff is not
