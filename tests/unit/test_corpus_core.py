@@ -152,7 +152,7 @@ def test_plan_reconciles_dedups_across_sources_and_never_leaks(sources):
 
 
 def test_core_modules_import_no_ray():
-    code = ("import sys; import dermaflux.corpus.stage, dermaflux.corpus.plan, dermaflux.corpus.command, "
+    code = ("import sys; import dermaflux.corpus.stage, dermaflux.corpus.plan, "
             "dermaflux.corpus.sources; dermaflux.corpus.sources.readers(); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
