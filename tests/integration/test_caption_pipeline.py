@@ -103,4 +103,6 @@ def test_cli_llm_writer_on_an_actor_pool(corpus, tmp_path, ray_local, dermaflux_
 
 def test_cli_reports_a_missing_corpus(tmp_path, capsys):
     code = cli_main(["caption", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert code == 2 and "no *.parquet corpus shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "caption.corpus" in err and "nope does not exist" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
