@@ -149,6 +149,10 @@ def run(cfg: DermaFluxConfig) -> dict:
         caption_shards(ccfg, pending, lambda shard, results: write_shard_output(out, shard, results),
                        max_pixels=cfg.curate.max_pixels)
     manifest = finalize(out, shards, cfg)
+    if manifest["rows"] and not manifest["captioned"]:
+        reasons = ", ".join(f"{n} {why}" for why, n in manifest["uncaptioned_reasons"].items())
+        raise artifacts.NothingKept(f"caption: none of {manifest['rows']} corpus images was captioned ({reasons}); "
+                                    f"see {out / 'uncaptioned.jsonl'}")
     return {
         "out": str(out),
         "resumed": resumed,
