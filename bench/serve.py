@@ -127,8 +127,8 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int, adapter
 
 def tiny_bench(args) -> dict:
     from dermaflux.config import load_config
-    from dermaflux.model.adapters import random_lora_adapter
     from dermaflux.core.runtime import init_ray
+    from dermaflux.testing.adapters import random_lora_adapter
 
     os.environ.setdefault("DERMAFLUX_CACHE", str(Path(tempfile.gettempdir()) / "dermaflux-bench-cache"))
     cfg = load_config("tiny")
@@ -264,8 +264,8 @@ def adapter_timings(args, pipe, device: str, base_image_s: float) -> dict:
     import torch
 
     from dermaflux.config import load_config
-    from dermaflux.model.adapters import random_lora_adapter
     from dermaflux.synth.adapter_pool import AdapterPool
+    from dermaflux.testing.adapters import random_lora_adapter
 
     def sync():
         if device == "cuda":

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from serve_service import tiny_service
+from dermaflux.testing.serve import tiny_service
 
 pytestmark = pytest.mark.integration
 

@@ -5,10 +5,11 @@ import re
 import numpy as np
 import pytest
 
-from corpus_builders import (
-    build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes, pick, write_csv,
-)
 from dermaflux.corpus.sources import SourceError, SourceSpec, read_source, readers
+from dermaflux.testing.ham10000 import pick
+from dermaflux.testing.sources import (
+    build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes, write_csv,
+)
 
 
 def test_registry_and_spec_syntax():

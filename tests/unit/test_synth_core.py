@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
+from dermaflux.testing.adapters import random_lora_adapter as make_lora_adapter
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +254,6 @@ def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
         bulk.prepare_job(out, spec_for({"mel": 4}))
 
 
-def test_core_modules_import_no_ray():
-    code = (
-        "import sys; import dermaflux.synth.sampling, dermaflux.synth.requests, dermaflux.synth.bulk, "
-        "dermaflux.synth.adapter_pool, dermaflux.synth.stage; print('ray' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 def test_a_fused_lora_samples_like_the_unfused_one_and_nothing_else(synth_cfg):
     from dermaflux.synth.adapter_pool import AdapterPool
 
@@ -346,11 +335,10 @@ def test_generate_targets_from_the_config(tmp_path):
 
 
 def test_bring_every_class_to_n_counts_the_train_split(ham10000_dir, tmp_path):
-    from synth_corpus import build_small_corpus
-
     from dermaflux.synth.bulk import bring_to_targets, corpus_class_counts
+    from dermaflux.testing.ham10000 import build_class_corpus
 
-    corpus = build_small_corpus(ham10000_dir, tmp_path / "corpus", {"nv": 6, "mel": 3, "df": 1})
+    corpus = build_class_corpus(ham10000_dir, tmp_path / "corpus", {"nv": 6, "mel": 3, "df": 1})
     assert corpus_class_counts(corpus) == {"nv": 6, "mel": 3, "df": 1}  # test rows are not counted
     assert bring_to_targets(corpus, 5) == {"df": 4, "mel": 2, "nv": 0}
     with pytest.raises(FileNotFoundError, match="not a corpus folder"):
