@@ -41,8 +41,10 @@ def test_pixels_above_the_limit_are_refused_from_the_header(ham10000_dir, tmp_pa
     big.write_bytes(flat_png(13_000))
     assert big.stat().st_size < 1_000_000
     # In a fresh process, so its peak memory is this call's: decoding would take 169 MB (+507 MB as RGB).
-    code = ("import resource, sys; from dermaflux.corpus.images import scan_image; "
-            "print(scan_image(sys.argv[1]).get('error')); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) peak across fork + exec into ru_maxrss.
+    code = ("import re, sys; from dermaflux.corpus.images import scan_image; "
+            "print(scan_image(sys.argv[1]).get('error')); "
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
     error, peak_kb = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True,
                                     check=True).stdout.strip().splitlines()
     assert error == ("image cannot be read within curate.max_pixels: 13000x13000 px = 169.0 MP, "

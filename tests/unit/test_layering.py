@@ -21,7 +21,7 @@ LIGHT_MODULES = {
     "entry": (NO_RAY, ["config", "stages", "cli", "pipeline", "core.config", "core.artifacts", "core.runtime",
                        "core.storage", "core.preflight", "core.entry"]),
     "lesion": (NO_RAY_OR_TORCH, ["lesion.taxonomy", "lesion.attributes", "lesion.captions", "caption.extract"]),
-    "model": (NO_RAY, ["model.config", "model.tiny", "model.loading", "model.adapters"]),
+    "model": (NO_RAY, ["model.config", "model.tiny", "model.loading", "model.adapters", "model.random_weights"]),
     "corpus": (NO_RAY, ["corpus.stage", "corpus.plan", "corpus.dedup", "corpus.splits", "corpus.images",
                         "corpus.sources", "corpus.sources.ham10000", "corpus.sources.dermamnist",
                         "corpus.sources.isic", "corpus.sources.pad_ufes_20", "corpus.sources.generic_csv"]),
