@@ -16,6 +16,9 @@ from pathlib import Path
 
 from dermaflux.model.config import TinyFluxSpec
 
+# Part of the cache key: a change to what a spec builds (2: stable tokenizer ids) gets a new folder.
+BUILD_VERSION = 2
+
 # Words the tokenizers are trained on: the caption vocabulary of DermaFlux (taxonomy names,
 # ABCD attributes, body sites, skin tones) plus filler so free text still tokenizes.
 _VOCAB_TEXT = """
@@ -75,13 +78,40 @@ def _build_clip_tokenizer(spec: TinyFluxSpec):
     backend.train_from_iterator(_training_sentences(), trainer)
     with tempfile.TemporaryDirectory() as tmp:
         backend.model.save(tmp)
-        vocab = json.loads(Path(tmp, "vocab.json").read_text())
+        trained = json.loads(Path(tmp, "vocab.json").read_text())
         merges = [
             tuple(line.split(" "))
             for line in Path(tmp, "merges.txt").read_text().splitlines()
             if line and not line.startswith("#version")
         ]
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = _stable_ids(trained, specials)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=spec.clip_max_tokens)
+
+
+def _stable_ids(trained: dict[str, int], specials: list[str]) -> dict[str, int]:
+    """Token ids by sorted token text, special tokens first.
+
+    The trainers break ties in hash-map order, so the same corpus gives the same tokens under
+    different ids from one build to the next: a model built on another node would read other
+    embedding rows. Renumbering by text makes every build of a spec identical.
+    """
+    rest = sorted(token for token in trained if token not in specials)
+    return {token: i for i, token in enumerate(specials + rest)}
+
+
+def _renumbered_unigram(backend, specials: list[str]):
+    """The trained Unigram model with its pieces in a stable order (see _stable_ids); scores kept."""
+    from tokenizers import Tokenizer, models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.model.save(tmp)
+        pieces = {piece: score for piece, score in json.loads(Path(tmp, "unigram.json").read_text())["vocab"]}
+    order = _stable_ids(pieces, specials)
+    renumbered = Tokenizer(models.Unigram([(piece, pieces[piece]) for piece in order], unk_id=order["<unk>"]))
+    renumbered.normalizer, renumbered.pre_tokenizer, renumbered.decoder = (
+        backend.normalizer, backend.pre_tokenizer, backend.decoder)
+    return renumbered
 
 
 def _build_t5_tokenizer(spec: TinyFluxSpec):
@@ -96,6 +126,7 @@ def _build_t5_tokenizer(spec: TinyFluxSpec):
         vocab_size=spec.t5_vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
     )
     backend.train_from_iterator(_training_sentences(), trainer)
+    backend = _renumbered_unigram(backend, ["<pad>", "</s>", "<unk>"])
     backend.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
