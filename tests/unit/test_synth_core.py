@@ -314,22 +314,22 @@ def test_a_full_fine_tune_is_served_under_its_name_beside_the_base(synth_cfg, tm
 
 
 def test_cli_flags_map_onto_the_synth_section(tmp_path):
-    from dermaflux.cli import build_parser
+    from dermaflux.cli import build_parser, flag_settings
     from dermaflux.config import load_config
-    from dermaflux.synth import generate_command, serve_command
 
     parser = build_parser()
     args = parser.parse_args(["serve", "--preset", "flux-dev", "--host", "0.0.0.0", "--port", "9000", "--replicas", "2",
-                              "--max-adapters", "2"])
-    cfg = load_config(args.preset, extra=serve_command.config_overrides(args))
+                              "--max-adapters", "2", "--jobs-root", str(tmp_path), "--token-file", "/run/token"])
+    cfg = load_config(args.preset, extra=flag_settings(args))
+    assert (cfg.synth.jobs_root, cfg.synth.auth.token_file) == (str(tmp_path), "/run/token")
     assert cfg.synth.max_adapters_per_replica == 2
     assert (cfg.synth.host, cfg.synth.port, cfg.model.resolution, cfg.model.num_inference_steps) == ("0.0.0.0", 9000, 512, 20)
     assert cfg.synth.autoscaling.min_replicas == cfg.synth.autoscaling.max_replicas == 2
     args = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--lora", "a=/x", "--lora", "/y"])
-    cfg = load_config(args.preset, extra=generate_command.config_overrides(args))
+    cfg = load_config(args.preset, extra=flag_settings(args))
     assert cfg.synth.fuse_lora is False
     fused = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--fuse-lora"])
-    assert load_config(fused.preset, extra=generate_command.config_overrides(fused)).synth.fuse_lora is True
+    assert load_config(fused.preset, extra=flag_settings(fused)).synth.fuse_lora is True
     assert (cfg.synth.per_class, cfg.synth.out, cfg.synth.adapters) == (3, str(tmp_path), ["a=/x", "/y"])
 
 
