@@ -315,11 +315,12 @@ class SynthesisAPI:
 
     @api.post("/v1/images", response_model=ImagesResponse, summary="generate images (PNG, base64) now")
     async def images(self, body: ImageRequest) -> ImagesResponse:
-        # In a thread: tokenising never holds up the event loop that answers everyone else.
-        samples = await asyncio.to_thread(
-            expand_image_request, body, self.cfg, sorted(self.adapter_paths), self.tokenizer
-        )
-        with self._admit(len(samples)):
+        # Admitted first, so a refusal costs no tokenising; that runs in a thread, so it never holds
+        # up the event loop that answers everyone else.
+        with self._admit(body.count):
+            samples = await asyncio.to_thread(
+                expand_image_request, body, self.cfg, sorted(self.adapter_paths), self.tokenizer
+            )
             results = await asyncio.gather(
                 *(synth_call(self.synth, s.settings.adapter).generate.remote(s.to_dict()) for s in samples)
             )
@@ -337,8 +338,9 @@ class SynthesisAPI:
     def _admit(self, count: int):
         """Hold `count` images of the ingress' budget (synth.limits.max_queued_images) or refuse now."""
         limits = self.cfg.synth.limits
-        if count > limits.max_queued_images:
-            raise RequestError("count", f"{count} exceeds synth.limits.max_queued_images ({limits.max_queued_images})")
+        if count > min(limits.max_queued_images, limits.max_images_per_request):
+            limit = min(limits.max_queued_images, limits.max_images_per_request)
+            raise RequestError("count", f"{count} exceeds the limit of {limit} images per request")
         if self.images_in_flight + count > limits.max_queued_images:
             raise ServiceBusy("count", f"{self.images_in_flight} images in progress and {count} more would exceed "
                               f"synth.limits.max_queued_images ({limits.max_queued_images}); retry later",
