@@ -259,7 +259,8 @@ def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
 def test_core_modules_import_no_ray():
     code = (
         "import sys; import dermaflux.synth.sampling, dermaflux.synth.requests, dermaflux.synth.bulk, "
-        "dermaflux.synth.adapter_pool, dermaflux.synth.stage; print('ray' in sys.modules)"
+        "dermaflux.synth.adapter_pool, dermaflux.synth.stage, dermaflux.synth.jobs, dermaflux.synth.guard; "
+        "print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
