@@ -23,7 +23,7 @@ def tiny_service(model_cfg, cache: Path, root: Path, adapters: list[str], **synt
     port = free_port()
     cfg = load_config("tiny", extra={
         "model": {"cache_dir": str(cache)},
-        "synth": {"adapters": [str(p) for p in loras], "port": port, "jobs_dir": str(root / "jobs"), **synth},
+        "synth": {"adapters": [str(p) for p in loras], "port": port, "jobs_root": str(root / "jobs"), **synth},
     })
     start_service(cfg, access_log=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)

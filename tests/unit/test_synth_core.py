@@ -308,8 +308,9 @@ def test_cli_flags_map_onto_the_synth_section(tmp_path):
 
     parser = build_parser()
     args = parser.parse_args(["serve", "--preset", "flux-dev", "--host", "0.0.0.0", "--port", "9000", "--replicas", "2",
-                              "--max-adapters", "2"])
+                              "--max-adapters", "2", "--jobs-root", str(tmp_path), "--token-file", "/run/token"])
     cfg = load_config(args.preset, extra=flag_settings(args))
+    assert (cfg.synth.jobs_root, cfg.synth.auth.token_file) == (str(tmp_path), "/run/token")
     assert cfg.synth.max_adapters_per_replica == 2
     assert (cfg.synth.host, cfg.synth.port, cfg.model.resolution, cfg.model.num_inference_steps) == ("0.0.0.0", 9000, 512, 20)
     assert cfg.synth.autoscaling.min_replicas == cfg.synth.autoscaling.max_replicas == 2
