@@ -15,7 +15,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from serve_service import tiny_service
+from dermaflux.testing.serve import tiny_service
 
 pytestmark = pytest.mark.integration
 

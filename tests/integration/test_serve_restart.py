@@ -9,7 +9,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from ray_cluster import free_port
+from dermaflux.testing.ray_cluster import free_port
 
 pytestmark = pytest.mark.integration
 
