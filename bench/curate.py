@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from dermaflux.config import load_config
+from dermaflux.config import load_config  # noqa: E402
 from dermaflux.core.runtime import RayConfig  # noqa: E402
 from dermaflux.corpus import stage  # noqa: E402
 from dermaflux.corpus.images import scan_image  # noqa: E402

@@ -23,16 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from dermaflux.config import load_config
+from dermaflux.config import load_config  # noqa: E402
 from dermaflux.core.runtime import RayConfig  # noqa: E402
 from dermaflux.evaluate.data import read_corpus, read_synthetic  # noqa: E402
 from dermaflux.evaluate.grid import build_cells  # noqa: E402
 from dermaflux.evaluate.ray_grid import run_grid  # noqa: E402
 from dermaflux.core.runtime import init_ray  # noqa: E402
-from evaluate_inputs import build_corpus, build_stand_in_synthetic  # noqa: E402
+from dermaflux.testing.ham10000 import build_split_corpus, build_stand_in_synthetic  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
-        corpus = build_corpus(Path(args.data), Path(tmp) / "corpus", per_class=per_class)
+        corpus = build_split_corpus(Path(args.data), Path(tmp) / "corpus", per_class=per_class)
         synthetic_dir = build_stand_in_synthetic(corpus, Path(tmp) / "synthetic", per_image=1.0)
         cfg = load_config("tiny").evaluate.model_copy(update={"fractions": [0.5, 1.0], "ratios": [0.0, 1.0], "seeds": 2})
         real = read_corpus(corpus, cfg.image_size)

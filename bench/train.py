@@ -38,7 +38,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -50,11 +49,11 @@ def build_cache(data: Path, work: Path, cfg, n_train: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from dermaflux.testing.ham10000 import build_captioned_set
     from dermaflux.train.cache import CACHE_SCHEMA
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
-    from train_inputs import build_captions
 
-    captions = build_captions(data, work / "captions", n_train=n_train, n_test=0)
+    captions = build_captioned_set(data, work / "captions", n_train=n_train, n_test=0)
     table = pa.concat_tables([pq.read_table(p, columns=CAPTION_COLUMNS) for p in caption_shards(captions)])
     rows = encode_rows(load_text_and_vae(cfg.model, None), table.to_pydict(), cfg.model.resolution,
                        cfg.model.max_sequence_length)

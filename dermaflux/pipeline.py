@@ -97,6 +97,13 @@ def _discovered_sources(cfg) -> list[str]:
     return sources
 
 
+def _source_paths(stage_cfg) -> list[str]:
+    """The datasets curate reads: the run folder may not be, contain or lie inside one of them."""
+    from dermaflux.corpus.sources.base import SourceSpec
+
+    return [SourceSpec.parse(text).path for text in stage_cfg.curate.sources]
+
+
 def _settings(section) -> dict:
     # Defaults left out: a field added to a stage later does not make a finished stage look changed.
     return section.model_dump(mode="json", exclude_defaults=True)
@@ -131,7 +138,8 @@ def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
     # Everything before a stage runs: paths, preset, then (with Ray up, once for all stages) the resources.
     check_stages_in_order(stage_cfg, runnable)
     # The folder belongs to one preset and model; each stage's own settings are checked per stage.
-    resumed = claim_run(stage_cfg, out, "pipeline", fingerprint(stage_cfg.preset, _settings(stage_cfg.model)))
+    resumed = claim_run(stage_cfg, out, "pipeline", fingerprint(stage_cfg.preset, _settings(stage_cfg.model)),
+                        inputs=_source_paths(stage_cfg) if "curate" in runnable else [])
     init_ray(stage_cfg.ray)
     if capacity_check:
         check_config(stage_cfg, runnable, produced=set(runnable), capacity=capacity_from_ray())

@@ -251,10 +251,14 @@ STAGES: tuple[StageSpec, ...] = (
                    action="append", metavar="DIR"),
             Option("--max-adapters", ("synth.max_adapters_per_replica",), "adapters a replica keeps loaded, least "
                    "recently used evicted", type=int, metavar="N"),
-            Option("--host", ("synth.host",), "bind address (default 127.0.0.1)", metavar="HOST"),
+            Option("--host", ("synth.host",), "bind address (default 127.0.0.1; beyond loopback a token is "
+                   "required: $DERMAFLUX_API_TOKEN or --token-file)", metavar="HOST"),
             Option("--port", ("synth.port",), "HTTP port (default 8000)", type=int, metavar="PORT"),
             Option("--replicas", ("synth.autoscaling.min_replicas", "synth.autoscaling.max_replicas"),
                    "fixed number of synthesis replicas", type=int, metavar="N"),
+            Option("--jobs-root", ("synth.jobs_root",), "the folder bulk jobs write under (default: "
+                   "<cache>/synth-jobs)", metavar="DIR"),
+            Option("--token-file", ("synth.auth.token_file",), "file holding the API's bearer token", metavar="FILE"),
         ),
         inputs=(Input("adapters", many=True, path_of=adapter_path),),
         output=None,

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from dermaflux.caption.batch import extract_batch, write_batch
 from dermaflux.caption.config import CaptionConfig
 from dermaflux.caption.writers import create_writer
+from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ def _task_args(num_cpus: float) -> dict:
 class CaptionActor:
     """One writer (one model load) per actor; Ray Data feeds it batches."""
 
-    def __init__(self, caption_cfg: dict):
+    def __init__(self, caption_cfg: dict, max_pixels: int):
         self.cfg = CaptionConfig.model_validate(caption_cfg)
-        self.writer = create_writer(self.cfg)
+        self.writer = create_writer(self.cfg, max_pixels)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # Only the results leave the actor (no image bytes), and no further operator follows it:
@@ -56,9 +57,11 @@ def _check_cpus(cfg: CaptionConfig, cluster_cpus: float) -> None:
 
 
 def caption_shards(
-    cfg: CaptionConfig, shards: list[Path], on_shard_done: Callable[[Path, pd.DataFrame], None]
+    cfg: CaptionConfig, shards: list[Path], on_shard_done: Callable[[Path, pd.DataFrame], None],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Caption `shards`; call `on_shard_done(shard, results)` once per shard as soon as it is complete."""
+    """Caption `shards`; call `on_shard_done(shard, results)` once per shard as soon as it is complete.
+    No worker decodes an image above `max_pixels` (curate.max_pixels): such a row is uncaptioned."""
     import ray.data
 
     expected = {shard.name: pq.ParquetFile(shard).metadata.num_rows for shard in shards}
@@ -77,6 +80,7 @@ def caption_shards(
     # which we pin; its successor must keep the two operators apart the same way.)
     ds = ds.map_batches(
         extract_batch,
+        fn_kwargs={"max_pixels": max_pixels},
         batch_format="pandas",
         batch_size=cfg.batch_size,
         compute=ray.data.TaskPoolStrategy(size=cfg.extract_concurrency),
@@ -84,7 +88,7 @@ def caption_shards(
     )
     ds = ds.map_batches(
         CaptionActor,
-        fn_constructor_kwargs={"caption_cfg": cfg.model_dump()},
+        fn_constructor_kwargs={"caption_cfg": cfg.model_dump(), "max_pixels": max_pixels},
         batch_format="pandas",
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

@@ -142,12 +142,17 @@ def run(cfg: DermaFluxConfig) -> dict:
     run_fingerprint = artifacts.fingerprint(
         ccfg.model_dump(exclude=RUNTIME_FIELDS), [(s.name, s.stat().st_size) for s in shards]
     )
-    resumed = artifacts.claim_run(cfg, out, STAGE, run_fingerprint, force=ccfg.force)
+    resumed = artifacts.claim_run(cfg, out, STAGE, run_fingerprint, force=ccfg.force, inputs=[corpus])
     pending = [s for s in shards if not artifacts.is_done(out, s.stem)]
     log.info("caption: %d corpus shards, %d to do (%s)", len(shards), len(pending), "resuming" if resumed else "fresh")
     if pending:
-        caption_shards(ccfg, pending, lambda shard, results: write_shard_output(out, shard, results))
+        caption_shards(ccfg, pending, lambda shard, results: write_shard_output(out, shard, results),
+                       max_pixels=cfg.curate.max_pixels)
     manifest = finalize(out, shards, cfg)
+    if manifest["rows"] and not manifest["captioned"]:
+        reasons = ", ".join(f"{n} {why}" for why, n in manifest["uncaptioned_reasons"].items())
+        raise artifacts.NothingKept(f"caption: none of {manifest['rows']} corpus images was captioned ({reasons}); "
+                                    f"see {out / 'uncaptioned.jsonl'}")
     return {
         "out": str(out),
         "resumed": resumed,

@@ -2,7 +2,8 @@
 
 A stage never leaves half a file: everything is written to a temp name beside the target and
 renamed into place. A folder remembers which run owns it (a fingerprint of the inputs and the
-config), so re-running resumes the same run and refuses to mix two different ones.
+config), so re-running resumes the same run and refuses to mix two different ones. Nothing here
+deletes a folder without that run marker, or one that is, holds or lies inside the run's input.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ MARKER_DIR = ".done"
 
 class OutputConflict(RuntimeError):
     """The output folder belongs to a different run."""
+
+
+class NothingKept(ValueError):
+    """A stage ran and kept nothing: every input was rejected (the message says why)."""
 
 
 def _tmp_beside(path: Path) -> Path:
@@ -68,8 +73,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging folder; it replaces `path` only when the block finishes without error."""
+    """Yield a staging folder; it replaces `path` only when the block finishes without error.
+
+    Replacing deletes what is at `path`: callers pass only folders DermaFlux owns (a step folder
+    inside a claimed run folder, a Ray checkpoint, the DermaFlux cache), never a user's path.
+    """
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputConflict(f"{path} is a link or a file, not a folder DermaFlux wrote: not replacing it")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -95,38 +106,65 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False) -> bool:
+def _overlap(out: Path, inputs) -> str | None:
+    """How `out` is, contains or lies inside one of `inputs` (symlinks resolved), or None."""
+    target = out.expanduser().resolve()
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if target == source:
+            how = "is"
+        elif target in source.parents:
+            how = "contains"
+        elif source in target.parents:
+            how = "lies inside"
+        else:
+            continue
+        resolved = "" if (str(out), str(given)) == (str(target), str(source)) else f" (resolved: {target}, {source})"
+        return f"{out} {how} the input {given}{resolved}"
+    return None
+
+
+def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False,
+                 inputs=()) -> bool:
     """Own `out_dir` for this run. Returns True when resuming the same run, False when fresh.
 
-    Raises OutputConflict when the folder holds a different run of this stage (unless `force`,
-    which wipes it) or any other non-empty content DermaFlux did not write.
+    Raises OutputConflict when the folder is, contains or lies inside one of the run's `inputs`,
+    holds a different run (unless `force`, which replaces a run of the same stage), or holds
+    anything without a DermaFlux run marker: `force` never deletes what DermaFlux did not write.
     """
     out = Path(out_dir)
+    overlap = _overlap(out, inputs)
+    if overlap:
+        raise OutputConflict(f"{overlap}: a {stage} run never writes into, or replaces, its own input; "
+                             "choose another --out")
+    if out.exists() and not out.is_dir():
+        raise OutputConflict(f"{out} is a file, not a folder: choose another --out")
     owner_path = out / OWNER_FILE
     if owner_path.exists():
         owner = read_json(owner_path)
         if owner.get("stage") == stage and owner.get("fingerprint") == run_fingerprint:
             return True
+        found = (f"{out} holds a different {owner.get('stage')!r} run (fingerprint {owner.get('fingerprint')}, "
+                 f"this run {run_fingerprint})")
         if not force:
-            raise OutputConflict(
-                f"{out} holds a different {owner.get('stage')!r} run (fingerprint {owner.get('fingerprint')}, "
-                f"this run {run_fingerprint}): choose another --out, or pass --force to replace it"
-            )
+            raise OutputConflict(f"{found}: choose another --out, or pass --force to replace it")
+        if owner.get("stage") != stage:  # --force replaces a run of this stage, not a whole pipeline folder
+            raise OutputConflict(f"{found}: --force replaces only a {stage} run; choose another --out")
         shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
-        if not force:
-            raise OutputConflict(f"{out} is not empty and was not written by dermaflux {stage}: choose another --out")
-        shutil.rmtree(out)
+        raise OutputConflict(f"{out} is not empty and was not written by dermaflux (no {OWNER_FILE}): DermaFlux "
+                             "never deletes such a folder (not even when forced); choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(owner_path, {"stage": stage, "fingerprint": run_fingerprint, "created": time.time()})
     return False
 
 
-def claim_run(cfg, out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False) -> bool:
+def claim_run(cfg, out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False,
+              inputs=()) -> bool:
     """Every stage's start: own `out_dir` (see claim_output) and write the effective config beside it."""
     from dermaflux.core.config import save_effective_config
 
-    resumed = claim_output(out_dir, stage, run_fingerprint, force=force)
+    resumed = claim_output(out_dir, stage, run_fingerprint, force=force, inputs=inputs)
     save_effective_config(cfg, out_dir)
     return resumed
 
@@ -141,6 +179,11 @@ def is_done(out_dir: str | os.PathLike, name: str) -> bool:
 
 def mark_done(out_dir: str | os.PathLike, name: str, info: dict | None = None) -> None:
     atomic_write_json(marker_path(out_dir, name), {"done": time.time(), **(info or {})})
+
+
+def clear_done(out_dir: str | os.PathLike, name: str) -> None:
+    """Forget a finished step (its inputs changed): the next run redoes it."""
+    marker_path(out_dir, name).unlink(missing_ok=True)
 
 
 def done_names(out_dir: str | os.PathLike) -> set[str]:

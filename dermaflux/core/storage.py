@@ -128,7 +128,7 @@ def staged_section(section, inputs: tuple[str, ...], output: str = "out") -> Ite
                 setattr(section, field, [localise(field, v, i) for i, v in enumerate(value)])
             else:
                 setattr(section, field, localise(field, value))
-        out_value = getattr(section, output)
+        out_value = getattr(section, output) if output else None  # `serve` writes no output folder
         remote_out = out_value if is_remote(out_value) else None
         if out_value is not None:
             original[output] = out_value

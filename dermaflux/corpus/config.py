@@ -8,6 +8,10 @@ from pydantic import Field, field_validator, model_validator
 
 from dermaflux.core.config import ConfigModel
 
+# Pixels an image may have before it is decoded: the presets train at 512 px and full-size
+# dermoscopy is 1-30 MP, so 50 MP leaves room while one decode stays near 150 MB of RGB.
+DEFAULT_MAX_PIXELS = 50_000_000
+
 
 class CurateConfig(ConfigModel):
     sources: list[str] = Field(
@@ -30,6 +34,11 @@ class CurateConfig(ConfigModel):
         "HAM10000 distinct lesions come within distance 2; at 16, distinct >= 40 and re-encodes/resizes <= 14",
     )
     phash_threshold: int = Field(24, ge=0, description="Hamming distance at or below which two images are duplicates")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1,
+        description="largest width x height decoded (checked from the header first); larger images are "
+        "quarantined, and caption workers refuse them too",
+    )
     rows_per_shard: int = Field(1000, ge=1, description="rows per Parquet shard (about; Ray Data may round)")
     batch_size: int = Field(64, ge=1, description="images per Ray Data batch in the per-image tasks")
     num_workers: int | None = Field(None, ge=1, description="concurrent per-image Ray tasks (None: as many as fit)")

@@ -22,10 +22,10 @@ from dermaflux.corpus.schema import CORPUS_SCHEMA
 SCAN_COLUMNS = ["row", "error", "format", "width", "height", "phash", "sha256"]
 
 
-def _scan_batch(batch: pd.DataFrame, hash_size: int) -> pd.DataFrame:
+def _scan_batch(batch: pd.DataFrame, hash_size: int, max_pixels: int) -> pd.DataFrame:
     out = []
     for row, locator in zip(batch["row"], batch["image_path"]):
-        result = scan_image(locator, hash_size)
+        result = scan_image(locator, hash_size, max_pixels)
         out.append({"row": int(row), **{k: result.get(k) for k in SCAN_COLUMNS[1:]}})
     return pd.DataFrame(out, columns=SCAN_COLUMNS)
 
@@ -49,7 +49,7 @@ def scan(locators: list[str], cfg: CurateConfig) -> list[dict]:
     # One block per batch, so the per-image tasks spread over every worker from the start.
     ds = _dataset(items, cfg.batch_size)
     ds = ds.map_batches(_scan_batch, batch_size=cfg.batch_size, batch_format="pandas",
-                        fn_kwargs={"hash_size": cfg.phash_size}, **_task_options(cfg))
+                        fn_kwargs={"hash_size": cfg.phash_size, "max_pixels": cfg.max_pixels}, **_task_options(cfg))
     results = ds.to_pandas().sort_values("row")
     if len(results) != len(locators):
         raise RuntimeError(f"scan returned {len(results)} rows for {len(locators)} images")
@@ -61,7 +61,7 @@ def _attach_images(batch: pd.DataFrame) -> pa.Table:
     for locator, sha in zip(batch["image_path"], batch["sha256"]):
         data, _ = read_image_bytes(locator)
         if hashlib.sha256(data).hexdigest() != sha:
-            raise RuntimeError(f"{locator} changed between the scan and the write; re-run with --force")
+            raise RuntimeError(f"{locator} changed between the scan and the write; re-run to scan it again")
         images.append(data)
     frame = batch.drop(columns=["image_path", "sha256"]).assign(image=images)
     return pa.Table.from_pandas(frame[CORPUS_SCHEMA.names], schema=CORPUS_SCHEMA, preserve_index=False)

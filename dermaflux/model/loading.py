@@ -13,10 +13,10 @@ BUILTIN_TINY = "builtin:tiny"
 def resolve_pretrained(model_cfg: ModelConfig) -> str:
     """A local folder or hub id that `FluxPipeline.from_pretrained` accepts; builds builtin:tiny on first use."""
     if model_cfg.pretrained == BUILTIN_TINY:
-        from dermaflux.model.tiny import ensure_tiny_pipeline
+        from dermaflux.model.tiny import BUILD_VERSION, ensure_tiny_pipeline
 
         spec = model_cfg.tiny
-        folder = cache_dir(model_cfg) / f"tiny-flux-{fingerprint(spec.model_dump())}"
+        folder = cache_dir(model_cfg) / f"tiny-flux-{fingerprint(BUILD_VERSION, spec.model_dump())}"
         return str(ensure_tiny_pipeline(folder, spec))
     if model_cfg.pretrained.startswith("builtin:"):
         raise ValueError(f"model.pretrained: unknown builtin {model_cfg.pretrained!r}; known: {BUILTIN_TINY}")

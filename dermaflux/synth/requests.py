@@ -9,6 +9,7 @@ Pure python + pydantic: no torch, no Ray.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +33,8 @@ class RequestError(ValueError):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"2"`, `1.0` and `true` are not counts (lax pydantic would coerce them).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageRequest(_Body):
@@ -41,9 +43,9 @@ class ImageRequest(_Body):
     prompt: str | None = Field(None, description="free text; give this or `attributes`")
     attributes: LesionAttributes | None = Field(None, description="structured lesion attributes; give this or `prompt`")
     count: int = Field(1, ge=1, description="images to return; image i uses seed + i")
-    seed: int = Field(0, ge=0, lt=2**63)
+    seed: int = Field(0, ge=0, lt=2**63, description="seed + count - 1 must stay below 2**63")
     num_inference_steps: int | None = Field(None, ge=1, description="default: the preset's")
-    guidance_scale: float | None = Field(None, ge=0, description="default: the preset's")
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="default: the preset's")
     width: int | None = Field(None, ge=SIZE_MULTIPLE, description="pixels, multiple of 16; default: the preset's")
     height: int | None = Field(None, ge=SIZE_MULTIPLE, description="pixels, multiple of 16; default: the preset's")
     adapter: str | None = Field(None, description="adapter name (GET /v1/adapters); null: the base model")
@@ -64,11 +66,14 @@ class AugmentationRequest(_Body):
     class_targets: dict[str, int] | None = Field(None, description="explicit synthetic images per taxonomy code")
     bring_to: int | None = Field(None, ge=0, description="top every class of `corpus` (train split) up to N images")
     corpus: str | None = Field(None, description="corpus folder for `bring_to`")
-    out: str | None = Field(None, description="output folder; default: <jobs_dir>/<job_id>")
+    out: str | None = Field(
+        None, description="output folder: a name or relative path inside the service's jobs root "
+        "(synth.jobs_root); default: <job_id>. One job id writes to one folder for life"
+    )
     adapter: str | None = None
     seed: int = Field(0, ge=0, lt=2**63)
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     width: int | None = Field(None, ge=SIZE_MULTIPLE)
     height: int | None = Field(None, ge=SIZE_MULTIPLE)
 
@@ -124,6 +129,8 @@ def resolve_settings(body: ImageRequest | AugmentationRequest, cfg, adapters: li
     guidance = body.guidance_scale
     if guidance is None:
         guidance = cfg.synth.guidance_scale if cfg.synth.guidance_scale is not None else cfg.model.guidance_scale
+    if not math.isfinite(guidance):
+        raise RequestError("guidance_scale", f"expected a finite number, got {guidance}")
     if guidance > limits.max_guidance:
         raise RequestError("guidance_scale", f"{guidance} exceeds the limit of {limits.max_guidance}")
     if body.adapter is not None and body.adapter not in adapters:
@@ -143,9 +150,14 @@ def check_token_budget(prompt: str, tokenizer, budget: int, field: str = "prompt
 
 def expand_image_request(body: ImageRequest, cfg, adapters: list[str], tokenizer=None) -> list[SampleRequest]:
     """One SampleRequest per image, or RequestError before any work starts."""
-    limit = cfg.synth.limits.max_images_per_request
+    limits = cfg.synth.limits
+    limit = limits.max_images_per_request
     if body.count > limit:
         raise RequestError("count", f"{body.count} exceeds the limit of {limit} images per request")
+    if body.seed + body.count > 2**63:  # image i uses seed + i; torch seeds are int64
+        raise RequestError("seed", f"seed + count - 1 = {body.seed + body.count - 1} exceeds 2**63 - 1")
+    if body.prompt is not None and len(body.prompt) > limits.max_prompt_chars:  # before the tokenizer sees it
+        raise RequestError("prompt", f"{len(body.prompt)} characters exceeds the limit of {limits.max_prompt_chars}")
     settings = resolve_settings(body, cfg, adapters)
     prompt = body.prompt if body.prompt is not None else caption_from_attributes(body.attributes, body.seed)
     check_token_budget(prompt, tokenizer, cfg.model.max_sequence_length, "prompt" if body.prompt else "attributes")
@@ -157,7 +169,7 @@ def check_labels(targets: dict[str, int], field: str = "class_targets") -> dict[
     for code, count in targets.items():
         if code not in taxonomy.LABELS:
             raise RequestError(f"{field}.{code}", f"unknown class {code!r}; known: {', '.join(taxonomy.CODES)}")
-        if not isinstance(count, int) or count < 0:
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise RequestError(f"{field}.{code}", f"expected a non-negative integer count, got {count!r}")
     return {code: targets[code] for code in sorted(targets)}
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from dermaflux.lesion import taxonomy
 from dermaflux.synth import bulk
-from dermaflux.synth.requests import AugmentationRequest, check_labels, resolve_settings
+from dermaflux.synth.requests import AugmentationRequest, check_labels
 
 if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
@@ -30,23 +30,18 @@ def class_targets(cfg) -> dict[str, int]:
 
 
 def job_spec(cfg) -> bulk.JobSpec:
+    """The job `synth` describes, built by the same `bulk.job_spec` as the service's bulk jobs."""
     from dermaflux.synth.adapter_pool import adapter_folders
 
     synth = cfg.synth
     if not synth.out:
         raise ValueError("synth.out is not set (--out DIR)")
     adapters = adapter_folders(synth.adapters)
-    adapter = synth.adapter or next(iter(adapters), None)
-    body = AugmentationRequest(job_id=Path(synth.out).name or "generate", class_targets={}, adapter=adapter)
-    settings = resolve_settings(body, cfg, sorted(adapters))
-    targets = class_targets(cfg)
-    limit = synth.limits.max_images_per_job
-    if sum(targets.values()) > limit:
-        raise ValueError(f"{sum(targets.values())} images exceeds synth.limits.max_images_per_job ({limit})")
-    return bulk.JobSpec(
-        job_id=body.job_id, targets=targets, settings=settings, seed=synth.seed, shard_size=synth.shard_size,
-        model=cfg.model.pretrained, adapter_path=adapters.get(adapter) if adapter else None,
+    request = AugmentationRequest(
+        job_id=Path(synth.out).name or "generate", class_targets=class_targets(cfg),
+        adapter=synth.adapter or next(iter(adapters), None), seed=synth.seed,
     )
+    return bulk.job_spec(cfg, request, adapters)
 
 
 def run(cfg: DermaFluxConfig) -> dict:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from corpus_builders import build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes
 from dermaflux.core.artifacts import OutputConflict
 from dermaflux.cli import main
 from dermaflux.config import load_config
 from dermaflux.corpus import stage
 from dermaflux.corpus.schema import CORPUS_SCHEMA
+from dermaflux.testing.sources import build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import pytest
 from dermaflux.cli import main
 from dermaflux.config import load_config
 from dermaflux.evaluate import stage
-from evaluate_inputs import build_corpus, build_stand_in_synthetic
-from html_render import CHROMIUM, render
+from dermaflux.testing.ham10000 import build_split_corpus, build_stand_in_synthetic
+from dermaflux.testing.html_render import CHROMIUM, render
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def evaluated(ham10000_dir, tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("evaluate-grid")
-    corpus = build_corpus(ham10000_dir, root / "corpus", per_class=16, seed=2)
+    corpus = build_split_corpus(ham10000_dir, root / "corpus", per_class=16, seed=2)
     import pyarrow.parquet as pq
 
     rows = pq.read_table(sorted((corpus / "shards").glob("*.parquet"))).to_pylist()

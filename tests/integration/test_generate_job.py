@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
+from dermaflux.testing.adapters import random_lora_adapter as make_lora_adapter
 
 pytestmark = pytest.mark.integration
 

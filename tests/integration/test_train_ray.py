@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_inputs import build_captions
+from dermaflux.testing.ham10000 import build_captioned_set
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def small_train_config(captions, out, **train):
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory, ham10000_dir):
-    return build_captions(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=48, n_test=16)
+    return build_captioned_set(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=48, n_test=16)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_stage_outputs(first_run):
 def test_final_weights_load_and_change_output(first_run, tiny_config):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from dermaflux.model.adapters import load_pipeline_with_adapters
+    from dermaflux.testing.adapters import load_pipeline_with_adapters
     from dermaflux.model.loading import load_pipeline
 
     cfg, summary = first_run

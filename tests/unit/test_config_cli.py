@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from dermaflux.config import ConfigError, load_config
 from dermaflux.core.config import available_presets, save_effective_config
 from dermaflux.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_presets_differ_only_in_numbers_and_ids():
@@ -81,9 +81,3 @@ def test_set_errors_name_their_source(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.lr: .*from --set train\.lr=fast"):
         load_config("tiny", user, ["train.lr=fast", "train.steps=4"])
     assert "train.steps" not in str(err.value).split("from file")[1]
-
-
-def test_core_imports_no_ray():
-    code = "import sys, dermaflux.config, dermaflux.core.artifacts, dermaflux.model.tiny; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

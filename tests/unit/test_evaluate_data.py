@@ -13,13 +13,13 @@ from dermaflux.evaluate.data import (
     stratified_subsample,
 )
 from dermaflux.evaluate.grid import build_cells
-from evaluate_inputs import build_corpus, build_stand_in_synthetic
+from dermaflux.testing.ham10000 import build_split_corpus, build_stand_in_synthetic
 
 
 @pytest.fixture(scope="module")
 def small_inputs(ham10000_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate-data")
-    corpus = build_corpus(ham10000_dir, root / "corpus", per_class=12)
+    corpus = build_split_corpus(ham10000_dir, root / "corpus", per_class=12)
     synthetic = build_stand_in_synthetic(corpus, root / "synthetic", per_image=2.0)
     return corpus, synthetic, read_corpus(corpus, 32), read_synthetic(synthetic, 32)
 

@@ -112,14 +112,3 @@ def test_hamming_matrix_counts_bits():
     assert hamming_matrix(a, b).tolist() == [[0, 1], [8, 7], [64, 63]]
     words = np.array([[1, 0, 0, 3], [0, 0, 0, 0]], dtype=np.uint64)  # 256-bit hashes as 4 words
     assert hamming_matrix(words, words[1:]).tolist() == [[3], [0]]
-
-
-def test_evaluate_core_imports_no_ray():
-    import subprocess
-    import sys
-
-    modules = ["data", "metrics", "classifier", "quality", "assess", "grid", "report", "stage", "config"]
-    code = ("import sys\n" + "".join(f"import dermaflux.evaluate.{m}\n" for m in modules)
-            + "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

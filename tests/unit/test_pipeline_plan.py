@@ -74,13 +74,3 @@ def test_every_problem_of_a_pipeline_is_reported_before_it_starts(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_stages_in_order(stage_cfg, runnable)
     assert "2 problems" in str(err.value) and "nope does not exist" in str(err.value) and "gone does not exist" in str(err.value)
-
-
-def test_pipeline_and_job_modules_import_no_ray():
-    import subprocess
-    import sys
-
-    code = ("import sys, dermaflux.pipeline, dermaflux.core.entry, dermaflux.core.preflight, dermaflux.core.storage; "
-            "print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -7,7 +7,9 @@ use (unknown label, missing image, bad field) become `Reject`s with the file and
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -105,11 +107,25 @@ class SourceIndex:
 # --- helpers -------------------------------------------------------------------------------
 
 
+def decode_utf8(path: Path, what: str) -> str:
+    """The file's text; bytes that are not UTF-8 fail naming the file, the line and the byte in it."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # (not utf-8-sig: its error offsets skip the BOM)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise SourceError(
+            f"{what}: {path} line {line}: byte {err.start - line_start + 1} of the line (0x{raw[err.start]:02x}) is "
+            "not UTF-8; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def read_csv(path: Path, required: list[str], what: str) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) pairs; a missing required column fails the whole source up front."""
     if not path.is_file():
         raise SourceError(f"{what}: {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with io.StringIO(decode_utf8(path, what), newline="") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in required if c not in columns]

@@ -1,7 +1,7 @@
-"""Small source folders in each reader's real layout, built from real HAM10000 images.
+"""Small source folders in each corpus reader's layout, built from real HAM10000 images.
 
-Every builder writes into a tmp folder (never the repo) and returns what the tests need to know:
-which ids are duplicates of which, which images share a lesion, which rows are broken.
+Every builder writes into the folder it is given (tmp, never the repo) and returns what the tests
+need to know: which ids are duplicates of which, which images share a lesion, which rows are broken.
 """
 
 from __future__ import annotations
@@ -12,23 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dermaflux.testing.ham10000 import METADATA, pick, read_metadata
+
 DERMAMNIST_ORDER = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-
-
-def ham_rows(ham_dir: Path) -> list[dict[str, str]]:
-    with open(ham_dir / "HAM10000_metadata.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def pick(ham_dir: Path, per_label: int, skip: int = 0) -> list[dict[str, str]]:
-    """`per_label` real HAM rows of each diagnosis, deterministic, after skipping `skip` of each."""
-    rows, taken = [], {}
-    for row in ham_rows(ham_dir):
-        n = taken.get(row["dx"], 0)
-        if skip <= n < skip + per_label:
-            rows.append(row)
-        taken[row["dx"]] = n + 1
-    return rows
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
@@ -73,7 +59,7 @@ def build_ham_subset(ham_dir: Path, root: Path, per_label: int = 6) -> dict:
         (images / f"{rows[2]['image_id']}.jpg").read_bytes())
     all_rows = rows + [truncated, missing, unknown]
     columns = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]
-    write_csv(root / "HAM10000_metadata.csv", all_rows, columns)
+    write_csv(root / METADATA, all_rows, columns)
     return {"root": root, "rows": rows, "input_rows": len(all_rows),
             "broken": {"ISIC_TRUNCATED": "does not decode", "ISIC_MISSING": "not found", unknown["image_id"]: "unknown label"}}
 
@@ -96,7 +82,7 @@ def build_dermamnist(ham_dir: Path, path: Path, size: int = 64, duplicate_of: st
         pixels = np.asarray(Image.open(images / f"{duplicate_of}.jpg").convert("RGB").resize((size, size)))
         dup_index = len(arrays["test_images"])
         arrays["test_images"].append(pixels)
-        arrays["test_labels"].append([DERMAMNIST_ORDER.index(next(r["dx"] for r in ham_rows(ham_dir)
+        arrays["test_labels"].append([DERMAMNIST_ORDER.index(next(r["dx"] for r in read_metadata(ham_dir)
                                                                   if r["image_id"] == duplicate_of))])
     # One label outside 0..6: MedMNIST never has it, but a hand-made .npz can.
     arrays["train_images"].append(arrays["train_images"][0])
@@ -126,7 +112,7 @@ def build_isic(ham_dir: Path, root: Path, duplicate_of: str) -> dict:
         gt.append({"image": image, **{c: "1.0" if c == code_to_col[row["dx"]] else "0.0" for c in columns}})
         meta.append({"image": image, "age_approx": row["age"], "anatom_site_general": row["localization"],
                      "lesion_id": f"IL_{k:07d}", "sex": row["sex"]})
-    dup_dx = next(r["dx"] for r in ham_rows(ham_dir) if r["image_id"] == duplicate_of)
+    dup_dx = next(r["dx"] for r in read_metadata(ham_dir) if r["image_id"] == duplicate_of)
     for image in ("ISIC_8000001", "ISIC_8000002"):
         reencode(images / f"{duplicate_of}.jpg", root / "ISIC_2019_Training_Input" / f"{image}.jpg", size=300)
         gt.append({"image": image, **{c: "1.0" if c == code_to_col[dup_dx] else "0.0" for c in columns}})

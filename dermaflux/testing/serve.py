@@ -1,4 +1,4 @@
-"""The real synthesis service on loopback for tests: tiny preset, random LoRAs, ready when returned."""
+"""The real synthesis service on loopback: tiny preset, random LoRAs, ready when yielded."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ def tiny_service(model_cfg, cache: Path, root: Path, adapters: list[str], **synt
     from ray import serve
 
     from dermaflux.config import load_config
-    from dermaflux.model.adapters import random_lora_adapter
     from dermaflux.synth.serve_app import start_service
-    from ray_cluster import free_port
+    from dermaflux.testing.adapters import random_lora_adapter
+    from dermaflux.testing.ray_cluster import free_port
 
     loras = [random_lora_adapter(model_cfg, root / name, seed=i) for i, name in enumerate(adapters, 1)]
     port = free_port()
     cfg = load_config("tiny", extra={
         "model": {"cache_dir": str(cache)},
-        "synth": {"adapters": [str(p) for p in loras], "port": port, "jobs_dir": str(root / "jobs"), **synth},
+        "synth": {"adapters": [str(p) for p in loras], "port": port, "jobs_root": str(root / "jobs"), **synth},
     })
     start_service(cfg, access_log=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
