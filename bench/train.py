@@ -242,7 +242,7 @@ def template_captions(data: Path, out: Path, n: int) -> Path:
 
     from dermaflux.lesion.attributes import COLOUR_WORDS, LesionAttributes
     from dermaflux.lesion.captions import caption_from_attributes
-    from train_inputs import build_captions
+    from dermaflux.testing.ham10000 import build_captioned_set as build_captions
 
     captions = build_captions(data, out, n_train=n, n_test=0)
     colours = list(COLOUR_WORDS)

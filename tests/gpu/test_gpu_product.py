@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_inputs import build_captions
+from dermaflux.testing.ham10000 import build_captioned_set as build_captions
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the lent GPU machine)")]
@@ -189,7 +189,7 @@ def test_serve_one_gpu_replica(zero2_run, model_dir, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "dermaflux.cli", "serve", "--preset", "flux-dev", f"--set=model.pretrained={model_dir}",
          "--lora", f"lesions={zero2_run / 'final'}", "--port", str(port), "--replicas", "1",
-         "--set=synth.gpus_per_replica=1", f"--set=synth.jobs_dir={tmp_path / 'jobs'}"],
+         "--set=synth.gpus_per_replica=1", f"--set=synth.jobs_root={tmp_path / 'jobs'}"],
         cwd=ROOT, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
     try:

@@ -51,7 +51,7 @@ def test_view_stream_is_a_function_of_the_position():
 def dihedral_cache(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
     """Six real HAM10000 images encoded with augment=dihedral, as the pre-compute writes them."""
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
-    from train_inputs import build_captions
+    from dermaflux.testing.ham10000 import build_captioned_set as build_captions
 
     work = tmp_path_factory.mktemp("dihedral")
     captions = build_captions(ham10000_dir, work / "captions", n_train=6, n_test=0)
