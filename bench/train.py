@@ -374,12 +374,13 @@ def main() -> None:
     parser.add_argument("--cudnn-sdpa", action="store_true", help="full-size: allow cuDNN attention (off by default)")
     parser.add_argument("--gpu-product", action="store_true", help="the product's trainer on --model (GPU machine)")
     parser.add_argument("--model", help="gpu-product: a `dermaflux model random --like flux-dev` folder")
-    parser.add_argument("--images", type=int, default=64, help="gpu-product: captioned images to pre-compute")
+    parser.add_argument("--images", type=int, default=48, help="gpu-product: captioned images to pre-compute")
     parser.add_argument("--plain-steps", type=int, default=8, help="gpu-product: timed steps of each plain loop")
     parser.add_argument("--work", help="gpu-product: work folder (default: a new temporary one)")
     parser.add_argument("--json", help="where to write the result (default bench/results/<kind>.json)")
     args = parser.parse_args()
     if args.gpu_product:
+        os.environ["DS_ACCELERATOR"] = "cuda"  # before Ray starts: its workers inherit it (the default above is cpu)
         args.steps = args.steps if args.steps != 5 else 12
         result = gpu_product_bench(args)
         path = Path(args.json or RESULTS / "train_gpu_product.json")

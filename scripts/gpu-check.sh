@@ -14,9 +14,17 @@
 #   tests        pytest tests/gpu (train ZeRO-2 + resume + diffusers reload, ZeRO-3, generate, serve)
 #   bench-train  bench/train.py --gpu-product: the product's trainer against plain loops, MFU
 #   report       $OUT/h200-product.json (copy it to bench/reference/ and commit it)
-# Outputs go to $OUT (set by the device tool; default bench/results/gpu-check): gpu-check.log, steps.tsv,
-# gpu-tests.xml, gpu-results.jsonl, bench-train.json, h200-product.json.
+# Outputs: /tmp/dfx-gpu/results (kept while the machine is warm), copied at the end of each call to $OUT (set by
+# the device tool; default bench/results/gpu-check): gpu-check.log, steps.tsv, gpu-tests-*.xml,
+# gpu-results.jsonl, bench-train.json, h200-product.json (at most 8 files come back from a call).
 # Step time limits (seconds) can be changed with DFX_T_<STEP> (e.g. DFX_T_TESTS=900).
+#
+# Device time is short (15 minutes a task, 10 a call): the whole check takes longer than one call, so split it,
+# calling again at once (the machine stays warm ~30 s; then /tmp, the install and the model are still there):
+#   1) DFX_GPU_TESTS_K='zero2 or diffusers' bash scripts/gpu-check.sh --only install,smoke,model,tests
+#   2) DFX_GPU_TESTS_K='zero3 or generate or serve' bash scripts/gpu-check.sh --only install,model,tests
+#   3) bash scripts/gpu-check.sh --only install,model,bench-train,report
+# Each call brings back the results gathered so far (kept in /tmp/dfx-gpu/results while the machine is warm).
 # shellcheck disable=SC2317  # the step functions are called indirectly, through run_step
 set -euo pipefail
 
@@ -25,7 +33,8 @@ CARRY="${DFX_GPU_CARRY:-$ROOT/.gpu_wheels}"
 WORK="${DFX_GPU_WORK:-/tmp/dfx-gpu}"
 SITE="${DFX_GPU_SITE:-/tmp/dfx-site}"
 MODEL="$WORK/flux-dev-random"
-RESULTS="${OUT:-$ROOT/bench/results/gpu-check}"
+OUT_DIR="${OUT:-$ROOT/bench/results/gpu-check}"
+RESULTS="$OUT_DIR"  # there: $WORK/results, kept across calls on a warm machine and copied to $OUT_DIR
 PYTHON="${PYTHON:-python3}"
 HAM_IMAGES="${DFX_GPU_HAM_IMAGES:-48}"
 ALL_STEPS="install smoke model tests bench-train report"
@@ -35,7 +44,7 @@ DRY_RUN=0
 ONLY=""
 
 usage() {
-  sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^# shellcheck/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 while [[ $# -gt 0 ]]; do
@@ -49,7 +58,8 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-mkdir -p "$RESULTS"
+[[ "$MODE" == run && "$DRY_RUN" == 0 ]] && RESULTS="$WORK/results"
+mkdir -p "$RESULTS" "$OUT_DIR"
 LOG="$RESULTS/gpu-check.log"
 export ROOT CARRY WORK SITE MODEL RESULTS PYTHON HAM_IMAGES LOG
 STEPS_TSV="$RESULTS/steps.tsv"
@@ -148,12 +158,15 @@ step_model() {
 step_tests() {
   if [[ "$1" == plan ]]; then
     echo "DFX_GPU_MODEL=$MODEL DERMAFLUX_DATA=$CARRY/data python -m pytest tests/gpu -m gpu -v"
-    echo "  --junitxml $RESULTS/gpu-tests.xml   (figures appended to $RESULTS/gpu-results.jsonl)"
+    echo "  --junitxml $RESULTS/gpu-tests-HHMMSS.xml   (figures appended to $RESULTS/gpu-results.jsonl);"
+    echo "  DFX_GPU_TESTS_K='zero2 or diffusers' selects a part (the ZeRO-2 run is kept in $WORK for the rest)"
     return 0
   fi
+  local selection=()
+  [[ -n "${DFX_GPU_TESTS_K:-}" ]] && selection=(-k "$DFX_GPU_TESTS_K")
   DFX_GPU_MODEL="$MODEL" DERMAFLUX_DATA="$CARRY/data" DFX_GPU_RESULTS="$RESULTS/gpu-results.jsonl" \
-    "$PYTHON" -m pytest "$ROOT/tests/gpu" -m gpu -v -p no:cacheprovider --basetemp "$WORK/pytest" \
-    --junitxml "$RESULTS/gpu-tests.xml"
+    DFX_GPU_WORK="$WORK" "$PYTHON" -m pytest "$ROOT/tests/gpu" -m gpu -v -p no:cacheprovider \
+    --basetemp "$WORK/pytest" --junitxml "$RESULTS/gpu-tests-$(date +%H%M%S).xml" "${selection[@]}"
 }
 
 step_bench_train() {
@@ -238,7 +251,8 @@ if [[ "$MODE" == prepare ]]; then
 else
   log "gpu-check on $(hostname) into $RESULTS$([[ "$DRY_RUN" == 1 ]] && echo ' (dry run)'); steps: ${ONLY:-$ALL_STEPS}"
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  export RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+  # DS_ACCELERATOR: tests/conftest.py defaults it to cpu for the CPU suites
+  export RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
   export DERMAFLUX_CACHE="$WORK/cache" RAY_TMPDIR="$WORK/ray"
   mkdir -p "$WORK"
   run_step install 180 step_install
@@ -249,4 +263,7 @@ else
   run_step report 60 step_report
 fi
 log "done: $FAILED step(s) failed; steps.tsv: name, exit code, seconds"
+if [[ "$RESULTS" != "$OUT_DIR" ]]; then
+  cp "$RESULTS"/* "$OUT_DIR"/ 2>/dev/null || true
+fi
 exit $(( FAILED > 0 ? 1 : 0 ))

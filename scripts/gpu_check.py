@@ -1,7 +1,8 @@
 """Helpers of scripts/gpu-check.sh (plain Python, no project imports beyond the config):
 
     python scripts/gpu_check.py slim-ray-wheel DIR    # here: ray's wheel in DIR without what GPU runs never load
-    python scripts/gpu_check.py report RESULTS        # there: RESULTS/h200-product.json from the step outputs
+    python scripts/gpu_check.py report RESULTS        # there (or here, on the files a call brought back):
+                                                      # RESULTS/h200-product.json from the step outputs
 """
 
 from __future__ import annotations
@@ -38,18 +39,17 @@ def slim_ray_wheel(folder: Path) -> None:
 
 
 def _tests(results: Path) -> dict:
-    path = results / "gpu-tests.xml"
-    if not path.exists():
-        return {"passed": 0, "failed": None, "note": "no gpu-tests.xml (the tests step did not run)"}
-    failed, skipped, total = [], 0, 0
-    for case in ET.parse(path).getroot().iter("testcase"):
-        total += 1
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(case.get("name"))
-        elif case.find("skipped") is not None:
-            skipped += 1
-    return {"passed": total - len(failed) - skipped, "failed": len(failed), "skipped": skipped,
-            "failed_names": failed}
+    """Outcomes over every gpu-tests-*.xml (calls in time order; a later run of a test replaces an earlier)."""
+    outcome: dict[str, str] = {}
+    for path in sorted(results.glob("gpu-tests*.xml")):
+        for case in ET.parse(path).getroot().iter("testcase"):
+            failed = case.find("failure") is not None or case.find("error") is not None
+            outcome[case.get("name")] = "failed" if failed else "skipped" if case.find("skipped") is not None else "passed"
+    if not outcome:
+        return {"passed": 0, "failed": None, "note": "no gpu-tests-*.xml (the tests step did not run)"}
+    names = {state: sorted(n for n, s in outcome.items() if s == state) for state in ("passed", "failed", "skipped")}
+    return {"passed": len(names["passed"]), "failed": len(names["failed"]), "skipped": len(names["skipped"]),
+            "failed_names": names["failed"]}
 
 
 def _records(results: Path) -> dict[str, dict]:
@@ -73,7 +73,8 @@ def report(results: Path) -> Path:
 
     out = {
         "date": datetime.date.today().isoformat(), "commit": os.environ.get("DFX_COMMIT", "unknown"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else bench.get("device"),
+        "torch": bench.get("torch", torch.__version__),
         "gpu_tests": _tests(results),
         "train": {"samples_per_s": product.get("samples_per_s"),
                   "reference_samples_per_s": bench.get("reference_samples_per_s"),

@@ -104,6 +104,10 @@ class Trainer:
         if not tc.use_gpu:
             torch.set_num_threads(max(tc.cpus_per_worker, 1))
         self.device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+        if self.device.type == "cuda":
+            # cuDNN's SDPA backward failed on Flux's joint attention on an H200 (torch 2.11 + cu130, issue 11);
+            # the flash and memory-efficient kernels run it.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.dtype = torch.bfloat16 if use_bf16(tc) else torch.float32
         self.base_dir = resolve_pretrained(self.cfg.model)
         self.state_mb: float | None = None  # measured once per process, see train_step

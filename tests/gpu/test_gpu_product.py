@@ -8,6 +8,7 @@ Run by `scripts/gpu-check.sh` on the lent GPU machine; skipped without CUDA. Inp
   without it the module writes one under the test's temporary folder: ~34 GB).
 - DERMAFLUX_DATA: a folder holding ham10000-224/ (the script carries a few dozen images).
 - DFX_GPU_RESULTS: where each test appends its measurements (JSON lines) for bench/reference.
+- DFX_GPU_WORK: a folder for the ZeRO-2 run that later calls reuse (see `zero2_run`).
 """
 
 from __future__ import annotations
@@ -45,9 +46,15 @@ def record(section: str, values: dict) -> None:
             fh.write(json.dumps({"section": section, **values}) + "\n")
 
 
+def command_env() -> dict:
+    # tests/conftest.py defaults DS_ACCELERATOR to cpu for the CPU suites: the GPU commands need cuda.
+    return {**os.environ, "DS_ACCELERATOR": "cuda",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def dermaflux(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`dermaflux ARGS` from this checkout, as a user runs it; fails the test with the output's end."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = command_env()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "dermaflux.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -89,8 +96,14 @@ def loss_rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def zero2_run(model_dir, captions, tmp_path_factory) -> Path:
-    """ZeRO-2: 2 steps with a checkpoint, then `--resume` to 3 steps (the LoRA the other tests use)."""
-    out = tmp_path_factory.mktemp("train-zero2") / "run"
+    """ZeRO-2: 2 steps with a checkpoint, then `--resume` to 3 steps (the LoRA the other tests use).
+
+    Under DFX_GPU_WORK the run folder outlives the pytest process: a later call (tests split over device
+    calls with DFX_GPU_TESTS_K) reuses a finished run instead of training again."""
+    work = os.environ.get("DFX_GPU_WORK")
+    out = Path(work) / "train-zero2" if work else tmp_path_factory.mktemp("train-zero2") / "run"
+    if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text())["train"]["steps"] == 3:
+        return out
     first = dermaflux(*train_args(model_dir, captions, out, 2, 2))
     resumed = dermaflux(*train_args(model_dir, captions, out, 2, 3, "--resume"))
     summary = json.loads((out / "summary.json").read_text())
@@ -185,7 +198,7 @@ def test_serve_one_gpu_replica(zero2_run, model_dir, tmp_path):
     from PIL import Image
 
     port = 8000 + os.getpid() % 1000
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = command_env()
     server = subprocess.Popen(
         [sys.executable, "-m", "dermaflux.cli", "serve", "--preset", "flux-dev", f"--set=model.pretrained={model_dir}",
          "--lora", f"lesions={zero2_run / 'final'}", "--port", str(port), "--replicas", "1",
