@@ -143,6 +143,9 @@ def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None, t
     prompt_embeds, pooled = encode_captions(pipe, cfg.train.validation_prompts,
                                             text_tokens or cfg.model.max_sequence_length)
     prompt_embeds, pooled = prompt_embeds.cpu(), pooled.cpu()
+    if pipe.device.type == "cuda":  # the driver keeps running beside the workers: give T5-XXL's 10 GB back
+        del pipe
+        torch.cuda.empty_cache()
     with atomic_path(path) as tmp:
         torch.save({"prompts": list(cfg.train.validation_prompts), "prompt_embeds": prompt_embeds,
                     "pooled_prompt_embeds": pooled}, tmp)
