@@ -16,7 +16,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 OWNER_FILE = ".dermaflux-run.json"
 MARKER_DIR = ".done"
@@ -159,7 +162,7 @@ def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *
     return False
 
 
-def claim_run(cfg, out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False,
+def claim_run(cfg: DermaFluxConfig, out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False,
               inputs=()) -> bool:
     """Every stage's start: own `out_dir` (see claim_output) and write the effective config beside it."""
     from dermaflux.core.config import save_effective_config

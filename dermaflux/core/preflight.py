@@ -6,12 +6,17 @@ satisfy is reported up front, all problems at once, naming the config field — 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermaflux.core.config import ConfigError, available_presets
 from dermaflux.core.storage import filesystem_for, is_remote, local_path
 from dermaflux.stages import get_stage
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 
 @dataclass
@@ -52,7 +57,7 @@ def capacity_from_ray() -> Capacity:
     return Capacity(largest, total, source)
 
 
-def resource_problems(cfg, stages: list[str], capacity: Capacity) -> list[str]:
+def resource_problems(cfg: DermaFluxConfig, stages: list[str], capacity: Capacity) -> list[str]:
     problems = []
     for stage in stages:
         spec = get_stage(stage)
@@ -85,7 +90,7 @@ def _path_problem(field_path: str, value: str) -> str | None:
     return None
 
 
-def path_problems(cfg, stages: list[str], produced: set[str] = frozenset()) -> list[str]:
+def path_problems(cfg: DermaFluxConfig, stages: list[str], produced: set[str] = frozenset()) -> list[str]:
     """Inputs that must exist now (those not made by an earlier stage of the same run) and outputs that are set."""
     problems = []
     for stage in stages:
@@ -112,7 +117,7 @@ def path_problems(cfg, stages: list[str], produced: set[str] = frozenset()) -> l
     return problems
 
 
-def model_problems(cfg) -> list[str]:
+def model_problems(cfg: DermaFluxConfig) -> list[str]:
     problems = []
     if cfg.preset not in available_presets():
         problems.append(f"preset: unknown preset {cfg.preset!r}; available: {', '.join(available_presets())}")
@@ -131,7 +136,7 @@ def raise_problems(what: str, problems: list[str]) -> None:
         )
 
 
-def check_config(cfg, stages: list[str], *, produced: set[str] = frozenset(), capacity: Capacity | None = None) -> None:
+def check_config(cfg: DermaFluxConfig, stages: list[str], *, produced: set[str] = frozenset(), capacity: Capacity | None = None) -> None:
     """Raise ConfigError listing every problem, or return when the stages can start."""
     problems = model_problems(cfg) + path_problems(cfg, stages, produced)
     if capacity is not None:
@@ -139,7 +144,7 @@ def check_config(cfg, stages: list[str], *, produced: set[str] = frozenset(), ca
     raise_problems(", ".join(stages), problems)
 
 
-def check_stages_in_order(cfg, stages: list[str]) -> None:
+def check_stages_in_order(cfg: DermaFluxConfig, stages: list[str]) -> None:
     """A pipeline run: each stage's inputs may come from the stages before it; all problems at once."""
     problems = model_problems(cfg)
     produced: set[str] = set()

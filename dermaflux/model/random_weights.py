@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from dermaflux.core.artifacts import (
     OWNER_FILE,
@@ -42,6 +42,9 @@ from dermaflux.core.artifacts import (
     fingerprint,
     read_json,
 )
+
+if TYPE_CHECKING:
+    from dermaflux.model.config import ModelConfig
 
 STAGE = "model random"  # the owner-file tag of folders this module writes
 DEFAULT_SHARD_SIZE = "5GB"
@@ -158,7 +161,7 @@ class ModelPlan:
 # --- what to write ---------------------------------------------------------------------------------
 
 
-def _flux_dev_parts(model_cfg) -> tuple[dict, dict]:
+def _flux_dev_parts(model_cfg: ModelConfig) -> tuple[dict, dict]:
     """FLUX.1-dev's configs; the tokenizers the tiny preset trains offline, at FLUX.1-dev's lengths.
 
     Their vocabularies (hundreds of tokens) are smaller than the embedding tables: every id is in range.
@@ -178,7 +181,7 @@ def _flux_dev_parts(model_cfg) -> tuple[dict, dict]:
     return configs, {"tokenizer": clip, "tokenizer_2": t5}
 
 
-def _tiny_parts(model_cfg) -> tuple[dict, dict]:
+def _tiny_parts(model_cfg: ModelConfig) -> tuple[dict, dict]:
     """The tiny preset's configs, read off the tiny builder itself so the two cannot drift apart."""
     from dermaflux.model.tiny import build_tiny_pipeline
 

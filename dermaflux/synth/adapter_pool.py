@@ -14,11 +14,16 @@ job and benchmarks load what they use up front. Pure torch + diffusers: no Ray.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from dermaflux.model.adapters import LORA_FILE, adapter_components, read_adapter
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 
 def adapter_folders(entries: list[str]) -> dict[str, str]:
@@ -66,7 +71,7 @@ class AdapterPool:
         base.set_progress_bar_config(disable=True)
 
     @classmethod
-    def from_config(cls, cfg, device: str = "cpu", preload: list[str] | None = None) -> "AdapterPool":
+    def from_config(cls, cfg: DermaFluxConfig, device: str = "cpu", preload: list[str] | None = None) -> "AdapterPool":
         """The base of `cfg.model` on `device` with `synth.adapters` known; `preload` loaded now."""
         from dermaflux.model.loading import load_pipeline, torch_dtype
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dermaflux.lesion.attributes import LesionAttributes
 from dermaflux.lesion.captions import caption_from_attributes
 from dermaflux.lesion import taxonomy
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 SIZE_MULTIPLE = 16  # Flux: VAE downsamples 8x, then 2x2 latent patches are packed
 
@@ -113,7 +116,7 @@ class SampleRequest:
         return cls(data["prompt"], int(data["seed"]), Settings(**data["settings"]))
 
 
-def resolve_settings(body: ImageRequest | AugmentationRequest, cfg, adapters: list[str]) -> Settings:
+def resolve_settings(body: ImageRequest | AugmentationRequest, cfg: DermaFluxConfig, adapters: list[str]) -> Settings:
     """Fill defaults from the preset and check them against `synth.limits` and the served adapters."""
     limits = cfg.synth.limits
     width = body.width or cfg.synth.width or cfg.model.resolution
@@ -148,7 +151,7 @@ def check_token_budget(prompt: str, tokenizer, budget: int, field: str = "prompt
         raise RequestError(field, f"{n_tokens} tokens exceeds the budget of {budget} (model.max_sequence_length)")
 
 
-def expand_image_request(body: ImageRequest, cfg, adapters: list[str], tokenizer=None) -> list[SampleRequest]:
+def expand_image_request(body: ImageRequest, cfg: DermaFluxConfig, adapters: list[str], tokenizer=None) -> list[SampleRequest]:
     """One SampleRequest per image, or RequestError before any work starts."""
     limits = cfg.synth.limits
     limit = limits.max_images_per_request

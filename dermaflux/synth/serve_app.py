@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 from fastapi import FastAPI, Request
@@ -51,6 +52,9 @@ from dermaflux.synth.requests import (
     expand_image_request,
     to_jsonable,
 )
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +444,7 @@ class SynthesisAPI:
         return self._status(job_id, relative)
 
 
-def build_app(cfg):
+def build_app(cfg: "DermaFluxConfig"):
     """The Serve application for `cfg` (replicas, autoscaling and resources from `cfg.synth`)."""
     synth = cfg.synth
     scaling = synth.autoscaling
@@ -468,7 +472,7 @@ def build_app(cfg):
     return SynthesisAPI.options(**ingress).bind(model, cfg_dict)
 
 
-def service_config(cfg, bind_host: str | None):
+def service_config(cfg: "DermaFluxConfig", bind_host: str | None):
     """A copy with the model resolved and the cache folder, jobs root and token rule fixed, so every
     replica on every node finds the same ones; a wrong adapter folder, model or a missing token
     fails here, with its name. `bind_host` None: the cluster binds (RayService), so a token is needed."""
@@ -490,7 +494,7 @@ def service_config(cfg, bind_host: str | None):
     return cfg
 
 
-def start_service(cfg, *, blocking: bool = False, access_log: bool = True):
+def start_service(cfg: "DermaFluxConfig", *, blocking: bool = False, access_log: bool = True):
     """Start (or update) the app on `cfg.synth.host:port`; returns the ingress handle."""
     from dermaflux.core.runtime import init_ray
 
@@ -515,7 +519,7 @@ def check_port_free(host: str, port: int) -> None:
                           "or choose another --port") from None
 
 
-def serve_forever(cfg) -> dict:
+def serve_forever(cfg: "DermaFluxConfig") -> dict:
     """The `serve` stage: run the service until Ctrl-C."""
     service_config(cfg, cfg.synth.host)  # token, model, adapters: refused before anything is announced
     check_port_free(cfg.synth.host, cfg.synth.port)

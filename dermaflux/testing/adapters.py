@@ -6,13 +6,18 @@ so the product ships no test support.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from pathlib import Path
 
 from dermaflux.model.adapters import LORA_FILE, adapter_components, read_adapter, save_adapter
 
+if TYPE_CHECKING:
+    from dermaflux.model.config import ModelConfig
 
-def load_pipeline_with_adapters(model_cfg, adapters: dict[str, str | os.PathLike] | None = None):
+
+def load_pipeline_with_adapters(model_cfg: ModelConfig, adapters: dict[str, str | os.PathLike] | None = None):
     """The base pipeline with LoRA adapters loaded under their names (switch with `set_adapters`).
 
     A "full" adapter replaces the transformer (only one allowed); a fitted `vae/` replaces the VAE.
@@ -38,7 +43,7 @@ def load_pipeline_with_adapters(model_cfg, adapters: dict[str, str | os.PathLike
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out"]
 
 
-def random_lora_adapter(model_cfg, out: str | os.PathLike, seed: int, rank: int = 4, scale: float = 0.3,
+def random_lora_adapter(model_cfg: ModelConfig, out: str | os.PathLike, seed: int, rank: int = 4, scale: float = 0.3,
                         transformer=None) -> Path:
     """A LoRA adapter folder with random non-zero weights, for tests and benchmarks.
 

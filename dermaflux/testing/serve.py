@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+if TYPE_CHECKING:
+    from dermaflux.model.config import ModelConfig
+
 
 @contextlib.contextmanager
-def tiny_service(model_cfg, cache: Path, root: Path, adapters: list[str], **synth):
+def tiny_service(model_cfg: ModelConfig, cache: Path, root: Path, adapters: list[str], **synth):
     """Yield (client, port, cfg, root) for a Serve app with one random LoRA per name in `adapters`."""
     import httpx
     from ray import serve
