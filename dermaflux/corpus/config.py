@@ -28,6 +28,13 @@ class CurateConfig(ConfigModel):
         description="keep: published splits as they are (audited, leaks reported); resplit: ignore them "
         "and split every source grouped by lesion/patient/near-duplicate",
     )
+    test_overlap: Literal["drop", "keep"] = Field(
+        "drop",
+        description="a row of a test-only source (split=test: an external test set) that is a near-duplicate of, or "
+        "shares a lesion/patient id with, a row of a training source: drop it from the test set (so external scores "
+        "are honest and adding a test set never changes the training rows) or keep it (the leak is then audited as "
+        "one). Either way every such pair is listed in test_overlap.csv and counted in the manifest",
+    )
     phash_size: int = Field(
         16, ge=4, le=32,
         description="imagehash.phash hash_size (bits = size^2). 8 (64 bits) is too coarse for dermoscopy: on "
