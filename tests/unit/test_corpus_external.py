@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dermaflux.config import load_config
+from dermaflux.core.config import ConfigError
 from dermaflux.corpus.images import scan_image
 from dermaflux.corpus.plan import build_plan
 from dermaflux.corpus.sources import SourceError, SourceSpec, read_source
@@ -24,6 +25,10 @@ def test_split_is_a_constant_and_split_col_a_column():
         SourceSpec.parse("ham10000=/x,split=holdout")
     with pytest.raises(ValueError, match="not both"):
         SourceSpec.parse("csv=/a.csv,id=i,label=l,split=test,split_col=part")
+    with pytest.raises(ConfigError, match="'internal' is reserved"):
+        load_config("tiny", extra={"curate": {"sources": ["csv=/a.csv,id=i,label=l,split=test,name=internal"]}})
+    with pytest.raises(ConfigError, match="holdout"):
+        load_config("tiny", extra={"curate": {"sources": ["isic=/x,split=holdout"]}})
 
 
 def _table(ham10000_dir, root, n=4):
