@@ -54,8 +54,11 @@ def index_sources(specs: list[str]) -> list[SourceIndex]:
     for text in specs:
         spec = SourceSpec.parse(text)
         index = read_source(spec)
-        log.info("source %s (%s): %d rows, %d indexed, %d rejected while indexing",
-                 spec.name, spec.path, index.input_rows, len(index.records), len(index.rejects))
+        undiagnosed = sum(r.label is None for r in index.records)
+        log.info("source %s (%s): %d rows, %d indexed, %d rejected while indexing%s%s",
+                 spec.name, spec.path, index.input_rows, len(index.records), len(index.rejects),
+                 f"; every row to {spec.fixed_split} (split={spec.fixed_split})" if spec.fixed_split else "",
+                 f"; {undiagnosed} without a diagnosis (binary label)" if undiagnosed else "")
         indexes.append(index)
     return indexes
 
