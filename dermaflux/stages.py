@@ -172,7 +172,9 @@ STAGES: tuple[StageSpec, ...] = (
         "dermaflux.corpus.stage:run", _curate_demands,
         options=(
             Option("--source", ("curate.sources",), "a source, repeatable: ham10000=DIR, dermamnist=FILE.npz, "
-                   "isic=DIR, pad-ufes-20=DIR, csv=FILE,images=DIR,id=COL,label=COL[,lesion=COL,patient=COL,split=COL]",
+                   "isic=DIR, pad-ufes-20=DIR, csv=FILE,images=DIR,id=COL,label=COL[,lesion=COL,patient=COL,"
+                   "split_col=COL,positive=mel|malignant (a 0/1 label column)]; any source takes split=train|val|test "
+                   "(split=test: an external test set) and name=NAME",
                    action="append", metavar="READER=PATH[,k=v]"),
             _out("curate", "corpus folder"), _force("curate"),
             Option("--seed", ("curate.seed",), "split assignment seed", type=int, metavar="N"),
@@ -228,7 +230,8 @@ STAGES: tuple[StageSpec, ...] = (
             Option("--lora", ("synth.adapters",), "adapter folder, or NAME=DIR (repeatable; the first one is "
                    "sampled unless --adapter)", action="append", metavar="DIR"),
             Option("--adapter", ("synth.adapter",), "adapter name to sample with", metavar="NAME"),
-            Option("--per-class", ("synth.per_class",), "images for every taxonomy class", type=int, metavar="N"),
+            Option("--per-class", ("synth.per_class",), "images for every class of the corpus' train split "
+                   "(synth.corpus; every taxonomy class when none is given)", type=int, metavar="N"),
             _out("synth", "output folder (a synthetic set)"),
             Option("--seed", ("synth.seed",), "base seed of the per-image seeds", type=int, metavar="N"),
             Option("--steps", ("synth.num_inference_steps",), "inference steps (default: the preset's)", type=int,

@@ -26,8 +26,15 @@ def _scale(value) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+def _flag(value) -> str:
+    return "unknown" if value is None or (isinstance(value, float) and math.isnan(value)) else str(bool(value)).lower()
+
+
 def extract_row(row: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, list[str], str | None]:
     """(attributes JSON, flags, reason-if-uncaptioned) for one corpus row."""
+    if not isinstance(row.get("label"), str):  # null (or NaN from pandas)
+        return "", [], (f"no diagnosis: the source says only melanoma={_flag(row.get('melanoma'))}, malignant="
+                        f"{_flag(row.get('malignant'))} (a test-only row); a caption names a diagnosis")
     try:
         rgb = decode_image(row["image"], max_pixels)
     except ImageRefused as err:  # empty, not an image, or above curate.max_pixels: the reason says which

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from dermaflux.core import artifacts
 from dermaflux.core.artifacts import parquet_shards
 from dermaflux.caption.schema import CAPTION_SCHEMA
+from dermaflux.corpus.schema import with_melanoma
 
 if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
@@ -40,7 +41,7 @@ def corpus_shards(corpus: Path) -> list[Path]:
 
 def write_shard_output(out: Path, shard: Path, results: pd.DataFrame) -> dict:
     """Join the results onto the shard's own rows; write captions, uncaptioned reasons, then the marker."""
-    table = pq.read_table(shard)
+    table = with_melanoma(pq.read_table(shard))  # a corpus from before the melanoma column: from the label
     by_id = results.set_index("id")
     ids = table.column("id").to_pylist()
     missing = [i for i in ids if i not in by_id.index]

@@ -11,6 +11,7 @@ from dermaflux.core.config import ConfigModel
 # Pixels an image may have before it is decoded: the presets train at 512 px and full-size
 # dermoscopy is 1-30 MP, so 50 MP leaves room while one decode stays near 150 MB of RGB.
 DEFAULT_MAX_PIXELS = 50_000_000
+RESERVED_NAME = "internal"  # evaluate's name for the test rows of the sources that also have train rows
 
 
 class CurateConfig(ConfigModel):
@@ -27,6 +28,13 @@ class CurateConfig(ConfigModel):
         "keep",
         description="keep: published splits as they are (audited, leaks reported); resplit: ignore them "
         "and split every source grouped by lesion/patient/near-duplicate",
+    )
+    test_overlap: Literal["drop", "keep"] = Field(
+        "drop",
+        description="a row of a test-only source (split=test: an external test set) that is a near-duplicate of, or "
+        "shares a lesion/patient id with, a row of a training source: drop it from the test set (so external scores "
+        "are honest and adding a test set never changes the training rows) or keep it (the leak is then audited as "
+        "one). Either way every such pair is listed in test_overlap.csv and counted in the manifest",
     )
     phash_size: int = Field(
         16, ge=4, le=32,
@@ -52,6 +60,9 @@ class CurateConfig(ConfigModel):
         names = []
         for text in sources:
             names.append(SourceSpec.parse(text).name)
+        if RESERVED_NAME in names:
+            raise ValueError(f"source name {RESERVED_NAME!r} is reserved: evaluate calls the test rows of the training "
+                             "sources the internal test set; pick another with name=...")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"source name(s) {', '.join(repeated)} given twice; add name=... to tell them apart")

@@ -21,7 +21,7 @@ import pandas as pd
 from dermaflux.core import artifacts
 from dermaflux.corpus import manifest as manifest_mod
 from dermaflux.corpus.images import clean_scan
-from dermaflux.corpus.plan import build_plan
+from dermaflux.corpus.plan import BUCKETS, build_plan
 from dermaflux.corpus.sources import SourceIndex, read_source
 from dermaflux.corpus.sources.base import SourceSpec
 from dermaflux.corpus.sources.dermamnist import NPZ_SEPARATOR
@@ -36,7 +36,7 @@ SHARD_DIR = "shards"
 # Fields that change how a run is executed, not what it produces: not part of the fingerprint.
 EXECUTION_FIELDS = {"out", "force", "batch_size", "num_workers", "cpus_per_worker"}
 # Fields added after runs existed: left out of the fingerprint at their default, so those runs still resume.
-LATER_FIELDS = {"max_pixels"}
+LATER_FIELDS = {"max_pixels", "test_overlap"}
 # Source options that name a file or folder the reader reads.
 PATH_OPTIONS = ("images", "metadata", "gt")
 
@@ -54,8 +54,11 @@ def index_sources(specs: list[str]) -> list[SourceIndex]:
     for text in specs:
         spec = SourceSpec.parse(text)
         index = read_source(spec)
-        log.info("source %s (%s): %d rows, %d indexed, %d rejected while indexing",
-                 spec.name, spec.path, index.input_rows, len(index.records), len(index.rejects))
+        undiagnosed = sum(r.label is None for r in index.records)
+        log.info("source %s (%s): %d rows, %d indexed, %d rejected while indexing%s%s",
+                 spec.name, spec.path, index.input_rows, len(index.records), len(index.rejects),
+                 f"; every row to {spec.fixed_split} (split={spec.fixed_split})" if spec.fixed_split else "",
+                 f"; {undiagnosed} without a diagnosis (binary label)" if undiagnosed else "")
         indexes.append(index)
     return indexes
 
@@ -147,9 +150,11 @@ def nothing_kept(plan, out: Path) -> artifacts.NothingKept:
     kinds = Counter(manifest_mod.reason_kind(r.reason) for r in plan.quarantine)
     counts = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()) or "none"
     examples = "; ".join(f"{r.file} row {r.row}: {r.reason}" for r in plan.quarantine[:3])
+    overlap = plan.summary["test_overlap"]
     return artifacts.NothingKept(
         f"curate kept no row: {sum(plan.input_rows.values())} input rows, {len(plan.duplicates)} duplicates, "
-        f"{len(plan.quarantine)} quarantined ({counts})" + (f"; e.g. {examples}" if examples else "")
+        + (f"{overlap} test rows repeating a training source (test_overlap.csv), " if overlap else "")
+        + f"{len(plan.quarantine)} quarantined ({counts})" + (f"; e.g. {examples}" if examples else "")
         + f"; every quarantined row is listed in {out / manifest_mod.QUARANTINE_FILE}")
 
 
@@ -158,6 +163,17 @@ def _write_lists(plan, out: Path) -> None:
         manifest_mod.quarantine_rows(plan.quarantine), manifest_mod.QUARANTINE_COLUMNS))
     artifacts.atomic_write_text(out / manifest_mod.DUPLICATES_FILE, manifest_mod.csv_text(
         plan.duplicates, manifest_mod.DUPLICATE_COLUMNS))
+    artifacts.atomic_write_text(out / manifest_mod.OVERLAP_FILE, manifest_mod.csv_text(
+        plan.test_overlap, manifest_mod.OVERLAP_COLUMNS))
+    if plan.test_overlap:
+        dropped = plan.summary["test_overlap"]
+        log.warning("test overlap: %d pairs between test-only sources (%s) and the training sources; %s (%s)",
+                    len(plan.test_overlap), ", ".join(plan.test_only),
+                    f"{dropped} test rows dropped" if dropped else "kept in the test set (curate.test_overlap=keep)",
+                    out / manifest_mod.OVERLAP_FILE)
+    for source, ignored in plan.placeholder_ids.items():
+        log.warning("source %s: %d lesion/patient ids are placeholders (e.g. %s), not used to group rows",
+                    source, ignored["ids"], ", ".join(ignored["values"]))
     for reject in plan.quarantine[:20]:
         log.warning("quarantined %s %s row %s (%s): %s", reject.source, reject.file, reject.row,
                     reject.original_id, reject.reason)
@@ -204,5 +220,6 @@ def run(cfg: DermaFluxConfig) -> dict:
     artifacts.atomic_write_json(out / "manifest.json", manifest)
     artifacts.mark_done(out, "manifest")
     counts = manifest["reconciliation"]
-    return {"out": str(out), "resumed": resumed, **{k: counts[k] for k in ("input_rows", "kept", "duplicates", "quarantined")},
-            "by_split": manifest["by_split"], "seconds": manifest["seconds"]}
+    return {"out": str(out), "resumed": resumed, **{k: counts[k] for k in BUCKETS},
+            "by_split": manifest["by_split"], "no_diagnosis": manifest["no_diagnosis"]["rows"],
+            "seconds": manifest["seconds"]}

@@ -19,12 +19,19 @@ from dermaflux.lesion.attributes import COLOUR_WORDS, DIAGNOSIS_NAMES, LesionAtt
 
 # --- wording ------------------------------------------------------------------------------------
 
-_OPENERS = (
-    "A dermoscopic image of {article} {dx}, {malignancy}",
-    "Dermoscopy photo of {article} {malignancy} {dx}",
-    "{Article} {malignancy} skin lesion, {dx}, seen under dermoscopy",
-    "Close-up dermoscopic image showing {article} {dx}, a {malignancy} lesion",
+# Each opener in its wordings, fullest first: `opening` takes the first whose own words repeat no word
+# of the diagnosis name (nor each other), so "benign keratosis" never reads "benign benign keratosis"
+# and "vascular lesion" never "skin lesion, vascular lesion".
+OPENERS = (
+    ("A dermoscopic image of {article} {dx}, {malignancy}", "A dermoscopic image of {article} {dx}"),
+    ("Dermoscopy photo of {article} {malignancy} {dx}", "Dermoscopy photo of {article} {dx}"),
+    ("{Article} {malignancy} skin lesion, {dx}, seen under dermoscopy", "{Article} {malignancy} {dx}, seen under dermoscopy",
+     "{Article} {dx}, seen under dermoscopy"),
+    ("Close-up dermoscopic image showing {article} {dx}, a {malignancy} lesion",
+     "Close-up dermoscopic image showing {article} {malignancy} {dx}", "Close-up dermoscopic image showing {article} {dx}"),
 )
+FUNCTION_WORDS = frozenset({"a", "an", "of"})
+_WORDS = re.compile(r"[a-z]+")
 _ASYMMETRY = {
     0: ("symmetric in shape", "symmetrical along both axes", "with a symmetric outline"),
     1: ("asymmetric along one axis", "mildly asymmetric", "asymmetric about one axis"),
@@ -52,6 +59,23 @@ def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
+def content_words(text: str) -> list[str]:
+    return [w for w in _WORDS.findall(text.lower()) if w not in FUNCTION_WORDS]
+
+
+def opening(forms: tuple[str, ...], dx: str, malignancy: str) -> str:
+    """The opener's first wording whose own words (all but the diagnosis) repeat neither a word of the
+    diagnosis name nor each other; the last wording says the diagnosis alone."""
+    taken = set(content_words(dx))
+    for form in forms:
+        own = content_words(form.format(dx="", malignancy=malignancy, article="", Article=""))
+        if not taken & set(own) and len(own) == len(set(own)):
+            break
+    first = form.find("{malignancy}")
+    article = _article(malignancy if 0 <= first < form.index("{dx}") else dx)
+    return form.format(dx=dx, malignancy=malignancy, article=article, Article=article.capitalize())
+
+
 def diagnosis_words(code: str) -> tuple[str, ...]:
     """Every wording a caption may use for a diagnosis (validators accept any of them)."""
     return DIAGNOSIS_NAMES[code]
@@ -68,9 +92,7 @@ def caption_from_attributes(attrs: LesionAttributes | dict, seed: int | None = N
     rng = random.Random(_stable_seed(attrs) if seed is None else seed)
     dx = rng.choice(DIAGNOSIS_NAMES[attrs.diagnosis])
     malignancy = "malignant" if attrs.is_malignant else "benign"
-    opener = rng.choice(_OPENERS)
-    article = _article(malignancy if opener.index("{malignancy}") < opener.index("{dx}") else dx)
-    first = opener.format(dx=dx, malignancy=malignancy, article=article, Article=article.capitalize())
+    first = opening(rng.choice(OPENERS), dx, malignancy)
 
     shape = rng.choice(_ASYMMETRY[attrs.asymmetry_level]) if attrs.asymmetry_level is not None else None
     traits: list[str] = []

@@ -161,24 +161,26 @@ def shard_name(index: int) -> str:
 
 
 def corpus_class_counts(corpus_dir: str | Path, split: str = "train") -> dict[str, int]:
-    """Images per label in a corpus split, counted from its shards (the manifest's source of truth)."""
-    import pyarrow.dataset as ds
+    """Images per diagnosis in a corpus split: its manifest's counts (the shards' when it has none)."""
+    from dermaflux.corpus.schema import class_counts
 
-    shards = Path(corpus_dir) / "shards"
-    if not shards.is_dir() or not any(shards.glob("*.parquet")):
-        raise FileNotFoundError(f"{corpus_dir}: not a corpus folder (no shards/*.parquet)")
-    table = ds.dataset(str(shards), format="parquet").to_table(columns=["label", "split"])
-    counts: dict[str, int] = {}
-    for label, row_split in zip(table["label"].to_pylist(), table["split"].to_pylist()):
-        if row_split == split:
-            counts[label] = counts.get(label, 0) + 1
-    return counts
+    return class_counts(corpus_dir, split)
 
 
 def bring_to_targets(corpus_dir: str | Path, bring_to: int) -> dict[str, int]:
     """Synthetic images per class so every class of the corpus' train split reaches `bring_to`."""
     counts = corpus_class_counts(corpus_dir)
     return {code: max(0, bring_to - counts[code]) for code in sorted(counts)}
+
+
+def check_corpus_classes(targets: dict[str, int], corpus_dir: str | Path, field: str = "class_targets") -> None:
+    """Every class asked for (count > 0) is in the corpus' train split: a synthetic class the real
+    training data lacks trains the classifier on something it is never scored on."""
+    present = corpus_class_counts(corpus_dir)
+    for code, count in targets.items():
+        if count and code not in present:
+            raise RequestError(f"{field}.{code}", f"class {code!r} is not in the train split of corpus {corpus_dir} "
+                               f"(it has {', '.join(present) or 'no class'}); ask only for those")
 
 
 def prepare_job(out_dir: str | Path, spec: JobSpec) -> bool:
@@ -345,6 +347,11 @@ def job_spec(cfg, request: AugmentationRequest, adapters: dict[str, str]) -> Job
     settings = resolve_settings(request, cfg, sorted(adapters))
     if request.class_targets is not None:
         targets = check_labels(request.class_targets)
+        if request.corpus:
+            try:
+                check_corpus_classes(targets, request.corpus)
+            except FileNotFoundError as err:
+                raise RequestError("corpus", str(err)) from None
     else:
         try:
             targets = bring_to_targets(request.corpus, request.bring_to)

@@ -73,12 +73,17 @@ class SynthConfig(ConfigModel):
         description="adapter folders (dermaflux.model.adapters); served under their folder name, or NAME=DIR",
     )
     out: str | None = Field(None, description="output folder of `generate` (a synthetic set)")
-    per_class: int | None = Field(None, ge=0, description="`generate`: images for every taxonomy class")
+    per_class: int | None = Field(
+        None, ge=0, description="`generate`: images for every class of `corpus` (every taxonomy class without one)"
+    )
     class_targets: dict[str, int] = Field(
         default_factory=dict, description="`generate`: explicit images per class (overrides per_class for those)"
     )
     bring_to: int | None = Field(None, ge=0, description="`generate`: top every class up to N real+synthetic")
-    corpus: str | None = Field(None, description="corpus folder whose train-split counts `bring_to` tops up")
+    corpus: str | None = Field(
+        None, description="corpus folder: its train split's classes are the ones generated (another is an error) and "
+        "the counts `bring_to` tops up"
+    )
     adapter: str | None = Field(None, description="`generate`: adapter name to sample with (default: first, else base)")
     seed: int = Field(
         0, ge=0, lt=2**63, description="base seed: image i of class c gets a seed derived from (seed, c, i)"

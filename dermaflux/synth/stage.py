@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,9 +13,12 @@ from dermaflux.synth.requests import AugmentationRequest, check_labels
 if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
 
+log = logging.getLogger(__name__)
+
 
 def class_targets(cfg) -> dict[str, int]:
-    """synth.class_targets, else per_class for every taxonomy class, else bring_to over synth.corpus."""
+    """synth.class_targets, else per_class for every class of synth.corpus' train split (every taxonomy
+    class when no corpus is given), else bring_to over synth.corpus. With a corpus, a class it lacks is an error."""
     synth = cfg.synth
     targets: dict[str, int] = {}
     if synth.bring_to is not None:
@@ -22,11 +26,22 @@ def class_targets(cfg) -> dict[str, int]:
             raise ValueError("synth.bring_to needs synth.corpus (the corpus folder whose classes are topped up)")
         targets = bulk.bring_to_targets(synth.corpus, synth.bring_to)
     elif synth.per_class is not None:
-        targets = {code: synth.per_class for code in taxonomy.CODES}
+        if synth.corpus:
+            classes = list(bulk.corpus_class_counts(synth.corpus))
+            log.info("generate: %d per class for the classes of corpus %s: %s", synth.per_class, synth.corpus,
+                     ", ".join(classes))
+        else:
+            classes = list(taxonomy.CODES)
+            log.info("generate: no synth.corpus given, so %d per class for every taxonomy class (%s); set "
+                     "synth.corpus to generate only the classes a corpus has", synth.per_class, ", ".join(classes))
+        targets = {code: synth.per_class for code in classes}
     targets.update(synth.class_targets)
     if not targets or not sum(targets.values()):
         raise ValueError("nothing to generate: set synth.per_class (--per-class N), synth.class_targets or synth.bring_to")
-    return check_labels(targets, "synth.class_targets")
+    targets = check_labels(targets, "synth.class_targets")
+    if synth.corpus:
+        bulk.check_corpus_classes(targets, synth.corpus, "synth.class_targets")
+    return targets
 
 
 def job_spec(cfg) -> bulk.JobSpec:

@@ -170,3 +170,31 @@ def build_generic_csv(ham_dir: Path, root: Path) -> dict:
     spec = f"csv={root / 'cases.csv'},images={root / 'pictures'},id=file,label=diagnosis,lesion=case,age=years,name=clinic"
     return {"root": root, "spec": spec, "input_rows": len(table), "duplicate_pair": {"case000.jpg", "copy.jpg"}}
 
+
+
+def build_binary_external(ham_dir: Path, root: Path, per_label: int = 2, skip: int = 60,
+                          exclude_lesions: set[str] = frozenset(), near_copy_of: str | None = None) -> dict:
+    """An external test set as a clinic hands it over: `images/` (HAM images resized to 200 px) and
+    `labels.csv` with `image,melanoma` only (0/1, with the other spellings a spreadsheet writes).
+
+    `near_copy_of`: a HAM image_id (in the training source) also placed here, resized (a leak to find).
+    One row has an unreadable cell (`maybe`). Lesions in `exclude_lesions` are not used.
+    """
+    rows = [r for r in pick(ham_dir, per_label, skip=skip) if r["lesion_id"] not in exclude_lesions]
+    spellings = (("1", "0"), ("1.0", "0.0"), ("true", "false"), ("yes", "no"))
+    images, table = ham_dir / "images", []
+    for k, row in enumerate(rows):
+        name = f"ext_{k:03d}"
+        reencode(images / f"{row['image_id']}.jpg", root / "images" / f"{name}.jpg", size=200)
+        table.append({"image": name, "melanoma": spellings[k % 4][0 if row["dx"] == "mel" else 1], "dx": row["dx"]})
+    if near_copy_of:
+        dx = next(r["dx"] for r in read_metadata(ham_dir) if r["image_id"] == near_copy_of)
+        reencode(images / f"{near_copy_of}.jpg", root / "images" / "ext_copy.jpg", size=180)
+        table.append({"image": "ext_copy", "melanoma": "1" if dx == "mel" else "0", "dx": dx})
+    reencode(images / f"{rows[0]['image_id']}.jpg", root / "images" / "ext_bad.jpg", size=200)
+    table.append({"image": "ext_bad", "melanoma": "maybe", "dx": ""})
+    write_csv(root / "labels.csv", table, ["image", "melanoma"])
+    spec = f"csv={root / 'labels.csv'},images={root / 'images'},id=image,label=melanoma,positive=mel,split=test,name=clinic"
+    return {"root": root, "spec": spec, "rows": table, "input_rows": len(table), "bad_id": "ext_bad",
+            "near_copy_id": "ext_copy" if near_copy_of else None,
+            "melanoma": {r["image"] for r in table if r["dx"] == "mel"}}

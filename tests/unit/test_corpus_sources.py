@@ -91,7 +91,9 @@ def test_isic_one_hot_and_metadata(ham10000_dir, tmp_path):
     assert "unknown label UNK" in reasons[built["unknown_id"]]
     assert "exactly one" in reasons[built["ambiguous_id"]]
     record = index.records[0]
-    assert record.lesion_id.startswith("IL_") and record.official_split == "train" and record.site
+    # split=train is the spec's (every row to train), applied by the plan; the publisher gave none.
+    assert index.spec.fixed_split == "train" and record.official_split is None
+    assert record.lesion_id.startswith("IL_") and record.site
 
 
 def test_pad_ufes_groups_and_clinical_fields(ham10000_dir, tmp_path):
