@@ -72,7 +72,7 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
         fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, cfg.model.max_sequence_length),
         batch_size=cfg.train.precompute_batch,
         batch_format="numpy",
-        concurrency=cfg.train.precompute_workers,
+        compute=ray.data.ActorPoolStrategy(size=cfg.train.precompute_workers),
         num_cpus=1,
     )
     part = len(cache_shards(cache_dir))

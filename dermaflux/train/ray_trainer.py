@@ -114,7 +114,7 @@ class Trainer:
         import deepspeed
         from diffusers import FluxTransformer2DModel
 
-        from dermaflux.train.ds_config import deepspeed_config
+        from dermaflux.train.ds_config import deepspeed_config, skip_unused_op_builds
         from dermaflux.train.flow import train_guidance_for
         from dermaflux.train.model_setup import lr_schedule, prepare_transformer
 
@@ -125,6 +125,7 @@ class Trainer:
         self.guidance = train_guidance_for(self.transformer.config, self.cfg.model)
         optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(tc))
+        skip_unused_op_builds()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.transformer, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc),
             dist_init_required=False,
@@ -209,9 +210,11 @@ class Trainer:
         if not (save or render or step % tc.log_every == 0):
             return
         metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * self.world / len(self.data)}
-        if self.rank == 0:  # the progress display: Ray forwards worker stdout to the driver
-            print(f"train step {step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                  f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}", flush=True)
+        if self.rank == 0:  # the driver's progress bar (Ray forwards worker stdout to the driver)
+            from dermaflux.core.progress import report_progress
+
+            report_progress("train", step, tc.steps, f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                            f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}")
         if save or render:
             self.checkpoint(metrics, save=save, render=render)
         else:
