@@ -7,11 +7,12 @@ A local instance is made unambiguous for its own processes too. Ray code running
 finds "the" cluster without an address: Ray Train's PlacementGroupCleaner polls the State API
 through `ray.util.state.get_actor()`, which reads RAY_ADDRESS, else the address the last
 `ray start` wrote to <temp>/ray/ray_current_cluster, else any GCS process it sees in `ps`
-(`services.get_ray_address_from_environment`). With another instance on the machine that is a
-`ConnectionError: Found multiple active Ray instances` traceback, or worse, a query to the other
-cluster that reports our controller dead and removes our placement group. So the local instance
-gets a GCS port chosen here, and its workers get RAY_ADDRESS pointing at it; the State API (the
-dashboard process) is kept, or the cleaner would warn once a second that it cannot reach it.
+(`services.get_ray_address_from_environment`). With other instances on the machine that was a
+`ConnectionError: Found multiple active Ray instances` traceback, or, after a `ray start`, a query
+to that other cluster: it does not know our controller, so the cleaner took it for dead and quit
+(had it registered our placement group by then, it would have removed it). So the local instance
+gets a GCS port chosen here and its workers RAY_ADDRESS pointing at it; the State API (the
+dashboard process) is kept, or the cleaner would warn every second that it cannot reach it.
 """
 
 from __future__ import annotations
