@@ -8,11 +8,12 @@ all of it on the console too, as Ray prints it, with debug logging.
 
 A progress bar is tqdm on a terminal. When stderr is not a terminal (a pipe, `tee`, a CI log) it is
 one line every `DERMAFLUX_PROGRESS_INTERVAL` seconds (default 30), never two progress lines within
-`MIN_GAP_S`. Ray Data stages leave a terminal to Ray Data's own bars. Code on Ray workers reports
+`MIN_GAP_S`. Ray Data stages leave a terminal to Ray Data's own bars. Outside the CLI (a Ray job) a
+bar logs the same lines through the `dermaflux.progress` logger. Code on Ray workers reports
 with `report_progress`: a plain stdout line that the driver turns into bar updates and that still
 reads well where nothing does (`ray job logs`).
 
-Nothing here acts until `session()` (the CLI) is entered: library, job and test use is unchanged.
+Outside a `session()` (the CLI) nothing else changes: no handlers, no run log, no redirection.
 """
 
 from __future__ import annotations
@@ -127,13 +128,11 @@ def _console_write(text: str) -> None:
 class _Session:
     verbose: bool
     interactive: bool
-    interval: float
     run_log: RunLogHandler
     console_handler: ConsoleHandler
     console: TextIO  # the real stderr: our messages, bars and errors
     log_path: Path | None = None
     bars: dict[str, Bar] = field(default_factory=dict)
-    last_line_at: float = float("-inf")
     restore: list = field(default_factory=list)  # undo steps, run in reverse at exit
 
 
@@ -152,9 +151,7 @@ def session(verbose: bool = False) -> Iterator[None]:
         yield
         return
     _session = _Session(
-        verbose=verbose, interactive=sys.stderr.isatty(),
-        interval=float(os.environ.get("DERMAFLUX_PROGRESS_INTERVAL", "30")),
-        run_log=RunLogHandler(verbose), console_handler=ConsoleHandler(verbose), console=sys.stderr,
+        verbose=verbose, interactive=sys.stderr.isatty(), run_log=RunLogHandler(verbose), console_handler=ConsoleHandler(verbose), console=sys.stderr,
     )
     try:
         _install_logging(_session)
@@ -331,6 +328,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+_last_line_at = float("-inf")  # of any bar: two progress lines are never closer than MIN_GAP_S
+
+
+def _interval() -> float:
+    """Seconds between a bar's lines off a terminal."""
+    return float(os.environ.get("DERMAFLUX_PROGRESS_INTERVAL", "30"))
+
+
 class Bar:
     """One stage's progress: `update`/`set` from the driver, or from workers through `report_progress(key, ...)`."""
 
@@ -361,7 +366,7 @@ class Bar:
             self.tqdm.total, self.tqdm.n = self.total, done
             self.tqdm.set_postfix_str(self.note, refresh=True)
         finished = self.total is not None and done >= self.total  # close() says so, once
-        if _session is not None and not finished and time.monotonic() - self.last_line_at >= _session.interval:
+        if not finished and time.monotonic() - self.last_line_at >= _interval():
             self._line()
 
     def speed(self) -> float:
@@ -386,12 +391,13 @@ class Bar:
         return text + (f" | {self.note}" if self.note else "")
 
     def _line(self, final: bool = False) -> None:
-        s = _session
+        global _last_line_at
         now = time.monotonic()
-        if s is None or now - s.last_line_at < MIN_GAP_S:
+        if now - _last_line_at < MIN_GAP_S:
             return
-        s.last_line_at = self.last_line_at = now
-        # With a tqdm bar on screen the line is for the run log only.
+        _last_line_at = self.last_line_at = now
+        # With a tqdm bar on screen the line is for the run log only. Outside the CLI (Ray jobs) the
+        # line goes wherever the process logs.
         logging.getLogger("dermaflux.progress").info(self.line(final), extra={"file_only": self.tqdm is not None})
 
     def close(self) -> None:
