@@ -238,7 +238,8 @@ def _native_stderr_to_log(s: _Session) -> None:
 
 
 def attach_to_ray() -> None:
-    """After ray.init: Ray's loggers and the workers' forwarded output into the run log (console: errors)."""
+    """Ray's loggers and (once ray.init ran) the workers' forwarded output into the run log; the console
+    keeps their errors. Safe to call again."""
     s = _session
     if s is None:
         return

@@ -86,8 +86,9 @@ def init_ray(ray_cfg: RayConfig | None = None, **kwargs):
     from dermaflux.core.progress import attach_to_ray
 
     if not ray.is_initialized():
+        attach_to_ray()  # Ray's loggers first: ray.init logs too
         _init(ray, ray_cfg or RayConfig(), kwargs)
-    attach_to_ray()
+    attach_to_ray()  # then the workers' output, which exists once Ray runs
     return ray.get_runtime_context()
 
 
