@@ -7,11 +7,11 @@ forwards to this process) and what native code writes to this process's stderr. 
 all of it on the console too, as Ray prints it, with debug logging.
 
 A progress bar is tqdm on a terminal. When stderr is not a terminal (a pipe, `tee`, a CI log) it is
-one line every `DERMAFLUX_PROGRESS_INTERVAL` seconds (default 30), never two progress lines within
-`MIN_GAP_S`. Ray Data stages leave a terminal to Ray Data's own bars. Outside the CLI (a Ray job) a
-bar logs the same lines through the `dermaflux.progress` logger. Code on Ray workers reports
-with `report_progress`: a plain stdout line that the driver turns into bar updates and that still
-reads well where nothing does (`ray job logs`).
+one line every `DERMAFLUX_PROGRESS_INTERVAL` seconds (default 30) and a summary at the end, never two
+lines of one stage within `MIN_GAP_S`. Ray Data stages leave a terminal to Ray Data's own bars.
+Outside the CLI (a Ray job) a bar logs the same lines through the `dermaflux.progress` logger.
+Code on Ray workers reports with `report_progress`: a plain stdout line that the driver turns into
+bar updates and that still reads well where nothing does (`ray job logs`).
 
 Outside a `session()` (the CLI) nothing else changes: no handlers, no run log, no redirection.
 """
@@ -84,7 +84,7 @@ class RunLogHandler(logging.Handler):
 
 
 class ConsoleHandler(logging.Handler):
-    """stderr as it is at emit time; around an active tqdm bar when there is one."""
+    """Our records (all with --verbose; anyone's errors) on the console, written around an open tqdm bar."""
 
     def __init__(self, verbose: bool):
         super().__init__(logging.DEBUG if verbose else logging.INFO)
@@ -151,7 +151,8 @@ def session(verbose: bool = False) -> Iterator[None]:
         yield
         return
     _session = _Session(
-        verbose=verbose, interactive=sys.stderr.isatty(), run_log=RunLogHandler(verbose), console_handler=ConsoleHandler(verbose), console=sys.stderr,
+        verbose=verbose, interactive=sys.stderr.isatty(), run_log=RunLogHandler(verbose),
+        console_handler=ConsoleHandler(verbose), console=sys.stderr,
     )
     try:
         _install_logging(_session)
@@ -186,7 +187,8 @@ def _set_env(s: _Session, name: str, value: str) -> None:
 def _quiet_environment(s: _Session) -> None:
     """Environment read by libraries here and (inherited when Ray starts) on the workers."""
     # Ray Data's non-terminal status block (7 lines) goes to the run log; once a minute is plenty there.
-    _set_env(s, "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", os.environ.get("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60"))
+    interval = os.environ.get("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
+    _set_env(s, "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", interval)
     if not s.interactive:
         # Off a terminal a library's tqdm bar (pipeline loading, weight loading) is a heap of \r-joined
         # lines; our bars pass disable=False and print their own lines.
@@ -329,7 +331,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-_last_line_at = float("-inf")  # of any bar: two progress lines are never closer than MIN_GAP_S
+# Per stage (a stage may show several bars, e.g. train: the VAE fit, then the steps): when its last
+# progress line was printed. Two lines of one stage are never closer than MIN_GAP_S.
+_last_line_at: dict[str, float] = {}
 
 
 def _interval() -> float:
@@ -340,8 +344,10 @@ def _interval() -> float:
 class Bar:
     """One stage's progress: `update`/`set` from the driver, or from workers through `report_progress(key, ...)`."""
 
-    def __init__(self, key: str, what: str, total: int | None, unit: str, ray_data: bool = False):
+    def __init__(self, key: str, what: str, total: int | None, unit: str, ray_data: bool = False,
+                 stage: str | None = None):
         self.key, self.what, self.total, self.unit = key, what, total, unit
+        self.stage = stage or key
         self.done, self.note = 0, ""
         self.started = self.last_line_at = time.monotonic()
         # Speed counts from the first report: start-up (and steps done before a resume) are not speed.
@@ -392,11 +398,10 @@ class Bar:
         return text + (f" | {self.note}" if self.note else "")
 
     def _line(self, final: bool = False) -> None:
-        global _last_line_at
         now = time.monotonic()
-        if now - _last_line_at < MIN_GAP_S:
+        if now - _last_line_at.get(self.stage, float("-inf")) < MIN_GAP_S:
             return
-        _last_line_at = self.last_line_at = now
+        _last_line_at[self.stage] = self.last_line_at = now
         # With a tqdm bar on screen the line is for the run log only. Outside the CLI (Ray jobs) the
         # line goes wherever the process logs.
         logging.getLogger("dermaflux.progress").info(self.line(final), extra={"file_only": self.tqdm is not None})
@@ -408,9 +413,11 @@ class Bar:
 
 
 @contextlib.contextmanager
-def bar(key: str, what: str, total: int | None, unit: str, ray_data: bool = False) -> Iterator[Bar]:
-    """A progress bar for the duration of the block; workers reach it by `key` (see `report_progress`)."""
-    shown = Bar(key, what, total, unit, ray_data=ray_data)
+def bar(key: str, what: str, total: int | None, unit: str, ray_data: bool = False,
+        stage: str | None = None) -> Iterator[Bar]:
+    """A progress bar for the duration of the block; workers reach it by `key` (see `report_progress`).
+    `stage` (default: `key`) groups the bars of one stage for the spacing of their lines."""
+    shown = Bar(key, what, total, unit, ray_data=ray_data, stage=stage)
     if _session is not None:
         _session.bars[key] = shown
     try:

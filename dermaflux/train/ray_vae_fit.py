@@ -138,7 +138,8 @@ def cache_key(cfg) -> str:
     start = {"pretrained": model.pretrained, "revision": model.revision, "resolution": model.resolution,
              "tiny": model.tiny.model_dump(mode="json") if model.pretrained == BUILTIN_TINY else None}
     fit = cfg.train.vae_fit.model_dump(mode="json", exclude={"enabled"})
-    return fingerprint(VAE_FIT_VERSION, start, fit, cfg.train.seed, data_identity(cfg.train.captions, cfg.train.vae_fit))
+    images = data_identity(cfg.train.captions, cfg.train.vae_fit)
+    return fingerprint(VAE_FIT_VERSION, start, fit, cfg.train.seed, images)
 
 
 def cached_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
@@ -162,7 +163,7 @@ def cached_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
                  metrics["psnr_test"], cached)
         return run_dir / "vae", {**metrics, "cache": "hit", "cache_key": key}
     started = time.time()
-    with bar("vae-fit", "train: VAE fit", cfg.train.vae_fit.steps, "steps"):
+    with bar("vae-fit", "train: VAE fit", cfg.train.vae_fit.steps, "steps", stage="train"):
         vae_dir, metrics = run_vae_fit(cfg, run_dir)
     metrics = {**metrics, "fit_seconds": round(time.time() - started, 1)}
     with atomic_dir(cached) as staging:
