@@ -72,20 +72,20 @@ def demo_run(tmp_path_factory, ham10000_dir, dermaflux_cache) -> DemoRun:
     # machine alone.
     stray = LocalRayCluster(head_cpus=1, env={"RAY_AUTH_MODE": "disabled"})
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
-    (ray_tmp / "ray").symlink_to(stray.temp_dir)
-    _wait_for(ray_tmp / "ray" / "ray_current_cluster")  # `ray start` writes it once its node is up
-    env = {**os.environ, "DERMAFLUX_CACHE": str(dermaflux_cache), "RAY_TMPDIR": str(ray_tmp),
-           # A bar would print every second: the 10 s spacing is then the product's own doing.
-           "DERMAFLUX_PROGRESS_INTERVAL": "1"}
-    env.pop("RAY_ADDRESS", None)
-    args = [CLI, "pipeline", "--preset", "tiny", "--data", "data", "--out", "run"]
-    args += [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
     try:
+        (ray_tmp / "ray").symlink_to(stray.temp_dir)
+        _wait_for(ray_tmp / "ray" / "ray_current_cluster")  # `ray start` writes it once its node is up
+        env = {**os.environ, "DERMAFLUX_CACHE": str(dermaflux_cache), "RAY_TMPDIR": str(ray_tmp),
+               # A bar would print every second: the 10 s spacing is then the product's own doing.
+               "DERMAFLUX_PROGRESS_INTERVAL": "1"}
+        env.pop("RAY_ADDRESS", None)
+        args = [CLI, "pipeline", "--preset", "tiny", "--data", "data", "--out", "run"]
+        args += [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
         started = time.time()
         proc = subprocess.run(args, capture_output=True, text=True, timeout=1800, env=env, cwd=root, check=False)
         seconds = time.time() - started
         jobs = _stray_jobs(stray)
-    finally:
+    finally:  # the stray instance's own processes, by their process group; never a global `ray stop`
         stray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
