@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
                                formatter_class=_HelpFormatter)
         add_config_arguments(stage)
-        stage.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        stage.add_argument("-v", "--verbose", action="store_true",
+                           help="show everything on the console: Ray's and the libraries' output, debug logging "
+                                "(otherwise it goes to the run's log file, whose path is printed)")
         for option in options:
             option.add_to(stage)
         stage.set_defaults(_options=options)
@@ -140,22 +142,32 @@ def _failed(name: str, summary: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dermaflux.config import load_config
-    from dermaflux.core.entry import USER_ERRORS, run
+    from dermaflux.core.progress import session
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     if args.stage == "model":
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return _run_model_tool(args)
+    with session(verbose=args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the config, run the stage (or pipeline), print its result; the exit code."""
+    from dermaflux.config import load_config
+    from dermaflux.core.entry import USER_ERRORS, run
+    from dermaflux.core.progress import announce
+
     try:
         cfg = load_config(args.preset, args.config, args.overrides, extra=flag_settings(args))
         summary = run(args.stage, cfg)
     except USER_ERRORS as err:
-        print(f"dermaflux {args.stage}: error: {err}", file=sys.stderr)
+        announce(f"dermaflux {args.stage}: error: {err}")
         return 2
+    except Exception:  # the stage failed: the traceback on the console and in the run log
+        logging.getLogger("dermaflux").exception("dermaflux %s failed", args.stage)
+        return 1
     _print_result(args.stage, summary)
     return 1 if _failed(args.stage, summary) else 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from dermaflux.config import ConfigError, DermaFluxConfig
 from dermaflux.core.artifacts import atomic_write_json, claim_run, fingerprint, is_done, mark_done, marker_path, read_json
 from dermaflux.core.config import deep_merge
 from dermaflux.core.preflight import capacity_from_ray, check_config, check_stages_in_order
+from dermaflux.core.progress import announce, shown
 from dermaflux.stages import PIPELINE, StageSpec, get_stage
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def find_report(stage_out: Path, summary: dict) -> str | None:
 
 
 def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", file=sys.stderr, flush=True)
+    announce(f"\n=== {text} ===")
 
 
 def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
@@ -144,7 +144,7 @@ def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
     if capacity_check:
         check_config(stage_cfg, runnable, produced=set(runnable), capacity=capacity_from_ray())
     results: dict[str, dict] = {name: {"status": reason} for name, reason in skipped.items()}
-    log.info("pipeline: %s %s -> %s", "resuming" if resumed else "starting", ", ".join(runnable), out)
+    log.info("pipeline: %s %s -> %s", "resuming" if resumed else "starting", ", ".join(runnable), shown(out))
     for index, name in enumerate(runnable, 1):
         progress = f"[{index}/{len(runnable)}] {name}"
         try:
@@ -169,7 +169,7 @@ def _run_one(spec: StageSpec, stage_cfg, out: Path, progress: str) -> dict:
             return {**done.get("summary", {}), "status": "done earlier", "seconds": done.get("seconds")}
         # Changed settings: the stage decides (resume, or refuse a folder holding a different run).
         log.info("pipeline: %s settings changed since it ran; running it again", spec.name)
-    _banner(f"{progress} -> {getattr(spec.section_of(stage_cfg), spec.output)}")
+    _banner(f"{progress} -> {shown(getattr(spec.section_of(stage_cfg), spec.output))}")
     started = time.time()
     summary = execute(spec, stage_cfg)
     seconds = round(time.time() - started, 1)

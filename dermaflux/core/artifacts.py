@@ -166,9 +166,11 @@ def claim_run(cfg: DermaFluxConfig, out_dir: str | os.PathLike, stage: str, run_
               inputs=()) -> bool:
     """Every stage's start: own `out_dir` (see claim_output) and write the effective config beside it."""
     from dermaflux.core.config import save_effective_config
+    from dermaflux.core.progress import open_run_log
 
     resumed = claim_output(out_dir, stage, run_fingerprint, force=force, inputs=inputs)
     save_effective_config(cfg, out_dir)
+    open_run_log(out_dir, stage)  # a CLI run's log goes in the first folder it owns (no-op outside the CLI)
     return resumed
 
 

@@ -41,6 +41,11 @@ def run_stage(name: str, cfg, *, capacity_check: bool = True) -> dict:
 
     spec = get_stage(name)
     check_config(cfg, [name])  # paths and preset: before Ray starts
+    if not spec.output:  # no folder of its own (serve): its run log goes to the cache folder
+        from dermaflux.core.progress import open_run_log
+        from dermaflux.model.config import cache_dir
+
+        open_run_log(cache_dir(cfg.model), name)
     init_ray(cfg.ray)
     if capacity_check:
         check_config(cfg, [name], capacity=capacity_from_ray())

@@ -15,6 +15,7 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FilenameProvider
 
+from dermaflux.core.progress import bar
 from dermaflux.corpus.config import CurateConfig
 from dermaflux.corpus.images import clean_scan, read_image_bytes, scan_image
 from dermaflux.corpus.schema import CORPUS_SCHEMA
@@ -50,7 +51,12 @@ def scan(locators: list[str], cfg: CurateConfig) -> list[dict]:
     ds = _dataset(items, cfg.batch_size)
     ds = ds.map_batches(_scan_batch, batch_size=cfg.batch_size, batch_format="pandas",
                         fn_kwargs={"hash_size": cfg.phash_size, "max_pixels": cfg.max_pixels}, **_task_options(cfg))
-    results = ds.to_pandas().sort_values("row")
+    parts = []
+    with bar("curate", "curate: scan", len(locators), "images", ray_data=True) as shown:
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            parts.append(batch)
+            shown.update(len(batch))
+    results = pd.concat(parts, ignore_index=True).sort_values("row")
     if len(results) != len(locators):
         raise RuntimeError(f"scan returned {len(results)} rows for {len(locators)} images")
     return [clean_scan(r) for r in results.drop(columns="row").to_dict("records")]

@@ -7,8 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from tqdm import tqdm
-
+from dermaflux.core.progress import bar as progress_bar
 from dermaflux.evaluate.data import ImageTable
 from dermaflux.evaluate.grid import Cell
 
@@ -47,7 +46,8 @@ def run_grid(
     queue: list[Cell | str] = (["assessment"] if assess else []) + list(cells)
     pending: dict = {}
     failed: list[str] = []
-    with tqdm(total=len(queue), desc="evaluate grid", unit="cell") as bar:
+    # One bar for the grid's cells and the synthetic-set assessment (a task like a cell).
+    with progress_bar("evaluate", "evaluate", len(queue), "tasks") as bar:
         while queue or pending:
             while queue and len(pending) < cfg.parallel_cells:
                 job = queue.pop(0)
@@ -70,5 +70,5 @@ def run_grid(
                         on_assessment(result)
                     else:
                         on_cell(job, result)
-                bar.update()
+                bar.update(1, note=f"{name} done")
     return failed

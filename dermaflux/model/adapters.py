@@ -96,7 +96,7 @@ def adapter_components(info: AdapterInfo, dtype, *, transformer: bool = True, va
 
     components = {}
     if transformer and info.kind == "full":
-        components["transformer"] = FluxTransformer2DModel.from_pretrained(info.path / "transformer", torch_dtype=dtype)
+        components["transformer"] = FluxTransformer2DModel.from_pretrained(info.path / "transformer", dtype=dtype)
     if vae and info.has_vae:
-        components["vae"] = AutoencoderKL.from_pretrained(info.path / "vae", torch_dtype=dtype)
+        components["vae"] = AutoencoderKL.from_pretrained(info.path / "vae", dtype=dtype)
     return components

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from dermaflux.model.config import DTYPE_NAMES, ModelConfig, cache_dir
@@ -51,15 +52,37 @@ def pipeline_loads() -> int:
     return _PIPELINE_LOADS
 
 
+class _ClipTruncationNotice(logging.Filter):
+    """Drops the notices that a prompt was cut to CLIP's 77 tokens. Flux reads the whole caption through
+    T5 (model.max_sequence_length) and only its pooled summary through CLIP, whose cut is by design: the
+    notices (one per long prompt, dozens per run) say nothing a user can act on. Other records pass."""
+
+    NOTICES = ("The following part of your input was truncated because CLIP can only handle sequences up to",
+               "Token indices sequence length is longer than the specified maximum sequence length")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+def _hide_clip_truncation_notices() -> None:
+    # diffusers' FluxPipeline._get_clip_prompt_embeds logs the first; the CLIP tokenizer's untruncated
+    # call in it the second.
+    for name in ("diffusers.pipelines.flux.pipeline_flux", "transformers.tokenization_utils_base"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ClipTruncationNotice) for f in logger.filters):
+            logger.addFilter(_ClipTruncationNotice())
+
+
 def load_pipeline(model_cfg: ModelConfig, **components):
     """FluxPipeline for `model_cfg`; pass components (e.g. a fitted `vae=`) to replace the stored ones."""
     from diffusers import FluxPipeline
 
+    _hide_clip_truncation_notices()
     global _PIPELINE_LOADS
     _PIPELINE_LOADS += 1
     source = resolve_pretrained(model_cfg)
     return FluxPipeline.from_pretrained(
-        source, revision=model_cfg.revision, torch_dtype=torch_dtype(model_cfg.dtype), **components
+        source, revision=model_cfg.revision, dtype=torch_dtype(model_cfg.dtype), **components
     )
 
 

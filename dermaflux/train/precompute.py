@@ -27,7 +27,7 @@ def load_text_and_vae(model_cfg, vae_dir: str | None):
 
     components = {"transformer": None}
     if vae_dir:
-        components["vae"] = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype(model_cfg.dtype))
+        components["vae"] = AutoencoderKL.from_pretrained(vae_dir, dtype=torch_dtype(model_cfg.dtype))
     pipe = load_pipeline(model_cfg, **components)
     return pipe
 

@@ -110,7 +110,7 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
                              cfg.train.augment, cfg.train.use_gpu),
         batch_size=cfg.train.precompute_batch,
         batch_format="numpy",
-        concurrency=cfg.train.precompute_workers,
+        compute=ray.data.ActorPoolStrategy(size=cfg.train.precompute_workers),
         num_cpus=1,
         num_gpus=1 if cfg.train.use_gpu else 0,
     )

@@ -140,7 +140,7 @@ class Trainer:
     def _build_engine(self) -> None:
         import deepspeed
 
-        from dermaflux.train.ds_config import deepspeed_config
+        from dermaflux.train.ds_config import deepspeed_config, skip_unused_op_builds
         from dermaflux.train.flow import train_guidance_for
         from dermaflux.train.model_setup import lr_scheduler, prepare_transformer
 
@@ -150,6 +150,7 @@ class Trainer:
         self.guidance = train_guidance_for(self.transformer.config, self.cfg.model)
         self.compiled = self._compile() if tc.compile else False
         optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        skip_unused_op_builds()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, tc),
             config=deepspeed_config(tc), dist_init_required=False,
@@ -283,9 +284,11 @@ class Trainer:
         metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * self.world / len(self.data),
                    "micro_batch": tc.micro_batch, "gradient_checkpointing": int(tc.gradient_checkpointing),
                    "compiled": int(self.compiled), "text_tokens": self.text_tokens}
-        if self.rank == 0:  # the progress display: Ray forwards worker stdout to the driver
-            print(f"train step {step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                  f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}", flush=True)
+        if self.rank == 0:  # the driver's progress bar (Ray forwards worker stdout to the driver)
+            from dermaflux.core.progress import report_progress
+
+            report_progress("train", step, tc.steps, f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                            f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}")
         if save or render:
             self.checkpoint(metrics, save=save, render=render)
         else:

@@ -72,11 +72,11 @@ def _marker(out: Path, step: str) -> dict:
 
 
 def _vae_fit(cfg: DermaFluxConfig, out: Path) -> dict:
-    """Fit the tiny preset's random VAE to the corpus (Ray Train DDP) into <out>/vae; returns its metrics."""
-    from dermaflux.train.ray_vae_fit import run_vae_fit
+    """Fit the tiny preset's random VAE to the corpus (Ray Train DDP) into <out>/vae, or reuse the one fitted
+    before on the same images and settings; returns its metrics (test PSNR, cache hit or stored)."""
+    from dermaflux.train.ray_vae_fit import cached_vae_fit
 
-    log.info("fitting the VAE (%d steps)", cfg.train.vae_fit.steps)
-    return run_vae_fit(cfg, out)[1]
+    return cached_vae_fit(cfg, out)[1]
 
 
 def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> dict:
@@ -91,9 +91,11 @@ def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> d
 
 def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool) -> dict:
     """Ray Train + DeepSpeed on the cache, then the final adapter from the last checkpoint; returns the marker fields."""
+    from dermaflux.core.progress import bar
     from dermaflux.train.ray_trainer import run_training
 
-    result = run_training(cfg, out / "cache", vae_dir, out, resume=resume)
+    with bar("train", "train", cfg.train.steps, "steps"):
+        result = run_training(cfg, out / "cache", vae_dir, out, resume=resume)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
