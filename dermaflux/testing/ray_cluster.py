@@ -9,31 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from dermaflux.core.runtime import free_port
+
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    # Below the kernel's ephemeral range (32768+) and above Ray's worker ports (10002-19999): a port
-    # picked here is not taken a moment later by a Ray process binding port 0 (seen as "address
-    # already in use" on the dashboard agent). Bound on all interfaces, as the agent binds the node IP.
-    import random
-
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 class LocalRayCluster:

@@ -12,13 +12,7 @@ import torch
 from dermaflux.train.augment import VIEWS, dihedral
 from dermaflux.train.cache import CACHE_SCHEMA, CachedSet, ensure_split_file, micro_batch_views, sample_views
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_eight_distinct_views_of_the_square():

@@ -10,13 +10,7 @@ from dermaflux.config import load_config
 from dermaflux.model.adapters import save_adapter
 from dermaflux.train.model_setup import prepare_transformer, trainable_state_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def transformer_output(transformer) -> torch.Tensor:
