@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_cluster import LocalRayCluster
-from small_ham10000 import small_ham10000
+from dermaflux.testing.ray_cluster import LocalRayCluster
+from dermaflux.testing.ham10000 import build_ham_folder
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def _wait_for(path: Path, timeout: float = 180) -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, ham10000_dir, dermaflux_cache) -> DemoRun:
     root = tmp_path_factory.mktemp("quiet")
-    small_ham10000(ham10000_dir, root / "data" / "ham10000-224", per_class=3)
+    build_ham_folder(ham10000_dir, root / "data" / "ham10000-224", per_class=3)
     # A stray `ray start --head`. Its address file is where Ray looks first for "the" local cluster: the
     # run sees it through RAY_TMPDIR (its own default temp folder), which leaves /tmp/ray of this shared
     # machine alone.
