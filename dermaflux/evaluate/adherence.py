@@ -6,8 +6,9 @@ just its label) against what is measured on the generated image:
 - colours, asymmetry, border and diameter class by the project's own ABCD extractor
   (`dermaflux.caption.extract`, the function that wrote the training captions).
 Per attribute: the observed agreement, the agreement expected by chance from the two marginals,
-and Cohen's kappa (0: chance, 1: perfect) with a bootstrap CI. A generator that ignores its
-prompt scores kappa ~ 0 however good its images look.
+and Cohen's kappa (0: chance, 1: perfect) with a bootstrap CI over images; colours are six
+present/absent decisions per image, with each colour's chance from its own prevalence. A generator
+that ignores its prompt scores kappa ~ 0 however good its images look.
 
 Diameter class compares sizes relative to the image side (the generator knows no physical
 scale): small < 1/3, medium < 2/3, large. A request in millimetres is placed on that scale at a
@@ -124,24 +125,37 @@ def summarise_adherence(rows: list[dict], n_boot: int = 1000) -> dict:
         both = [r for r in rows if r[f"requested_{name}"] is not None and r[f"measured_{name}"] is not None]
         not_measured = sum(r[f"requested_{name}"] is not None and r[f"measured_{name}"] is None for r in rows)
         if name == "colours":
-            asked, seen = _colour_pairs(both)
+            result = colour_agreement(both, n_boot)
         else:
             asked = [str(r[f"requested_{name}"]) for r in both]
             seen = [str(r[f"measured_{name}"]) for r in both]
-        result = agreement(asked, seen)
-        result["kappa_ci"] = kappa_interval(asked, seen, n_boot=n_boot) if result["n"] else None
+            result = agreement(asked, seen)
+            result["kappa_ci"] = kappa_interval(asked, seen, n_boot=n_boot) if result["n"] else None
         out[name] = {**result, "images": len(both), "not_measured": int(not_measured),
                      "measured_by": MEASURED_BY[name]}
-        if name == "colours":
-            out[name]["unit"] = "image x ABCD colour (present/absent)"
     return out
 
 
-def _colour_pairs(rows: list[dict]) -> tuple[list[str], list[str]]:
-    """Colours as present/absent decisions per (image, ABCD colour) pair."""
-    asked, seen = [], []
-    for r in rows:
-        for colour in ABCD_COLOURS:
-            asked.append(str(colour in r["requested_colours"]))
-            seen.append(str(colour in r["measured_colours"]))
-    return asked, seen
+def colour_agreement(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Colours as six present/absent decisions per image. Agreement and chance are averaged over the
+    six colours, each colour's chance from its own marginals: pooling the decisions would count the
+    colours' different prevalences (light brown in most lesions, blue-grey in few) as agreement."""
+    if not rows:
+        return {"n": 0, "agreement": None, "chance": None, "kappa": None, "kappa_ci": None,
+                "unit": "image x ABCD colour (present/absent)"}
+    asked = np.array([[c in r["requested_colours"] for c in ABCD_COLOURS] for r in rows])
+    seen = np.array([[c in r["measured_colours"] for c in ABCD_COLOURS] for r in rows])
+
+    def kappa_of(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+        observed = float(np.mean(a == b))
+        chance = float(np.mean(a.mean(0) * b.mean(0) + (1 - a.mean(0)) * (1 - b.mean(0))))
+        return observed, chance, (observed - chance) / (1 - chance) if chance < 1 else float("nan")
+
+    observed, chance, kappa = kappa_of(asked, seen)
+    rng = np.random.default_rng(seed)
+    draws = [kappa_of(asked[pick], seen[pick])[2] for pick in (rng.integers(0, len(rows), len(rows))
+                                                               for _ in range(n_boot))]
+    draws = np.array(draws)[np.isfinite(draws)]
+    ci = [float(v) for v in np.quantile(draws, [0.025, 0.975])] if len(draws) else [float("nan")] * 2
+    return {"n": int(asked.size), "agreement": observed, "chance": chance, "kappa": kappa, "kappa_ci": ci,
+            "unit": "image x ABCD colour (present/absent); chance per colour"}

@@ -60,7 +60,7 @@ def control_table(real: ImageTable, control: ControlSet) -> ImageTable:
         ids=np.array([control_id(control.name, i) for i in rows.ids], dtype=object),
         images=rows.images, labels=labels,
         malignant=np.array([taxonomy.is_malignant(lab) for lab in labels], dtype=object),
-        split=np.full(len(rows), "synthetic", dtype=object), phash=rows.phash, grey=rows.grey,
+        split=np.full(len(rows), "synthetic", dtype=object), phash=None, grey=rows.grey,
         captions=[_prompt(control.name, lab, i) for lab, i in zip(labels, rows.ids)],
         source=np.full(len(rows), f"control:{control.name}", dtype=object),
         attributes=[json.dumps({"diagnosis": lab}) for lab in labels],

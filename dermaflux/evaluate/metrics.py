@@ -140,7 +140,9 @@ def summarise(cells: list[dict]) -> list[dict]:
         for name, scored in cell["test_sets"].items():
             groups[_group_key(cell, name)].append((cell, scored))
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[6] != "internal", k[6], k[2], k[3], k[4], k[5])):
+    # Reading order: internal test set first; per size real-only, then the synthetic ratios, then the controls.
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[6] != "internal", k[6], k[2], k[4], k[3] != "synthetic",
+                                             k[3], k[5])):
         members = groups[key]
         task, model, real_size, arm, synthetic_only, ratio, test_set = key
         cells_ = [c for c, _ in members]

@@ -118,12 +118,14 @@ def family(comparison: dict) -> str:
 def adjust(comparisons: list[dict], method: str) -> None:
     """Adds p_adjusted to every comparison's metrics, per (family, metric)."""
     for fam in {family(c) for c in comparisons}:
-        members = [c for c in comparisons if family(c) == fam]
         for metric in METRICS:
-            adjusted = stats.ADJUSTMENTS[method]([c[metric]["p_value"] for c in members])
+            members = [c for c in comparisons if family(c) == fam]
+            for c in members:  # no p-value (one class in the test set): not in the family
+                c[metric].update(p_adjusted=float("nan"), family_size=0)
+            members = [c for c in members if np.isfinite(c[metric]["p_value"])]
+            adjusted = stats.ADJUSTMENTS[method]([c[metric]["p_value"] for c in members]) if members else []
             for c, p in zip(members, adjusted):
-                c[metric]["p_adjusted"] = float(p)
-                c[metric]["family_size"] = len(members)
+                c[metric].update(p_adjusted=float(p), family_size=len(members))
 
 
 def _size_key(c: dict) -> tuple:
@@ -139,14 +141,15 @@ def resolvable(comparisons: list[dict], cfg) -> None:
         groups[_size_key(c)].append(c)
     for members in groups.values():
         for metric in METRICS:
-            se = float(np.median([c[metric]["se"] for c in members]))
+            ses = [c[metric]["se"] for c in members if np.isfinite(c[metric]["se"])]
+            se = float(np.median(ses)) if ses else float("nan")
             for c in members:
                 c[metric]["resolvable"] = stats.resolvable_difference(se, cfg.alpha, cfg.power)
 
 
 def significant(metric: dict, alpha: float) -> int:
     """+1 a detected gain, -1 a detected loss, 0 nothing detected (adjusted p)."""
-    if metric["p_adjusted"] >= alpha:
+    if not metric["p_adjusted"] < alpha:  # NaN (nothing estimable) is no detection either
         return 0
     return 1 if metric["delta"] > 0 else -1
 

@@ -1,6 +1,7 @@
 """The report's plots (matplotlib, Agg), drawn so that noise does not look like an effect:
 differences are shown with their 95% CI around a zero line, on an axis at least ±MIN_DELTA_SPAN
-wide, with the grid's resolvable difference shaded; absolute AUROC on a fixed 0.5-1 axis."""
+wide, with the grid's resolvable difference shaded; absolute AUROC on a fixed 0.5-1 axis. Real
+sizes are categories on the x axis (their spacing says nothing)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,15 @@ def plot_deltas(comparisons: list[dict], path: Path, metric: str, label: str) ->
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (task, model, test_set) in zip(axes[0], panels):
         rows = [c for c in comparisons if (c["task"], c["model"], c["test_set"]) == (task, model, test_set)]
+        sizes = sorted({c["real_size"] for c in rows})
+        series = sorted({(c["arm"], c["ratio"]) for c in rows})
         span = MIN_DELTA_SPAN
-        for arm, ratio in sorted({(c["arm"], c["ratio"]) for c in rows}):
+        resolvable = float(np.median([c[metric]["resolvable"] for c in rows]))
+        ax.axhspan(-resolvable, resolvable, color="grey", alpha=0.15, label=f"not resolvable (±{resolvable:.3f})")
+        for k, (arm, ratio) in enumerate(series):
             sel = sorted((c for c in rows if (c["arm"], c["ratio"]) == (arm, ratio)), key=lambda c: c["real_size"])
-            x = np.array([c["real_size"] for c in sel], dtype=float)
+            # Sizes as categories, the series side by side: overlapping CIs stay readable.
+            x = np.array([sizes.index(c["real_size"]) for c in sel]) + 0.6 * (k - (len(series) - 1) / 2) / len(series)
             y = np.array([c[metric]["delta"] for c in sel])
             low = y - np.array([c[metric]["ci"][0] for c in sel])
             high = np.array([c[metric]["ci"][1] for c in sel]) - y
@@ -55,12 +61,10 @@ def plot_deltas(comparisons: list[dict], path: Path, metric: str, label: str) ->
             ax.errorbar(x, y, yerr=[low, high], fmt=STYLE.get(arm, "-o"), capsize=3,
                         label=f"{arm} 1:{ratio:g} (added {added})")
             span = max(span, 1.1 * float(np.nanmax(np.abs(np.r_[y - low, y + high]))))
-        resolvable = [c[metric]["resolvable"] for c in rows]
-        sizes = sorted({c["real_size"] for c in rows})
-        ax.fill_between(sizes, -np.median(resolvable), np.median(resolvable), color="grey", alpha=0.15,
-                        label="not resolvable (median)")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylim(-span, span)
+        ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+        ax.set_xlim(-0.6, len(sizes) - 0.4)
         ax.set_xlabel("real training images")
         ax.set_ylabel(f"Δ {label} vs real only (95% CI)")
         ax.set_title(f"{task} · {model} · {test_set}")

@@ -90,7 +90,7 @@ def run(cfg: DermaFluxConfig) -> dict:
     run_id = fingerprint(_input_identity(corpus), _input_identity(synthetic_dir),
                          {k: getattr(ev, k) for k in RESULT_FIELDS})
     resumed = claim_run(cfg, out, "evaluate", run_id)
-    inputs = read_inputs(corpus, synthetic_dir, ev.image_size)
+    inputs = read_inputs(corpus, synthetic_dir, ev.image_size, hashes=bool(synthetic_dir) and ev.quality)
     if ev.controls:
         inputs.controls = make_controls(out, inputs)
     work = plan_work(out, inputs, ev)
@@ -115,11 +115,13 @@ def _input_identity(folder: Path | None) -> dict | None:
     return {"path": str(folder.resolve()), "shards": [(p.name, p.stat().st_size) for p in shards]}
 
 
-def read_inputs(corpus: Path, synthetic_dir: Path | None, image_size: int) -> Inputs:
+def read_inputs(corpus: Path, synthetic_dir: Path | None, image_size: int, hashes: bool = True) -> Inputs:
+    """`hashes`: compute the pHashes the synthetic-set assessment needs (skipped without one)."""
     log.info("evaluate: reading corpus %s%s", corpus, f" and synthetic set {synthetic_dir}" if synthetic_dir else "")
     manifest = read_manifest(synthetic_dir) if synthetic_dir else {}
-    synthetic = controls.with_origin(read_synthetic(synthetic_dir, image_size), manifest) if synthetic_dir else None
-    return Inputs(corpus, synthetic_dir, read_corpus(corpus, image_size), synthetic, manifest)
+    synthetic = (controls.with_origin(read_synthetic(synthetic_dir, image_size, hashes), manifest)
+                 if synthetic_dir else None)
+    return Inputs(corpus, synthetic_dir, read_corpus(corpus, image_size, hashes), synthetic, manifest)
 
 
 def make_controls(out: Path, inputs: Inputs) -> dict[str, ImageTable]:
@@ -218,7 +220,8 @@ def collect_results(out: Path, work: Work, inputs: Inputs, cfg, failed: list[str
     assessment = read_json(out / "assessment.json") if assessed else None
     return {
         "inputs": _inputs_record(out, inputs),
-        "facts": run_facts(cfg, inputs.synthetic_manifest, cells),
+        "facts": run_facts(cfg, inputs.synthetic_manifest, cells,
+                           len(inputs.synthetic) if inputs.synthetic is not None else 0),
         "settings": ev.model_dump(mode="json"),
         "primary_task": ev.main_task,
         "notes": _notes(inputs.synthetic_manifest, work.not_run, failed, cells),

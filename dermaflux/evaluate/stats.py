@@ -111,6 +111,9 @@ def paired_bootstrap(targets: np.ndarray, baseline: list, treatment: list, metri
     seed_w = rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=n_boot) / seeds  # (B, S)
     boot = (seed_w * deltas.T).sum(1)
     boot = boot[np.isfinite(boot)]
+    if len(boot) < 2:  # e.g. an AUROC on a test set holding one class only: nothing to estimate
+        nan = float("nan")
+        return PairedResult(float(np.mean(per_seed)), nan, nan, nan, nan, nan, per_seed, seeds, 0)
     low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
     delta, se = float(np.mean(per_seed)), float(boot.std(ddof=1))
     # Percentile p: how often the resampled difference falls on the other side of 0 (+1: never exactly 0);
