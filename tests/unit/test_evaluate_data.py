@@ -156,7 +156,8 @@ def test_each_test_source_is_scored_apart_and_rows_without_a_diagnosis_are_count
     binary = assemble_cell(real, None, "binary", 20, 0.0, 0)
     assert binary.tests["clinic"].left_out == 12 - positives  # malignant unknown for "not melanoma"
     mel = targets(real, "melanoma", ("other", "melanoma"))
-    assert (mel[real.labels == "mel"] == 1).all() and (mel[(real.labels != "mel") & (real.labels != None)] == 0).all()  # noqa: E711
+    known = np.array([lab is not None for lab in real.labels])
+    assert (mel[real.labels == "mel"] == 1).all() and (mel[(real.labels != "mel") & known] == 0).all()
     # An older corpus without the melanoma column gets it from the label.
     old = read_corpus(corpus_dir, 32)
     assert [m for m, lab in zip(old.melanoma, old.labels) if lab == "mel"] and all(

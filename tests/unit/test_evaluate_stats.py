@@ -94,7 +94,7 @@ def test_paired_bootstrap_sees_a_real_difference_and_not_a_null_one():
     y = rng.random(n) < 0.3
     base = [0.8 * y + rng.normal(size=n) for _ in range(seeds)]
     better = [s + 0.8 * y for s in base]  # a clearly better model per seed
-    auroc = lambda t, s, w: weighted_auroc(t, s, w)  # noqa: E731
+    auroc = lambda t, s, w: weighted_auroc(t, s, w)
     gain = paired_bootstrap(y, base, better, auroc, n_boot=1000)
     assert gain.delta > 0.1 and gain.ci_low > 0 and gain.p_value < 0.01 and gain.seeds == seeds
     same = paired_bootstrap(y, base, [s.copy() for s in base], auroc, n_boot=1000)
