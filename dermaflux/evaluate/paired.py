@@ -95,7 +95,7 @@ def compare_grid(cells: list[dict], predictions: dict[str, dict], cfg) -> list[d
     comparisons = []
     for (task, model, size, arm, ratio), pairs in sorted(_pairs(cells).items(), key=lambda kv: str(kv[0])):
         pairs = sorted(pairs, key=lambda bc: bc[0]["seed"])
-        for test_set in pairs[0][0]["test_sets"]:
+        for test_set in sorted(pairs[0][0]["test_sets"], key=lambda name: (name != INTERNAL, name)):
             base = [arm_of(b, predictions[b["id"]], test_set) for b, _ in pairs]
             treated = [arm_of(t, predictions[t["id"]], test_set) for _, t in pairs]
             comparisons.append({

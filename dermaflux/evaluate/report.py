@@ -129,13 +129,18 @@ def _share(mix: dict[str, float], task: str) -> str:
     return f"{100 * sum(v for k, v in mix.items() if k in positive):.1f}%"
 
 
+def _test_set(row: dict) -> str:
+    left_out = f"; {row['left_out']} without a target left out" if row.get("left_out") else ""
+    return f"{row['test_set']} ({row['test_images']} images{left_out})"
+
+
 def summary_table(summary: list[dict]) -> Table:
     head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)",
             "positive share real / added", "steps", "seeds", "AUROC", "balanced acc.", "sensitivity", "specificity"]
     rows = []
     for r in summary:
         rows.append([
-            r["task"], r["model"], f"{r['test_set']} ({r['test_images']})", f"{r['train_real']:.0f}",
+            r["task"], r["model"], _test_set(r), f"{r['train_real']:.0f}",
             arm_label(r["arm"], r["ratio"], r["synthetic_only"]),
             added_images(r["synthetic_wanted"], r["train_synthetic"], r["train_real"]),
             f"{_share(r['real_class_mix'], r['task'])} / {_share(r['synthetic_class_mix'], r['task'])}",
