@@ -167,7 +167,8 @@ def _loader(dataset: Dataset, train_y: np.ndarray, class_w: np.ndarray, settings
             generator: torch.Generator) -> DataLoader:
     drop_last = len(train_y) > settings.batch_size
     if settings.balancing == "sampler":
-        sampler = WeightedRandomSampler(class_w[train_y], num_samples=len(train_y), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(class_w[train_y], num_samples=len(train_y), replacement=True,
+                                        generator=generator)
         return DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, drop_last=drop_last)
     return DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator, drop_last=drop_last)
 

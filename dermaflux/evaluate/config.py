@@ -52,7 +52,9 @@ class EvaluateConfig(ConfigModel):
     steps: int = Field(
         200, ge=0, description="optimiser steps per cell, the same for every cell; 0: train `epochs` epochs instead"
     )
-    validations: int = Field(4, ge=1, description="steps mode: val checks, evenly spaced; the best by val AUROC is kept")
+    validations: int = Field(
+        4, ge=1, description="steps mode: val checks, evenly spaced; the best by val AUROC is kept"
+    )
     epochs: int = Field(3, ge=1, description="epochs per cell when steps is 0")
     patience: int = Field(2, ge=1, description="epochs mode: early stopping after this many epochs without val gain")
     image_size: int = Field(32, ge=16, description="classifier input side in pixels")
@@ -98,7 +100,9 @@ class EvaluateConfig(ConfigModel):
         0.985, gt=0, le=1, description="...32 px grey pixels correlating at least this much with one"
     )
     grid_images_per_class: int = Field(6, ge=1, description="images per class in the report's real/synthetic grids")
-    adherence: bool = Field(True, description="requested vs measured attributes of the synthetic images")
+    adherence: bool = Field(
+        True, description="requested vs measured attributes of the synthetic images (in the assessment: needs quality)"
+    )
     adherence_max_images: int = Field(
         500, ge=1, description="synthetic images measured for adherence (a seeded sample when the set is larger)"
     )

@@ -286,7 +286,8 @@ def stratified_subsample(labels: np.ndarray, count: int, rng: np.random.Generato
     return rng.permutation(np.concatenate(chosen))
 
 
-def sample_synthetic(real_labels: np.ndarray, syn_labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+def sample_synthetic(real_labels: np.ndarray, syn_labels: np.ndarray, count: int,
+                     rng: np.random.Generator) -> np.ndarray:
     """`count` synthetic indices, matching the real subset's label mix where the pool allows."""
     if count <= 0 or len(syn_labels) == 0:
         return np.zeros(0, dtype=np.int64)

@@ -78,7 +78,8 @@ def build_cells(cfg, n_train: int, has_synthetic: bool) -> list[Cell]:
                     if cfg.synthetic_only and has_synthetic:
                         cells.append(Cell(task, model, size, 0.0, seed, True, fraction))
                     for arm in CONTROL_ARMS if cfg.controls else ():
-                        cells += [Cell(task, model, size, float(r), seed, False, fraction, arm) for r in control_ratios(cfg)]
+                        cells += [Cell(task, model, size, float(r), seed, False, fraction, arm)
+                                  for r in control_ratios(cfg)]
     return cells
 
 

@@ -25,7 +25,8 @@ def _pyplot():
 
 
 def _panels(rows: list[dict]) -> list[tuple]:
-    return sorted({(r["task"], r["model"], r["test_set"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] != "internal", k[2]))
+    keys = {(r["task"], r["model"], r["test_set"]) for r in rows}
+    return sorted(keys, key=lambda k: (k[0], k[1], k[2] != "internal", k[2]))
 
 
 def _save(fig, path: Path) -> None:

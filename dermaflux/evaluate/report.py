@@ -134,6 +134,10 @@ def _test_set(row: dict) -> str:
     return f"{row['test_set']} ({row['test_images']} images{left_out})"
 
 
+def _added(row: dict) -> str:
+    return added_images(row["synthetic_wanted"], row["train_synthetic"], row["train_real"])
+
+
 def summary_table(summary: list[dict]) -> Table:
     head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)",
             "positive share real / added", "steps", "seeds", "AUROC", "balanced acc.", "sensitivity", "specificity"]
@@ -142,7 +146,7 @@ def summary_table(summary: list[dict]) -> Table:
         rows.append([
             r["task"], r["model"], _test_set(r), f"{r['train_real']:.0f}",
             arm_label(r["arm"], r["ratio"], r["synthetic_only"]),
-            added_images(r["synthetic_wanted"], r["train_synthetic"], r["train_real"]),
+            _added(r),
             f"{_share(r['real_class_mix'], r['task'])} / {_share(r['synthetic_class_mix'], r['task'])}",
             ", ".join(str(s) for s in r["optimizer_steps"]), str(r["seeds"]), _pm(r, "auroc"),
             _pm(r, "balanced_accuracy"), _pm(r, "sensitivity"), _pm(r, "specificity"),
@@ -154,7 +158,7 @@ def comparisons_table(comparisons: list[dict], table_id: str) -> Table:
     head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)", "seeds",
             "ΔAUROC [95% CI]", "p (adj.)", "Δ bal. acc. [95% CI]", "p (adj.)", "resolvable ΔAUROC"]
     rows = [[c["task"], c["model"], f"{c['test_set']} ({c['test_images']})", str(c["real_size"]),
-             arm_label(c["arm"], c["ratio"]), added_images(c["synthetic_wanted"], c["train_synthetic"], c["train_real"]),
+             arm_label(c["arm"], c["ratio"]), _added(c),
              str(len(c["seeds"])), _ci(c["auroc"]), _p(c["auroc"]["p_adjusted"]), _ci(c["balanced_accuracy"]),
              _p(c["balanced_accuracy"]["p_adjusted"]), f"±{_fmt(c['auroc']['resolvable'])}"] for c in comparisons]
     return Table(table_id, head, rows)
@@ -180,7 +184,8 @@ def adherence_table(adherence: dict) -> Table:
     for name in ADHERENCE_ATTRIBUTES:
         a = adherence["attributes"][name]
         if not a["n"] and not a["not_measured"]:
-            rows.append([name.replace("_", " "), a["measured_by"], "0 (not requested by this set)", "–", "–", "–", "0"])
+            rows.append([name.replace("_", " "), a["measured_by"], "0 (not requested by this set)", "–", "–", "–",
+                         "0"])
             continue
         ci = a.get("kappa_ci") or [None, None]
         kappa = f"{_signed(a['kappa'], 2)} [{_signed(ci[0], 2)}, {_signed(ci[1], 2)}]" if a["n"] else "–"
@@ -366,8 +371,8 @@ def _facts(results: dict) -> list[str]:
         "at the threshold chosen on the validation split (two-class tasks).",
         f"Test sets (each scored on its own): {test_sets}. Synthetic images only ever join training sets.",
         f"Statistics: {facts['statistics']}.",
-        f"Corpus: {inputs['corpus']}; synthetic set: {inputs['synthetic'] or 'none'} "
-        f"(paths relative to {inputs['paths_relative_to']}).",
+        f"Inputs, relative to {inputs['paths_relative_to']}: corpus {inputs['corpus']}, synthetic set "
+        f"{inputs['synthetic'] or 'none'}.",
     ]
     if inputs["without_diagnosis"]:
         lines.append(f"{inputs['without_diagnosis']} test rows have no diagnosis: scored by the binary task(s) their "
@@ -379,8 +384,7 @@ def _verdict_line(v: dict, alpha: float) -> str:
     parts = []
     for c in v["by_ratio"]:
         a = c["auroc"]
-        parts.append(f"1:{c['ratio']:g} (added {added_images(c['synthetic_wanted'], c['train_synthetic'], c['train_real'])}"
-                     f"): ΔAUROC {_ci(a)}, adj. p {_p(a['p_adjusted'])}")
+        parts.append(f"1:{c['ratio']:g} (added {_added(c)}): ΔAUROC {_ci(a)}, adj. p {_p(a['p_adjusted'])}")
     return (f"{v['task']} · {v['model']} · {v['test_set']} · {v['real_size']} real images: "
             f"{v['verdict'].upper()} — {'; '.join(parts)}. Smallest resolvable ΔAUROC ≈ ±{_fmt(v['resolvable'])} "
             f"(alpha {alpha}).")
@@ -402,9 +406,12 @@ def _adherence_lines(adherence: dict | None) -> list[str]:
     if not adherence:
         return ["Attribute adherence: not measured (no synthetic set, or evaluate.adherence is off)."]
     attrs = adherence["attributes"]
-    parts = [f"{name.replace('_', ' ')} κ {_signed(attrs[name]['kappa'], 2)} (agreement "
-             f"{_fmt(attrs[name]['agreement'], 2)} vs chance {_fmt(attrs[name]['chance'], 2)}, n {attrs[name]['images']})"
-             for name in ADHERENCE_ATTRIBUTES if attrs[name]["n"]]
+    parts = []
+    for name in ADHERENCE_ATTRIBUTES:
+        a = attrs[name]
+        if a["n"]:
+            parts.append(f"{name.replace('_', ' ')} κ {_signed(a['kappa'], 2)} (agreement {_fmt(a['agreement'], 2)} "
+                         f"vs chance {_fmt(a['chance'], 2)}, n {a['images']})")
     return [f"Attribute adherence of {adherence['images']} of {adherence['of']} synthetic images (κ 0 = chance, "
             f"1 = always as requested): " + ("; ".join(parts) or "no attribute could be compared") + "."]
 

@@ -130,8 +130,8 @@ def _with_external_source(corpus_dir: Path, out: Path) -> Path:
     external = []
     for i, r in enumerate([r for r in rows if r["split"] == "val"][:12]):
         is_mel = r["label"] == "mel"
-        external.append({**r, "id": f"clinic:{i}", "source": "clinic", "split": "test", "label": "mel" if is_mel else None,
-                         "malignant": True if is_mel else None, "melanoma": is_mel})
+        external.append({**r, "id": f"clinic:{i}", "source": "clinic", "split": "test",
+                         "label": "mel" if is_mel else None, "malignant": True if is_mel else None, "melanoma": is_mel})
     for r in rows:
         r["melanoma"] = r["label"] == "mel"
     (out / "shards").mkdir(parents=True)

@@ -21,9 +21,11 @@ def test_the_generator_is_named_from_the_manifest_and_the_adapter_meta(tmp_path)
     assert "tiny Flux built locally" in text and "random, untrained lora adapter (seed 3)" in text
     trained = _adapter(tmp_path / "trained", {"step": 120, "weights_checksum": 1.0}, kind="full")
     text = generator_nature({"model": "black-forest-labs/FLUX.1-dev", "adapter": "final", "adapter_path": trained})
-    assert text.startswith("black-forest-labs/FLUX.1-dev") and "full adapter 'final' (trained 120 steps, fitted VAE)" in text
+    assert text.startswith("black-forest-labs/FLUX.1-dev")
+    assert "full adapter 'final' (trained 120 steps, fitted VAE)" in text
     assert "no adapter" in generator_nature({"model": "builtin:tiny", "adapter_path": None})
-    assert "cannot be read now" in generator_nature({"model": "x", "adapter": "a", "adapter_path": str(tmp_path / "gone")})
+    gone = {"model": "x", "adapter": "a", "adapter_path": str(tmp_path / "gone")}
+    assert "cannot be read now" in generator_nature(gone)
 
 
 def test_counts_say_what_was_added_and_one_seed_has_no_spread():
