@@ -4,6 +4,10 @@ Conventions follow scikit-learn so numbers compare with published work: macro-F1
 the labels present in y_true or y_pred; balanced accuracy is the mean recall over labels present
 in y_true; AUROC is the Mann-Whitney statistic with ties counted half, macro one-vs-rest over
 classes that have both positives and negatives in y_true.
+
+Two-class tasks also get a decision threshold chosen on the validation split (Youden's J), at
+which the test sets' balanced accuracy, sensitivity and specificity are taken (`score_test_set`);
+the argmax figures stay beside them. The paired statistics between cells live in stats.py/paired.py.
 """
 
 from __future__ import annotations
@@ -12,9 +16,6 @@ import math
 from collections import defaultdict
 
 import numpy as np
-
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
-
 
 def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
     positive = positive.astype(bool)
