@@ -55,7 +55,7 @@ def main() -> None:
         init_ray(RayConfig(num_cpus=max(workers)))
         # Warm-up (not timed): start max(workers) Ray workers and import torch/timm in each, so both
         # rows time the cells, not process start-up.
-        warm = cfg.model_copy(update={"parallel_cells": max(workers), "epochs": 1})
+        warm = cfg.model_copy(update={"parallel_cells": max(workers), "steps": 2, "validations": 1})
         run_grid(cells[: max(workers)], real, synthetic, warm, lambda c, r: None)
         rows = []
         for parallel in workers:
@@ -77,7 +77,7 @@ def main() -> None:
         "corpus": {"train": n_train, "val": int((real.split == "val").sum()), "test": int((real.split == "test").sum()),
                    "synthetic_stand_in": len(synthetic)},
         "grid": {"model": cfg.models[0], "task": cfg.tasks, "fractions": cfg.fractions, "ratios": cfg.ratios,
-                 "seeds": cfg.seeds, "epochs": cfg.epochs, "image_size": cfg.image_size},
+                 "seeds": cfg.seeds, "steps": cfg.steps, "image_size": cfg.image_size},
         "rows": rows,
     }
     print(f"{'parallel':>8} {'cells':>5} {'wall s':>8} {'cells/h':>8} {'s/cell':>7} {'speedup':>7}")

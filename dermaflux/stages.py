@@ -268,8 +268,9 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         "evaluate", "evaluate",
-        "train timm classifiers on real (+ synthetic) images, score them on real test images, write the report",
-        "dermaflux evaluate --corpus runs/corpus --synthetic runs/synthetic --out runs/report --seeds 3",
+        "train timm classifiers on real (+ synthetic) images, score them on each real test set, compare pairwise, "
+        "write the report",
+        "dermaflux evaluate --corpus runs/corpus --synthetic runs/synthetic --out runs/report --seeds 10 --controls",
         "dermaflux.evaluate.stage:run", _evaluate_demands,
         options=(
             Option("--corpus", ("evaluate.corpus",), "curated corpus folder", metavar="DIR"),
@@ -284,9 +285,14 @@ STAGES: tuple[StageSpec, ...] = (
             Option("--seeds", ("evaluate.seeds",), "seeds per grid cell (subsample, init, order)", type=int,
                    metavar="N"),
             Option("--model", ("evaluate.models",), "timm model name (repeatable)", action="append", metavar="NAME"),
-            Option("--task", ("evaluate.tasks",), "binary (benign/malignant) or multiclass (repeatable)",
-                   action="append", choices=("binary", "multiclass")),
-            Option("--epochs", ("evaluate.epochs",), "training epochs per cell", type=int, metavar="N"),
+            Option("--task", ("evaluate.tasks",), "binary (malignant vs benign), melanoma (melanoma vs rest) or "
+                   "multiclass (repeatable)", action="append", choices=("binary", "melanoma", "multiclass")),
+            Option("--primary-task", ("evaluate.primary_task",), "the task the verdict lines are about (default: "
+                   "the first --task)", choices=("binary", "melanoma", "multiclass")),
+            Option("--steps", ("evaluate.steps",), "optimiser steps per cell, the same for every cell so that added "
+                   "images add no compute (0: train --epochs epochs instead)", type=int, metavar="N"),
+            Option("--epochs", ("evaluate.epochs",), "training epochs per cell, used with --steps 0 only", type=int,
+                   metavar="N"),
             Option("--image-size", ("evaluate.image_size",), "classifier input side in pixels", type=int,
                    metavar="PX"),
             Option("--parallel", ("evaluate.parallel_cells",), "grid cells running at once", type=int, metavar="N"),
@@ -294,6 +300,9 @@ STAGES: tuple[StageSpec, ...] = (
                    "weighted sampler, or none", choices=("none", "sampler", "loss")),
             Option("--synthetic-only", ("evaluate.synthetic_only",), "add cells trained on synthetic images alone",
                    action="store_true"),
+            Option("--controls", ("evaluate.controls",), "add the built-in controls beside the synthetic set: "
+                   "real-extra (held-back real train images passed as synthetic: must help) and shuffled (the same "
+                   "images, labels permuted: must not), at every non-zero ratio", action="store_true"),
             Option("--report-only", ("evaluate.report_only",), "train nothing: report the cells already finished "
                    "in --out", action="store_true"),
         ),

@@ -1,5 +1,7 @@
 """The synthetic-set assessment: a feature network trained on real data, then FID/KID, precision/
-recall and the memorisation check against the real train split (pure torch/numpy, no Ray)."""
+recall, the memorisation check against the real train split, and attribute adherence (the
+network reads each image's diagnosis, the ABCD extractor its colours and shape) (pure
+torch/numpy, no Ray)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import time
 
 import numpy as np
 
-from dermaflux.evaluate.classifier import TrainSettings, extract_features, train_classifier
+from dermaflux.evaluate import adherence
+from dermaflux.evaluate.classifier import TrainSettings, extract_features, predict_proba, train_classifier
 from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.data import ImageTable, class_names, targets
 from dermaflux.evaluate.quality import (
@@ -21,8 +24,10 @@ from dermaflux.evaluate.quality import (
 log = logging.getLogger(__name__)
 
 
-def assess_synthetic(real: ImageTable, synthetic: ImageTable, cfg: EvaluateConfig) -> dict:
-    """Quality and privacy of `synthetic` (an EvaluateConfig `cfg` gives model, sizes and thresholds)."""
+def assess_synthetic(real: ImageTable, synthetic: ImageTable, cfg: EvaluateConfig,
+                     synthetic_images: dict[str, bytes] | None = None) -> dict:
+    """Quality, privacy and adherence of `synthetic` (an EvaluateConfig `cfg` gives model, sizes
+    and thresholds); adherence needs the encoded images (`synthetic_images`, by id)."""
     start = time.perf_counter()
     train, val, test = (np.flatnonzero(real.split == name) for name in ("train", "val", "test"))
     model, settings, network = train_feature_network(real, train, val, cfg)
@@ -41,7 +46,30 @@ def assess_synthetic(real: ImageTable, synthetic: ImageTable, cfg: EvaluateConfi
         **distribution_scores(feats_syn, feats_val, feats_test, cfg),
         "memorisation": memorisation_summary(syn_nn, val_nn, cfg),
         "nearest": syn_nn,
+        **(measure_adherence(model, settings, network, synthetic, synthetic_images, cfg)
+           if cfg.adherence and synthetic_images else {"adherence": None, "adherence_rows": []}),
         "seconds": time.perf_counter() - start,
+    }
+
+
+def measure_adherence(model, settings: TrainSettings, network: dict, synthetic: ImageTable,
+                      synthetic_images: dict[str, bytes], cfg: EvaluateConfig) -> dict:
+    """{"adherence": per-attribute agreement, "adherence_rows": per image} over the images in
+    `synthetic_images` (the caller's sample of at most cfg.adherence_max_images)."""
+    index = np.array([i for i, rid in enumerate(synthetic.ids) if rid in synthetic_images], dtype=np.int64)
+    subset = synthetic.take(index)
+    probs = predict_proba(model, subset.images, settings.image_size)
+    rows = adherence.per_image_rows(subset.ids, subset.labels, subset.attributes, probs, network["classes"],
+                                    synthetic_images)
+    return {
+        "adherence": {
+            "images": len(rows), "of": int(len(synthetic)), "attributes": adherence.summarise_adherence(rows),
+            "classifier": f"{network['model']} {network['task']} network of this assessment ({network['trained_on']})",
+            "extractor": "dermaflux.caption.extract (the captions' ABCD measurements)",
+            "extractor_found_no_lesion": sum(r["extractor_note"] is not None for r in rows),
+            "nominal_field_mm": adherence.NOMINAL_FIELD_MM,
+        },
+        "adherence_rows": rows,
     }
 
 
@@ -58,8 +86,9 @@ def train_feature_network(real: ImageTable, train: np.ndarray, val: np.ndarray, 
     )
     network = {
         "model": settings.model, "task": task, "classes": list(classes), "image_size": settings.image_size,
-        "trained_on": f"real train split ({len(train)} images), seed 0, best epoch by val",
-        "pretrained_weights": training["pretrained"], "best_epoch": training["best_epoch"],
+        "trained_on": f"real train split ({len(train)} images), seed 0, {training['optimizer_steps']} steps, "
+                      "best val AUROC kept",
+        "pretrained_weights": training["pretrained"], "best_step": training["best_step"],
     }
     return model, settings, network
 

@@ -100,12 +100,6 @@ def test_a_binary_source_alone_curates_and_refuses_train_rows(ray_local, sources
 
 
 def test_evaluate_runs_on_the_corpus_with_an_external_test_set(curated, tmp_path):
-    from dermaflux.evaluate import data as evaluate_data
-
-    if not hasattr(evaluate_data, "find_test_sets"):
-        # NOTE: the evaluate side of issue 13 (per-source test sets, rows without a diagnosis) is not in
-        # this tree yet; the evaluate before it cannot read a row without a diagnosis (a null label).
-        pytest.skip("evaluate does not read the issue-13 corpus layout yet (no evaluate.data.find_test_sets)")
     report = tmp_path / "report"
     args = ["evaluate", "--corpus", str(curated), "--out", str(report), "--fractions", "1.0", "--ratios", "0",
             "--seeds", "1", "--epochs", "1"]
