@@ -106,3 +106,16 @@ def test_cli_reports_a_missing_corpus(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "caption.corpus" in err and "nope does not exist" in err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_run_that_captions_nothing_exits_2_and_lists_why(ham10000_dir, tmp_path, ray_local, dermaflux_cache, capsys):
+    rows = corpus_rows(ham10000_dir, per_label=1)[:3]
+    for row in rows:
+        row["image"] = b"\xff\xd8 truncated jpeg"
+    corpus_dir = write_corpus(rows, tmp_path / "corpus", shards=1)
+    out = tmp_path / "captions"
+    code = cli_main(["caption", "--corpus", str(corpus_dir), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "none of 3 corpus images was captioned" in err and "uncaptioned.jsonl" in err
+    listed = [json.loads(line) for line in (out / "uncaptioned.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in listed) == sorted(r["id"] for r in rows)

@@ -27,13 +27,11 @@ def add_external_source(corpus, name: str = "clinic", count: int = 16) -> int:
     melanoma unknown), in the layout the curate side writes after issue 13. Returns its row count."""
     shard = sorted((corpus / "shards").glob("*.parquet"))[0]
     rows = pq.read_table(shard).to_pylist()
-    fields = [f.with_nullable(True) if f.name in ("label", "malignant") else f for f in CORPUS_SCHEMA]
-    schema = pa.schema(fields + [pa.field("melanoma", pa.bool_())])
     donors = [r for r in rows if r["split"] == "val"][:count]
     external = [{**r, "id": f"{name}:{i}", "source": name, "split": "test", "label": None, "melanoma": None}
                 for i, r in enumerate(donors)]
     pq.write_table(pa.Table.from_pylist([{**r, "melanoma": r["label"] == "mel"} for r in rows] + external,
-                                        schema=schema), shard)
+                                        schema=CORPUS_SCHEMA), shard)
     return len(external)
 
 

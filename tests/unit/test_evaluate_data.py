@@ -125,8 +125,6 @@ def _with_external_source(corpus_dir: Path, out: Path) -> Path:
     from dermaflux.corpus.schema import CORPUS_SCHEMA
 
     rows = pq.read_table(sorted((corpus_dir / "shards").glob("*.parquet"))).to_pylist()
-    fields = [f.with_nullable(True) if f.name in ("label", "malignant") else f for f in CORPUS_SCHEMA]
-    schema = pa.schema(fields + [pa.field("melanoma", pa.bool_())])
     external = []
     for i, r in enumerate([r for r in rows if r["split"] == "val"][:12]):
         is_mel = r["label"] == "mel"
@@ -135,7 +133,7 @@ def _with_external_source(corpus_dir: Path, out: Path) -> Path:
     for r in rows:
         r["melanoma"] = r["label"] == "mel"
     (out / "shards").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows + external, schema=schema), out / "shards" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows + external, schema=CORPUS_SCHEMA), out / "shards" / "part-00000.parquet")
     return out
 
 
