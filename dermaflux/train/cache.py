@@ -170,6 +170,16 @@ def sample_views(num_rows: int, seed: int, start: int, count: int, views: int) -
                          lambda epoch: np.random.default_rng([seed, epoch, views]).integers(0, views, num_rows))
 
 
+def sample_dropped(num_rows: int, seed: int, start: int, count: int, rate: float) -> np.ndarray:
+    """Whether each position of the sample stream trains with the empty prompt (`train.caption_dropout`):
+    a function of the position alone, like the views, so a resumed run drops the same samples."""
+    if rate <= 0:
+        return np.zeros(count, dtype=bool)
+    # Its own seed word: independent of the permutation and of the views.
+    return _epoch_stream(num_rows, start, count,
+                         lambda epoch: np.random.default_rng([seed, epoch, 0xD0]).random(num_rows) < rate).astype(bool)
+
+
 def _micro_batch_start(micro_step: int, rank: int, world: int, micro_batch: int) -> int:
     return (micro_step * world + rank) * micro_batch
 
@@ -183,3 +193,9 @@ def micro_batch_views(num_rows: int, seed: int, micro_step: int, rank: int, worl
                       views: int) -> np.ndarray:
     """The views of `micro_batch_indices`' rows."""
     return sample_views(num_rows, seed, _micro_batch_start(micro_step, rank, world, micro_batch), micro_batch, views)
+
+
+def micro_batch_dropped(num_rows: int, seed: int, micro_step: int, rank: int, world: int, micro_batch: int,
+                        rate: float) -> np.ndarray:
+    """Which samples of `micro_batch_indices`' rows train with the empty prompt."""
+    return sample_dropped(num_rows, seed, _micro_batch_start(micro_step, rank, world, micro_batch), micro_batch, rate)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dermaflux.core.config import ConfigModel
+from dermaflux.train.prompts import CaptionStyle
 
 # diffusers.optimization.get_scheduler's names (its piecewise_constant takes `lr_step_rules`).
 LrSchedulerName = Literal[
@@ -87,6 +88,20 @@ class TrainConfig(ConfigModel):
         "dihedral", description="dihedral: each image is encoded in its 8 flips/90-degree rotations (dermoscopy has "
         "no up) and every sample draws one of them; none: the image as it is"
     )
+    caption_style: CaptionStyle = Field(
+        "caption", description="the prompt each caption row trains on (train/prompts.py): caption, the caption as "
+        "written; diagnosis, only the diagnosis it names. Recorded in the adapter, so sampling styles prompts alike"
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="fraction of samples trained with the empty prompt, so the model also "
+        "learns the unconditional velocity that classifier-free guidance (synth true_cfg_scale) contrasts with"
+    )
+    sampling_guidance: Literal["embedding", "true_cfg"] = Field(
+        "embedding", description="how sampling applies guidance_scale to what this run trains (recorded in the "
+        "adapter): embedding, into the guidance embedding (FLUX.1-dev is guidance-distilled); true_cfg, classifier-"
+        "free guidance against the empty prompt (two passes per step; needs caption_dropout > 0), the embedding "
+        "then held at model.train_guidance as in training (a model trained from scratch never learned it)"
+    )
     text_tokens: int | Literal["auto"] = Field(
         "auto", description="T5 tokens per caption; auto: the smallest of 64/128/256/512 that holds every caption "
         "(at most model.max_sequence_length). A longer caption is an error naming its id, never cut"
@@ -129,6 +144,9 @@ class TrainConfig(ConfigModel):
             raise ValueError(f"micro_batch must be >= 1 or auto, got {self.micro_batch}")
         if isinstance(self.text_tokens, int) and self.text_tokens < 1:
             raise ValueError(f"text_tokens must be >= 1 or auto, got {self.text_tokens}")
+        if self.sampling_guidance == "true_cfg" and self.caption_dropout == 0:
+            raise ValueError("sampling_guidance true_cfg needs caption_dropout > 0 (the unconditional velocity it "
+                             "contrasts with is learned from the samples trained with the empty prompt)")
         if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
             raise ValueError("lr_scheduler piecewise_constant needs lr_step_rules (e.g. '1:100,0.1:200,0.01')")
         return self

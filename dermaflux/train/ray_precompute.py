@@ -16,7 +16,8 @@ import torch
 from dermaflux.core.artifacts import atomic_path, atomic_write_json
 from dermaflux.train.augment import VIEWS
 from dermaflux.train.cache import CACHE_SCHEMA, cache_shards
-from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
+from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae, styled_captions
+from dermaflux.train.prompts import sampling_prompt
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class CaptionEncoder:
     """A Ray Data actor: loads the encoders once, then encodes batches."""
 
     def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int,
-                 augment: str = "none", use_gpu: bool = False):
+                 augment: str = "none", use_gpu: bool = False, caption_style: str = "caption"):
         from dermaflux.model.config import ModelConfig
 
         torch.set_num_threads(1)
@@ -35,9 +36,11 @@ class CaptionEncoder:
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
         self.augment = augment
+        self.caption_style = caption_style
 
     def __call__(self, batch: dict) -> dict:
-        return encode_rows(self.pipe, batch, self.resolution, self.max_sequence_length, self.augment)
+        return encode_rows(self.pipe, batch, self.resolution, self.max_sequence_length, self.augment,
+                           self.caption_style)
 
 
 def _existing_ids(cache_dir: Path) -> set[str]:
@@ -49,7 +52,7 @@ def _existing_ids(cache_dir: Path) -> set[str]:
 
 def text_token_plan(cfg, table: pa.Table) -> dict:
     """The T5 length this run encodes at (train.text_tokens), from the token counts of every caption in `table`
-    and of the validation prompts; an error naming the ids of captions that do not fit."""
+    and of the validation prompts, in train.caption_style; an error naming the ids of captions that do not fit."""
     from transformers import AutoTokenizer
 
     from dermaflux.model.loading import resolve_pretrained
@@ -57,10 +60,13 @@ def text_token_plan(cfg, table: pa.Table) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(cfg.model), subfolder="tokenizer_2",
                                               revision=cfg.model.revision)
-    prompts = list(cfg.train.validation_prompts)
+    prompts = validation_prompts(cfg.train)
     ids = [f"caption row {i}" for i in table["id"].to_pylist()]
     ids += [f"train.validation_prompts[{n}]" for n in range(len(prompts))]
-    counts = token_counts(tokenizer, [str(c) for c in table["caption"].to_pylist()] + prompts)
+    rows = {"id": table["id"].to_pylist(), "caption": table["caption"].to_pylist(),
+            "label": table["label"].to_pylist() if "label" in table.column_names else [None] * table.num_rows}
+    captions = styled_captions(rows, cfg.train.caption_style)
+    counts = token_counts(tokenizer, captions + prompts)
     return pick_text_tokens(zip(ids, counts), cfg.model.max_sequence_length, cfg.train.text_tokens)
 
 
@@ -107,7 +113,7 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
     encoded = ds.map_batches(
         CaptionEncoder,
         fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, text_tokens["length"],
-                             cfg.train.augment, cfg.train.use_gpu),
+                             cfg.train.augment, cfg.train.use_gpu, cfg.train.caption_style),
         batch_size=cfg.train.precompute_batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.train.precompute_workers),
@@ -128,9 +134,14 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
     return summary
 
 
+def validation_prompts(train_cfg) -> list[str]:
+    """train.validation_prompts in train.caption_style, as sampling would style them."""
+    return [sampling_prompt(p, train_cfg.caption_style) for p in train_cfg.validation_prompts]
+
+
 def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None, text_tokens: int | None = None) -> Path:
     """The validation prompts' embeddings (at `text_tokens`, default model.max_sequence_length), so training
-    workers render without text encoders."""
+    workers render without text encoders; and the empty prompt's, which caption dropout trains on."""
     from dermaflux.core.artifacts import atomic_path
     from dermaflux.train.encode import encode_captions
 
@@ -140,13 +151,13 @@ def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None, t
     pipe = load_text_and_vae(cfg.model, vae_dir)
     if cfg.train.use_gpu and torch.cuda.is_available():  # a driver on a CPU-only head node encodes on its CPU
         pipe.to("cuda")
-    prompt_embeds, pooled = encode_captions(pipe, cfg.train.validation_prompts,
-                                            text_tokens or cfg.model.max_sequence_length)
+    prompts = validation_prompts(cfg.train)
+    prompt_embeds, pooled = encode_captions(pipe, prompts + [""], text_tokens or cfg.model.max_sequence_length)
     prompt_embeds, pooled = prompt_embeds.cpu(), pooled.cpu()
     if pipe.device.type == "cuda":  # the driver keeps running beside the workers: give T5-XXL's 10 GB back
         del pipe
         torch.cuda.empty_cache()
     with atomic_path(path) as tmp:
-        torch.save({"prompts": list(cfg.train.validation_prompts), "prompt_embeds": prompt_embeds,
-                    "pooled_prompt_embeds": pooled}, tmp)
+        torch.save({"prompts": prompts, "prompt_embeds": prompt_embeds[:-1], "pooled_prompt_embeds": pooled[:-1],
+                    "empty_prompt_embeds": prompt_embeds[-1], "empty_pooled_prompt_embeds": pooled[-1]}, tmp)
     return path

@@ -215,6 +215,12 @@ class Trainer:
 
         self.data = load_cached_set(cache_dir, "train", self.cfg.train.max_images)
         self.validation = torch.load(cache_dir / "validation.pt") if (cache_dir / "validation.pt").exists() else None
+        self.empty_prompt = None
+        if self.cfg.train.caption_dropout > 0:
+            if self.validation is None or "empty_prompt_embeds" not in self.validation:
+                raise ValueError(f"train.caption_dropout: {cache_dir}/validation.pt holds no empty-prompt embeddings "
+                                 "(a cache from before caption dropout): remove the cache folder to re-encode")
+            self.empty_prompt = (self.validation["empty_prompt_embeds"], self.validation["empty_pooled_prompt_embeds"])
         self.vae = None
         if self.rank == 0:  # only rank 0 renders and saves
             source = {"pretrained_model_name_or_path": vae_dir} if vae_dir else \
@@ -262,13 +268,18 @@ class Trainer:
     def _micro_batch(self, micro_step: int):
         """(FlowBatch, noise generator) of this rank's micro-batch `micro_step`: rows, their augmented views and
         the noise are functions of the data position, so a resumed run continues the same stream."""
-        from dermaflux.train.cache import micro_batch_indices, micro_batch_views
+        from dermaflux.train.cache import micro_batch_dropped, micro_batch_indices, micro_batch_views
         from dermaflux.train.flow import FlowBatch
 
         tc, n = self.tc, len(self.data)
-        idx = micro_batch_indices(n, tc.seed, micro_step, self.rank, self.world, tc.micro_batch)
-        views = micro_batch_views(n, tc.seed, micro_step, self.rank, self.world, tc.micro_batch, self.data.views)
-        batch = FlowBatch(*self.data.rows(idx, views)).to(self.device, self.dtype)
+        position = (micro_step, self.rank, self.world, tc.micro_batch)
+        idx = micro_batch_indices(n, tc.seed, *position)
+        views = micro_batch_views(n, tc.seed, *position, self.data.views)
+        latents, prompt_embeds, pooled = self.data.rows(idx, views)
+        dropped = torch.from_numpy(micro_batch_dropped(n, tc.seed, *position, tc.caption_dropout))
+        if dropped.any():  # train.caption_dropout: these samples learn the unconditional velocity
+            prompt_embeds[dropped], pooled[dropped] = self.empty_prompt
+        batch = FlowBatch(latents, prompt_embeds, pooled).to(self.device, self.dtype)
         gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro_step * 1_009 + self.rank)
         return batch, gen
 
@@ -335,7 +346,9 @@ class Trainer:
         tc = self.tc
         save_adapter(ckpt_dir / "adapter", model, kind=tc.mode, base=self.cfg.model.pretrained, vae=self.vae,
                      lora_state_dict=state if tc.mode == "lora" else None,
-                     meta={"step": self.step, "weights_checksum": checksum, "text_tokens": self.text_tokens})
+                     meta={"step": self.step, "weights_checksum": checksum, "text_tokens": self.text_tokens,
+                           "caption_style": tc.caption_style, "caption_dropout": tc.caption_dropout,
+                           "sampling_guidance": tc.sampling_guidance, "train_guidance": self.cfg.model.train_guidance})
         write_loss_curve(self.history, ckpt_dir)
 
     def validate(self, ckpt_dir: Path, model) -> None:
@@ -347,10 +360,14 @@ class Trainer:
 
         tc, model_cfg = self.tc, self.cfg.model
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base_dir, subfolder="scheduler")
+        # As sampling applies guidance to this run's adapter (train.sampling_guidance, synth/sampling.py).
+        guidance, true_cfg = model_cfg.guidance_scale, None
+        if tc.sampling_guidance == "true_cfg":
+            guidance, true_cfg = model_cfg.train_guidance, model_cfg.guidance_scale
         with eager():  # other shapes than training's: no recompilation of compiled blocks
             images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds,
                                        model_cfg.resolution, tc.validation_steps or model_cfg.num_inference_steps,
-                                       model_cfg.guidance_scale)
+                                       guidance, true_cfg)
         save_png(image_grid(images, cols=len(tc.validation_seeds)), ckpt_dir / f"validation-{self.step:06d}.png")
 
 
