@@ -50,12 +50,28 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    import socket
+def start_bench_service(cfg, **synth) -> str:
+    """Start the service with `cfg` and the `synth` settings (dotted names as keyword paths: limits__x) on a
+    free loopback port; return its URL once /readyz answers."""
+    import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from dermaflux.core.runtime import free_port
+    from dermaflux.synth.serve_app import start_service
+
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.synth.port = free_port()
+    for name, value in synth.items():
+        *parents, leaf = name.split("__")
+        target = run_cfg.synth
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, value)
+    start_service(run_cfg, access_log=False)
+    url = f"http://127.0.0.1:{run_cfg.synth.port}"
+    with httpx.Client(base_url=url, timeout=300) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.5)
+    return url
 
 
 def requests_for(n: int, cfg):
@@ -92,20 +108,8 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int, adapter
     import numpy as np
     from ray import serve
 
-    from dermaflux.synth.serve_app import start_service
-
-    port = free_port()
-    run_cfg = cfg.model_copy(deep=True)
-    run_cfg.synth.batch_size = batch_size
-    run_cfg.synth.port = port
-    run_cfg.synth.autoscaling.max_replicas = replicas
-    run_cfg.synth.autoscaling.min_replicas = replicas
-    run_cfg.synth.max_adapters_per_replica = max_adapters
-    start_service(run_cfg, access_log=False)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=300) as client:
-        while client.get("/readyz").status_code != 200:
-            time.sleep(0.5)
+    url = start_bench_service(cfg, batch_size=batch_size, autoscaling__max_replicas=replicas,
+                              autoscaling__min_replicas=replicas, max_adapters_per_replica=max_adapters)
     requests = requests_for(n, cfg)
 
     def one(i: int) -> tuple[int, float]:
@@ -137,17 +141,7 @@ def flood_run(cfg, n: int, clients: int, limit: int, batch_size: int, honour_ret
     import numpy as np
     from ray import serve
 
-    from dermaflux.synth.serve_app import start_service
-
-    run_cfg = cfg.model_copy(deep=True)
-    run_cfg.synth.batch_size = batch_size
-    run_cfg.synth.port = free_port()
-    run_cfg.synth.limits.max_queued_images = limit
-    start_service(run_cfg, access_log=False)
-    url = f"http://127.0.0.1:{run_cfg.synth.port}"
-    with httpx.Client(base_url=url, timeout=300) as client:
-        while client.get("/readyz").status_code != 200:
-            time.sleep(0.5)
+    url = start_bench_service(cfg, batch_size=batch_size, limits__max_queued_images=limit)
     requests = requests_for(n, cfg)
     # One keep-alive connection per client thread, made outside the timed call: building an httpx
     # client costs tens of ms of CPU (its SSL context), which a burst of 16 turns into false latency.

@@ -24,9 +24,24 @@ def _pyplot():
     return plt
 
 
-def _panels(rows: list[dict]) -> list[tuple]:
-    keys = {(r["task"], r["model"], r["test_set"]) for r in rows}
-    return sorted(keys, key=lambda k: (k[0], k[1], k[2] != "internal", k[2]))
+def _panel_grid(rows: list[dict]):
+    """One subplot per (task, model, test set), the internal test set first: (figure, [(axes, the panel's
+    rows, title)]), or None without rows."""
+    keys = sorted({(r["task"], r["model"], r["test_set"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2] != "internal", k[2]))
+    if not keys:
+        return None
+    fig, axes = _pyplot().subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    return fig, [(ax, [r for r in rows if (r["task"], r["model"], r["test_set"]) == key], " · ".join(key))
+                 for ax, key in zip(axes[0], keys)]
+
+
+def _label(ax, ylabel: str, title: str) -> None:
+    ax.set_xlabel("real training images")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path) -> None:
@@ -39,13 +54,11 @@ def _save(fig, path: Path) -> None:
 
 def plot_deltas(comparisons: list[dict], path: Path, metric: str, label: str) -> bool:
     """Δmetric (with vs without added images) vs real size, 95% CI bars, per arm and ratio."""
-    panels = _panels(comparisons)
-    if not panels:
+    grid = _panel_grid(comparisons)
+    if grid is None:
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (task, model, test_set) in zip(axes[0], panels):
-        rows = [c for c in comparisons if (c["task"], c["model"], c["test_set"]) == (task, model, test_set)]
+    fig, panels = grid
+    for ax, rows, title in panels:
         sizes = sorted({c["real_size"] for c in rows})
         series = sorted({(c["arm"], c["ratio"]) for c in rows})
         span = MIN_DELTA_SPAN
@@ -66,24 +79,18 @@ def plot_deltas(comparisons: list[dict], path: Path, metric: str, label: str) ->
         ax.set_ylim(-span, span)
         ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
         ax.set_xlim(-0.6, len(sizes) - 0.4)
-        ax.set_xlabel("real training images")
-        ax.set_ylabel(f"Δ {label} vs real only (95% CI)")
-        ax.set_title(f"{task} · {model} · {test_set}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, f"Δ {label} vs real only (95% CI)", title)
     _save(fig, path)
     return True
 
 
 def plot_auroc(summary: list[dict], path: Path) -> bool:
     """Absolute AUROC (mean ± sd over seeds) vs real size on a fixed 0.5-1 axis."""
-    panels = _panels(summary)
-    if not panels:
+    grid = _panel_grid(summary)
+    if grid is None:
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (task, model, test_set) in zip(axes[0], panels):
-        rows = [r for r in summary if (r["task"], r["model"], r["test_set"]) == (task, model, test_set)]
+    fig, panels = grid
+    for ax, rows, title in panels:
         for key in sorted({(r["arm"], r["ratio"], r["synthetic_only"]) for r in rows}):
             sel = sorted((r for r in rows if (r["arm"], r["ratio"], r["synthetic_only"]) == key),
                          key=lambda r: r["real_size"])
@@ -94,11 +101,7 @@ def plot_auroc(summary: list[dict], path: Path) -> bool:
                         fmt="-o" if ratio == 0 and not synthetic_only else STYLE.get(arm, "-o"), label=name,
                         linewidth=2 if ratio == 0 else 1)
         ax.set_ylim(0.5, 1.0)
-        ax.set_xlabel("real training images")
-        ax.set_ylabel("AUROC (mean ± sd over seeds)")
-        ax.set_title(f"{task} · {model} · {test_set}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "AUROC (mean ± sd over seeds)", title)
     _save(fig, path)
     return True
 
