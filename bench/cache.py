@@ -36,7 +36,8 @@ def write_cache(cache: Path, rows: int, per_shard: int = 16) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from dermaflux.train.cache import CACHE_SCHEMA, dtype_name, tensor_to_bytes
+    from dermaflux.model.loading import dtype_name
+    from dermaflux.train.cache import CACHE_SCHEMA, tensor_to_bytes
 
     (cache / "shards").mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)

@@ -25,14 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from caption_corpus import ham_rows, write_corpus  # noqa: E402
 from dermaflux.caption import stage  # noqa: E402
 from dermaflux.caption.batch import extract_batch, write_batch  # noqa: E402
 from dermaflux.caption.writers import create_writer  # noqa: E402
-from dermaflux.config import RayConfig, load_config  # noqa: E402
+from dermaflux.config import load_config  # noqa: E402
+from dermaflux.core.runtime import RayConfig  # noqa: E402
+from dermaflux.testing.ham10000 import corpus_rows, write_corpus  # noqa: E402
 
 
 def plain_loop(cfg, corpus: Path) -> dict:
@@ -71,12 +71,12 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
     per_label = 7 if args.quick else 35  # 7 HAM labels
     try:
-        rows = ham_rows(Path(args.data), per_label=per_label)
+        rows = corpus_rows(Path(args.data), per_label=per_label)
         corpus = write_corpus(rows, work / "corpus", shards=8)
         init_ray(RayConfig(num_cpus=2), log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from dermaflux.config import RayConfig, load_config  # noqa: E402
+from dermaflux.config import load_config  # noqa: E402
+from dermaflux.core.runtime import RayConfig  # noqa: E402
 from dermaflux.corpus import stage  # noqa: E402
 from dermaflux.corpus.images import scan_image  # noqa: E402
 from dermaflux.corpus.plan import build_plan  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-curate-"))
     try:

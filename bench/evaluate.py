@@ -23,15 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from dermaflux.config import RayConfig, load_config  # noqa: E402
+from dermaflux.config import load_config  # noqa: E402
+from dermaflux.core.runtime import RayConfig  # noqa: E402
 from dermaflux.evaluate.data import read_corpus, read_synthetic  # noqa: E402
 from dermaflux.evaluate.grid import build_cells  # noqa: E402
 from dermaflux.evaluate.ray_grid import run_grid  # noqa: E402
-from dermaflux.ray_runtime import init_ray  # noqa: E402
-from evaluate_inputs import build_corpus, build_stand_in_synthetic  # noqa: E402
+from dermaflux.core.runtime import init_ray  # noqa: E402
+from dermaflux.testing.ham10000 import build_split_corpus, build_stand_in_synthetic  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
-        corpus = build_corpus(Path(args.data), Path(tmp) / "corpus", per_class=per_class)
+        corpus = build_split_corpus(Path(args.data), Path(tmp) / "corpus", per_class=per_class)
         synthetic_dir = build_stand_in_synthetic(corpus, Path(tmp) / "synthetic", per_image=1.0)
         cfg = load_config("tiny").evaluate.model_copy(update={"fractions": [0.5, 1.0], "ratios": [0.0, 1.0], "seeds": 2})
         real = read_corpus(corpus, cfg.image_size)
@@ -55,7 +55,7 @@ def main() -> None:
         init_ray(RayConfig(num_cpus=max(workers)))
         # Warm-up (not timed): start max(workers) Ray workers and import torch/timm in each, so both
         # rows time the cells, not process start-up.
-        warm = cfg.model_copy(update={"parallel_cells": max(workers), "epochs": 1})
+        warm = cfg.model_copy(update={"parallel_cells": max(workers), "steps": 2, "validations": 1})
         run_grid(cells[: max(workers)], real, synthetic, warm, lambda c, r: None)
         rows = []
         for parallel in workers:
@@ -77,7 +77,7 @@ def main() -> None:
         "corpus": {"train": n_train, "val": int((real.split == "val").sum()), "test": int((real.split == "test").sum()),
                    "synthetic_stand_in": len(synthetic)},
         "grid": {"model": cfg.models[0], "task": cfg.tasks, "fractions": cfg.fractions, "ratios": cfg.ratios,
-                 "seeds": cfg.seeds, "epochs": cfg.epochs, "image_size": cfg.image_size},
+                 "seeds": cfg.seeds, "steps": cfg.steps, "image_size": cfg.image_size},
         "rows": rows,
     }
     print(f"{'parallel':>8} {'cells':>5} {'wall s':>8} {'cells/h':>8} {'s/cell':>7} {'speedup':>7}")

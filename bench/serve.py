@@ -10,6 +10,10 @@ send single-image POST /v1/images requests from `--clients` concurrent clients. 
 ratio is direct img/s over service img/s at the same batch size and one replica. The adapter
 rows cycle requests over two random LoRAs with room for both per replica (each loads once) and
 room for one (Serve's multiplexer evicts on every switch): the cost of LoRA vs base, and of reloads.
+The bounded-flood row sets `synth.limits.max_queued_images` (`--flood-limit`) and floods one
+replica with `--flood-clients` concurrent clients: accepted requests' p50/p99 latency against
+the single-client latency of the same service (target: p99 within 2x), the count refused with
+429/503 (Retry-After) and any other failure (target: none).
 
 Full-size mode: a FluxPipeline whose transformer has the FLUX.1-dev architecture (19 double +
 38 single blocks, 3072 wide; `--layers N` keeps N of each to smoke-test on a CPU) with random
@@ -28,6 +32,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,12 +50,28 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    import socket
+def start_bench_service(cfg, **synth) -> str:
+    """Start the service with `cfg` and the `synth` settings (dotted names as keyword paths: limits__x) on a
+    free loopback port; return its URL once /readyz answers."""
+    import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from dermaflux.core.runtime import free_port
+    from dermaflux.synth.serve_app import start_service
+
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.synth.port = free_port()
+    for name, value in synth.items():
+        *parents, leaf = name.split("__")
+        target = run_cfg.synth
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, value)
+    start_service(run_cfg, access_log=False)
+    url = f"http://127.0.0.1:{run_cfg.synth.port}"
+    with httpx.Client(base_url=url, timeout=300) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.5)
+    return url
 
 
 def requests_for(n: int, cfg):
@@ -62,7 +83,7 @@ def requests_for(n: int, cfg):
 
 
 def direct_loop(cfg, n: int, batch_size: int) -> dict:
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
     from dermaflux.synth.sampling import encode_png, generate_images
 
     import torch
@@ -87,20 +108,8 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int, adapter
     import numpy as np
     from ray import serve
 
-    from dermaflux.synth.serve_app import start_service
-
-    port = free_port()
-    run_cfg = cfg.model_copy(deep=True)
-    run_cfg.synth.batch_size = batch_size
-    run_cfg.synth.port = port
-    run_cfg.synth.autoscaling.max_replicas = replicas
-    run_cfg.synth.autoscaling.min_replicas = replicas
-    run_cfg.synth.max_adapters_per_replica = max_adapters
-    start_service(run_cfg, access_log=False)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=300) as client:
-        while client.get("/readyz").status_code != 200:
-            time.sleep(0.5)
+    url = start_bench_service(cfg, batch_size=batch_size, autoscaling__max_replicas=replicas,
+                              autoscaling__min_replicas=replicas, max_adapters_per_replica=max_adapters)
     requests = requests_for(n, cfg)
 
     def one(i: int) -> tuple[int, float]:
@@ -125,10 +134,85 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int, adapter
             "adapter_loads": sum(replica["loads"].values())}
 
 
+def flood_run(cfg, n: int, clients: int, limit: int, batch_size: int, honour_retry_after: bool = True) -> dict:
+    """More concurrent clients than the queue limit admits: what is accepted stays fast, the rest is refused.
+    A refused client waits `Retry-After` before its next request, unless `honour_retry_after` is False."""
+    import httpx
+    import numpy as np
+    from ray import serve
+
+    url = start_bench_service(cfg, batch_size=batch_size, limits__max_queued_images=limit)
+    requests = requests_for(n, cfg)
+    # One keep-alive connection per client thread, made outside the timed call: building an httpx
+    # client costs tens of ms of CPU (its SSL context), which a burst of 16 turns into false latency.
+    local = threading.local()
+
+    def one(i: int) -> tuple[int, float, str | None]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=600)
+        started = time.perf_counter()
+        response = local.client.post(f"{url}/v1/images", json={"prompt": requests[i].prompt, "seed": requests[i].seed})
+        seconds, after = time.perf_counter() - started, response.headers.get("retry-after")
+        if after is not None and honour_retry_after:
+            time.sleep(float(after))
+        return response.status_code, seconds, after
+
+    def connect(barrier: threading.Barrier) -> None:
+        local.client = httpx.Client(timeout=600)
+        local.client.get(f"{url}/healthz")
+        barrier.wait()  # every worker thread holds one connection: the flood starts from connected clients
+
+    for i in range(2):
+        one(i)  # warm-up
+    single = [one(i)[1] for i in range(16)]  # one client, one request at a time
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        barrier = threading.Barrier(clients)
+        list(pool.map(lambda _: connect(barrier), range(clients)))
+        started = time.perf_counter()
+        results = list(pool.map(one, range(n)))
+    seconds = time.perf_counter() - started
+    serve.shutdown()
+    accepted = np.array([t for code, t, _ in results if code == 200])
+    refused = [after for code, _, after in results if code in (429, 503)]
+    single_p50 = float(np.median(single))
+    p50, p99 = np.percentile(accepted, [50, 99]) if len(accepted) else (float("nan"), float("nan"))
+    return {"mode": "flood", "replicas": 1, "batch_size": batch_size, "requests": n, "clients": clients,
+            "honour_retry_after": honour_retry_after,
+            "queue_limit": limit, "seconds": seconds, "single_p50_s": single_p50, "accepted": len(accepted),
+            "p50_s": p50, "p99_s": p99, "p99_over_single": p99 / single_p50, "refused": len(refused),
+            "refused_with_retry_after": sum(after is not None for after in refused),
+            "failed": sum(code not in (200, 429, 503) for code, _, _ in results)}
+
+
+def print_flood(row: dict) -> None:
+    print(f"\nbounded flood: {row['clients']} clients, {row['requests']} single-image requests, "
+          f"synth.limits.max_queued_images={row['queue_limit']}, 1 replica, batch {row['batch_size']}, refused "
+          f"clients {'wait Retry-After' if row['honour_retry_after'] else 'retry at once'}")
+    print(f"{'single p50 s':>12} {'accepted':>8} {'p50 s':>7} {'p99 s':>7} {'p99/single':>10} {'refused':>7} "
+          f"{'w/ Retry-After':>14} {'failed':>6}")
+    print(f"{row['single_p50_s']:12.3f} {row['accepted']:8d} {row['p50_s']:7.3f} {row['p99_s']:7.3f} "
+          f"{row['p99_over_single']:10.2f} {row['refused']:7d} {row['refused_with_retry_after']:14d} "
+          f"{row['failed']:6d}")
+
+
+def flood_bench(args) -> dict:
+    from dermaflux.config import load_config
+    from dermaflux.core.runtime import init_ray
+
+    os.environ.setdefault("DERMAFLUX_CACHE", str(Path(tempfile.gettempdir()) / "dermaflux-bench-cache"))
+    cfg = load_config("tiny")
+    init_ray(cfg.ray, log_to_driver=False)
+    requests = args.flood_requests or 4 * args.flood_clients
+    row = flood_run(cfg, requests, args.flood_clients, args.flood_limit, args.batch, not args.flood_ignore_retry_after)
+    print_flood(row)
+    return {"mode": "tiny-flood", "flood": row, "resolution": cfg.model.resolution,
+            "steps": cfg.model.num_inference_steps}
+
+
 def tiny_bench(args) -> dict:
     from dermaflux.config import load_config
-    from dermaflux.model.adapters import random_lora_adapter
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
+    from dermaflux.testing.adapters import random_lora_adapter
 
     os.environ.setdefault("DERMAFLUX_CACHE", str(Path(tempfile.gettempdir()) / "dermaflux-bench-cache"))
     cfg = load_config("tiny")
@@ -146,6 +230,8 @@ def tiny_bench(args) -> dict:
         lora_cfg.synth.adapters = loras
         names = [Path(p).name for p in loras]
         multiplexed = [serve_run(lora_cfg, n, args.batch, 1, args.clients, names, max_adapters=m) for m in (2, 1)]
+    flood = flood_run(cfg, args.flood_requests or 4 * args.flood_clients, args.flood_clients, args.flood_limit,
+                      args.batch, not args.flood_ignore_retry_after)
     direct_after = [direct_loop(cfg, n, 1), direct_loop(cfg, n, args.batch)]
     rows = [max(a, b, key=lambda r: r["img_per_s"]) for a, b in zip(direct_before, direct_after)] + served + multiplexed
     by_key = {(r["mode"], r["replicas"], r["batch_size"]): r for r in rows if r.get("adapters", [None]) == [None]}
@@ -157,6 +243,7 @@ def tiny_bench(args) -> dict:
             by_key[("direct", 0, args.batch)]["img_per_s"] / by_key[("serve", 1, args.batch)]["img_per_s"],
         "two_loras_cached_over_base": multiplexed[0]["img_per_s"] / by_key[("serve", 1, args.batch)]["img_per_s"],
         "two_loras_evicting_over_cached": multiplexed[1]["img_per_s"] / multiplexed[0]["img_per_s"],
+        "flood_p99_over_single_client": flood["p99_over_single"],
     }
     print(f"\ntiny preset: {cfg.model.resolution}px, {cfg.model.num_inference_steps} steps, {n} images per row, "
           f"{args.clients} clients, {os.cpu_count()} CPUs")
@@ -167,9 +254,11 @@ def tiny_bench(args) -> dict:
         held = f"2 LoRA, room {r['max_adapters']}" if r.get("adapters", [None]) != [None] else "base"
         print(f"{r['mode']:8} {r['replicas']:8d} {r['batch_size']:5d} {held:>13} {r['img_per_s']:8.2f} {lat} "
               f"{r.get('failed', 0):6d} {r.get('adapter_loads', 0):5d}")
+    print_flood(flood)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    return {"mode": "tiny", "rows": rows, "ratios": ratios, "direct_passes": direct_before + direct_after,
+    return {"mode": "tiny", "rows": rows, "flood": flood, "ratios": ratios,
+            "direct_passes": direct_before + direct_after,
             "resolution": cfg.model.resolution,
             "steps": cfg.model.num_inference_steps}
 
@@ -264,8 +353,8 @@ def adapter_timings(args, pipe, device: str, base_image_s: float) -> dict:
     import torch
 
     from dermaflux.config import load_config
-    from dermaflux.model.adapters import random_lora_adapter
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
+    from dermaflux.testing.adapters import random_lora_adapter
 
     def sync():
         if device == "cuda":
@@ -352,6 +441,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="images per row (tiny mode)")
     parser.add_argument("--batch", type=int, default=4, help="batch size of the batched rows (tiny mode)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients (tiny mode)")
+    parser.add_argument("--flood-clients", type=int, default=16, help="bounded flood: concurrent clients")
+    parser.add_argument("--flood-limit", type=int, default=1,
+                        help="bounded flood: synth.limits.max_queued_images (images in progress at the ingress)")
+    parser.add_argument("--flood-requests", type=int, default=None,
+                        help="bounded flood: requests (default 4 x clients)")
+    parser.add_argument("--flood-only", action="store_true", help="tiny mode: only the bounded-flood row")
+    parser.add_argument("--flood-ignore-retry-after", action="store_true",
+                        help="bounded flood: refused clients retry at once (a hostile flood)")
     parser.add_argument("--full-size", action="store_true", help="FLUX.1-dev-shaped transformer, random bf16 weights")
     parser.add_argument("--layers", type=int, default=None, help="full-size: N double + 2N single blocks (CPU smoke)")
     parser.add_argument("--resolution", type=int, default=512)
@@ -362,11 +459,12 @@ def main() -> None:
                         help="full-size: also time loading the base transformer from disk (writes ~24 GB to a temp dir)")
     parser.add_argument("--lora-rank", type=int, default=16, help="full-size: LoRA rank of the adapter timings (0: skip)")
     args = parser.parse_args()
-    result = full_size_bench(args) if args.full_size else tiny_bench(args)
+    bench = full_size_bench if args.full_size else flood_bench if args.flood_only else tiny_bench
+    result = bench(args)
     result.update(host=platform.node(), cpus=os.cpu_count(), argv=sys.argv[1:], when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     # One file, one section per mode: the GPU run does not erase the CPU figures, nor the reverse.
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    existing["full_size" if args.full_size else "tiny"] = result
+    existing["full_size" if args.full_size else "flood" if args.flood_only else "tiny"] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(existing, indent=2, default=float) + "\n")
     print(f"\nwrote {RESULTS}")

@@ -1,9 +1,19 @@
 """Training throughput and memory: the Ray Train + DeepSpeed loop against a plain single-process PyTorch
-loop on the same tiny model and cached data; ZeRO-2 vs ZeRO-3 peak memory; and (`--full-size`, for the
-GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient checkpointing at 512 px.
+loop on the same tiny model and cached data; ZeRO-2 vs ZeRO-3 peak memory; (`--full-size`, for the
+GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient checkpointing at 512 px; and
+(`--gpu-product`, run by scripts/gpu-check.sh) the product's own trainer on a random FLUX.1-dev folder.
 
     .venv/bin/python bench/train.py [--quick] [--data DIR]
     .venv/bin/python bench/train.py --full-size [--layers N] [--resolution 512] [--steps 5]
+    python3 bench/train.py --gpu-product --model DIR [--data DIR] [--steps 12] [--json FILE]
+
+--gpu-product: `dermaflux train` (flux-dev preset: micro_batch auto, compile, T5 length from the captions,
+dihedral views; one worker, ZeRO-2, bf16) on captions in the caption template's wording, its samples/s
+the median of its logged steps after the first two (compilation); then, in this process, plain eager
+loops on random inputs of the same shapes: the same settings (micro-batch, checkpointing, text tokens,
+compile), and diffusers' Flux LoRA script defaults (batch 4, no checkpointing, 512 tokens, eager). MFU:
+forward + backward FLOPs per sample (torch.utils.flop_counter, no checkpointing: recompute not counted)
+x the product's samples/s / 989 TFLOP/s (H100/H200 SXM dense bf16).
 
 Tiny rows: samples/s is the median over steps of (samples in the step / step time), measured inside the
 loop (start-up excluded; wall_s includes it). Every worker and the plain loop use one intra-op thread.
@@ -28,7 +38,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -40,11 +49,11 @@ def build_cache(data: Path, work: Path, cfg, n_train: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from dermaflux.testing.ham10000 import build_captioned_set
     from dermaflux.train.cache import CACHE_SCHEMA
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
-    from train_inputs import build_captions
 
-    captions = build_captions(data, work / "captions", n_train=n_train, n_test=0)
+    captions = build_captioned_set(data, work / "captions", n_train=n_train, n_test=0)
     table = pa.concat_tables([pq.read_table(p, columns=CAPTION_COLUMNS) for p in caption_shards(captions)])
     rows = encode_rows(load_text_and_vae(cfg.model, None), table.to_pydict(), cfg.model.resolution,
                        cfg.model.max_sequence_length)
@@ -113,7 +122,7 @@ def tiny_bench(args) -> dict:
     import ray
 
     from dermaflux.config import load_config
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     steps = 15 if args.quick else 50
     base = {"mode": "full", "micro_batch": 8, "steps": steps, "checkpoint_every": steps, "validate_every": steps,
@@ -225,6 +234,133 @@ def full_size_bench(args) -> dict:
     return result
 
 
+def template_captions(data: Path, out: Path, n: int) -> Path:
+    """`build_captions` with the caption template's wording (the caption stage's, 60-100 T5 tokens) in place of
+    its one-line captions, so the T5 length the trainer picks is the one real captions get."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermaflux.lesion.attributes import COLOUR_WORDS, LesionAttributes
+    from dermaflux.lesion.captions import caption_from_attributes
+    from dermaflux.testing.ham10000 import build_captioned_set as build_captions
+
+    captions = build_captions(data, out, n_train=n, n_test=0)
+    colours = list(COLOUR_WORDS)
+    for shard in sorted((captions / "shards").glob("*.parquet")):
+        table = pq.read_table(shard)
+        rows = table.to_pylist()
+        for i, row in enumerate(rows):
+            attrs = LesionAttributes(
+                diagnosis=row["label"], asymmetry_axes=i % 3, border_irregularity=(i % 5) / 5,
+                colours=colours[: 1 + i % 4], diameter_mm=3.0 + i % 7, site=row["site"], age=row["age"],
+                sex=row["sex"] if row["sex"] in ("male", "female") else None)
+            row["caption"] = caption_from_attributes(attrs, seed=i)
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
+    return captions
+
+
+def product_run(args, work: Path) -> dict:
+    """`dermaflux train` through the stage entry (preflight, Ray, the stage) on the flux-dev preset."""
+    from dermaflux.config import load_config
+    from dermaflux.core.entry import run
+
+    captions = template_captions(Path(args.data), work / "captions", args.images)
+    cfg = load_config("flux-dev", overrides=[f"model.pretrained={args.model}"], extra={"train": {
+        "captions": str(captions), "out": str(work / "run"), "workers": 1, "zero_stage": 2, "steps": args.steps,
+        "checkpoint_every": args.steps, "validate_every": 10**6, "log_every": 1, "tracking": [],
+        "validation_prompts": ["dermoscopic image of a melanoma"], "validation_seeds": [0], "validation_steps": 2,
+        "precompute_workers": 1, "cpus_per_worker": 8}})
+    started = time.perf_counter()
+    summary = run("train", cfg)
+    with open(work / "run" / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    steady = [float(r["samples_per_s"]) for r in rows[2:]] or [float(r["samples_per_s"]) for r in rows]
+    return {"samples_per_s": statistics.median(steady), "wall_s": time.perf_counter() - started,
+            "peak_gib": max(float(r["peak_mem_mb"]) for r in rows) / 1024, "steps": len(rows),
+            **{k: summary["train"][k] for k in ("micro_batch", "gradient_checkpointing", "compiled", "text_tokens")},
+            "caption_tokens": summary["precompute"]["text_tokens"]}
+
+
+def plain_loops(args, product: dict) -> dict:
+    """Eager reference (diffusers' defaults), FLOPs per sample, then the product's settings, in this process."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dermaflux.config import load_config
+    from dermaflux.train.compile import compile_blocks
+    from dermaflux.train.model_setup import prepare_transformer
+
+    torch.backends.cuda.enable_cudnn_sdp(False)  # its SDPA backward failed on Flux's joint attention (H200)
+    transformer = FluxTransformer2DModel.from_pretrained(args.model, subfolder="transformer",
+                                                         torch_dtype=torch.bfloat16).to("cuda")
+    tc = load_config("flux-dev").train.model_copy(update={"gradient_checkpointing": False, "micro_batch": 4})
+    opt = torch.optim.AdamW(prepare_transformer(transformer, tc), lr=1e-4)
+    step = _plain_step(transformer, opt, tc)
+    side = 512 // 8
+    with torch.compiler.set_stance("force_eager"):
+        reference = _timed(step, 4, 512, side, args.plain_steps)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(product["micro_batch"], product["text_tokens"], side)
+        flops_per_sample = counter.get_total_flops() / product["micro_batch"]
+    if product["gradient_checkpointing"]:
+        transformer.enable_gradient_checkpointing()
+    compiled = bool(product["compiled"]) and compile_blocks(
+        transformer, lambda: step(product["micro_batch"], product["text_tokens"], side))
+    same = _timed(step, product["micro_batch"], product["text_tokens"], side, args.plain_steps)
+    return {"reference_samples_per_s": reference, "plain_same_settings_samples_per_s": same,
+            "plain_same_settings_compiled": compiled, "flops_per_sample": flops_per_sample}
+
+
+def _plain_step(transformer, opt, tc):
+    import torch
+
+    from dermaflux.train.flow import FlowBatch, flow_matching_loss
+
+    def step(batch: int, text_tokens: int, side: int) -> None:
+        inputs = FlowBatch(torch.randn(batch, 16, side, side), torch.randn(batch, text_tokens, 4096),
+                           torch.randn(batch, 768)).to("cuda", torch.bfloat16)
+        loss = flow_matching_loss(transformer, inputs, tc, 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _timed(step, batch: int, text_tokens: int, side: int, steps: int) -> float:
+    """Samples/s: the median step over `steps` after two warm-up steps."""
+    import torch
+
+    for _ in range(2):
+        step(batch, text_tokens, side)
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(batch, text_tokens, side)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def gpu_product_bench(args) -> dict:
+    import ray
+    import torch
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="dfx-bench-gpu-"))
+    product = product_run(args, work)
+    ray.shutdown()  # the Ray Train worker (and its GPU memory) is gone; the plain loops get the whole GPU
+    plain = plain_loops(args, product)
+    result = {"kind": "gpu-product", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "product": product, **plain, "bf16_peak_tflops": H100_BF16_DENSE_TFLOPS}
+    result["mfu"] = plain["flops_per_sample"] * product["samples_per_s"] / (H100_BF16_DENSE_TFLOPS * 1e12)
+    result["vs_reference"] = product["samples_per_s"] / plain["reference_samples_per_s"]
+    result["vs_plain_same_settings"] = product["samples_per_s"] / plain["plain_same_settings_samples_per_s"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps")
@@ -236,7 +372,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="full-size: timed steps")
     parser.add_argument("--cudnn-sdpa", action="store_true", help="full-size: allow cuDNN attention (off by default)")
+    parser.add_argument("--gpu-product", action="store_true", help="the product's trainer on --model (GPU machine)")
+    parser.add_argument("--model", help="gpu-product: a `dermaflux model random --like flux-dev` folder")
+    parser.add_argument("--images", type=int, default=48, help="gpu-product: captioned images to pre-compute")
+    parser.add_argument("--plain-steps", type=int, default=8, help="gpu-product: timed steps of each plain loop")
+    parser.add_argument("--work", help="gpu-product: work folder (default: a new temporary one)")
+    parser.add_argument("--json", help="where to write the result (default bench/results/<kind>.json)")
     args = parser.parse_args()
+    if args.gpu_product:
+        os.environ["DS_ACCELERATOR"] = "cuda"  # before Ray starts: its workers inherit it (the default above is cpu)
+        args.steps = args.steps if args.steps != 5 else 12
+        result = gpu_product_bench(args)
+        path = Path(args.json or RESULTS / "train_gpu_product.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+        return
     if not args.full_size:
         # Ray sets this in its workers; the plain loop must run under the same threading to compare fairly.
         os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,134 +1,78 @@
-"""Typed configuration: one model per stage, named presets as YAML data, `--set` overrides.
+"""The configuration: one typed root model of every section, and `load_config`.
 
-Precedence: field defaults < preset YAML (`dermaflux/presets/<name>.yaml`) < user YAML
-(`--config`) < `--set a.b=value`. Validation errors name the field path and where it came from.
+Each section is a class in its stage's package (`corpus/config.py`, ...); the defaults are the
+tiny preset. `presets/tiny.yaml` holds the demo's pipeline sizes and `presets/flux-dev.yaml`
+what differs for FLUX.1-dev: a preset is data, in one place.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from dermaflux.configbase import ConfigModel
-from dermaflux.model.spec import TinyFluxSpec
+from dermaflux.caption.config import CaptionConfig
+from dermaflux.core.config import ConfigError, ConfigModel, deep_merge, layered, nested, read_yaml
+from dermaflux.core.runtime import RayConfig
+from dermaflux.corpus.config import CurateConfig
+from dermaflux.evaluate.config import EvaluateConfig
+from dermaflux.model.config import ModelConfig
+from dermaflux.stages import PIPELINE, pipeline_names
+from dermaflux.synth.config import SynthConfig
+from dermaflux.train.config import TrainConfig
 
-PRESET_DIR = Path(__file__).parent / "presets"
+__all__ = ["ConfigError", "DermaFluxConfig", "PipelineConfig", "load_config"]
 
 
-class ConfigError(ValueError):
-    """A config that cannot run, with the field path and the reason."""
+class PipelineConfig(ConfigModel):
+    """`dermaflux pipeline`: which stages run, on which data, into which run folder, at what size."""
 
-
-class ModelConfig(ConfigModel):
-    pretrained: str = Field(
-        "builtin:tiny",
-        description="hub id (black-forest-labs/FLUX.1-dev), a local diffusers folder, or builtin:tiny",
+    data: str | None = Field(
+        None, description="folder holding the datasets to curate (one subfolder each); default $DERMAFLUX_DATA or ../shared/data"
     )
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    resolution: int = Field(64, description="training and default generation side, multiple of 16")
-    tiny: TinyFluxSpec = Field(default_factory=TinyFluxSpec, description="sizes when pretrained is builtin:tiny")
-    cache_dir: str | None = Field(None, description="where builtin models are built; default $DERMAFLUX_CACHE")
-    train_guidance: float = Field(1.0, description="guidance embedding value while training (FLUX.1-dev LoRAs: 1.0)")
-    guidance_scale: float = Field(3.5, description="inference guidance")
-    num_inference_steps: int = 20
-    max_sequence_length: int = Field(512, description="T5 tokens")
-
-
-class RayConfig(ConfigModel):
-    address: str | None = Field(
-        None, description="cluster address; None uses RAY_ADDRESS when set (Ray jobs), else a new local instance"
+    out: str | None = Field(None, description="run folder: one subfolder per stage, the pipeline's markers and summary")
+    stages: list[str] = Field(default_factory=pipeline_names, description="stages to run, in pipeline order")
+    stage_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-section settings merged over the stage sections for a pipeline run only "
+        "(the tiny preset's demo sizes, e.g. train: {steps: 120})",
     )
-    num_cpus: int | None = Field(None, description="CPUs of the local instance (None: all)")
-    num_gpus: int | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _in_pipeline_order(cls, value: list[str]) -> list[str]:
+        order = pipeline_names()
+        unknown = [name for name in value if name not in order]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; pipeline stages: {', '.join(order)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"stages listed twice: {value}")
+        return sorted(value, key=order.index)
+
+    @field_validator("stage_settings")
+    @classmethod
+    def _known_sections(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        sections = sorted({spec.section for spec in PIPELINE})
+        unknown = sorted(set(value) - set(sections))
+        if unknown:
+            raise ValueError(f"unknown sections {unknown}; expected some of {sections}")
+        return value
 
 
-def _stage_sections() -> dict[str, type[ConfigModel]]:
-    """Stage config models, imported here so each stage owns its own module."""
-    sections: dict[str, type[ConfigModel]] = {}
-    import importlib
+class DermaFluxConfig(ConfigModel):
+    """Every setting of a run. Stages read their own section; `model` and `ray` are shared."""
 
-    for name, module in STAGE_CONFIG_MODULES.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
-                raise  # a real import error inside the stage's config module
-            continue
-        sections[name] = mod.CONFIG
-    return sections
-
-
-# section name -> module defining CONFIG (a ConfigModel subclass); absent modules are skipped.
-STAGE_CONFIG_MODULES = {
-    "curate": "dermaflux.corpus.config",
-    "caption": "dermaflux.caption.config",
-    "train": "dermaflux.train.config",
-    "synth": "dermaflux.synth.config",
-    "evaluate": "dermaflux.evaluate.config",
-    "pipeline": "dermaflux.pipeline_config",
-}
-
-
-def _build_root_model() -> type[ConfigModel]:
-    from pydantic import create_model
-
-    fields: dict[str, Any] = {
-        "preset": (str, "tiny"),
-        "model": (ModelConfig, Field(default_factory=ModelConfig)),
-        "ray": (RayConfig, Field(default_factory=RayConfig)),
-    }
-    for name, model in _stage_sections().items():
-        fields[name] = (model, Field(default_factory=model))
-    return create_model("DermaFluxConfig", __base__=ConfigModel, **fields)
-
-
-DermaFluxConfig = _build_root_model()
-
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def parse_override(text: str) -> dict:
-    """`train.steps=300` -> {"train": {"steps": 300}}; the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=300")
-    key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    out: dict = {}
-    node = out
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    preset: str = Field("tiny", description="the preset this config started from")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="synthesis: the `generate` and `serve` stages")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 
 def load_config(
@@ -136,44 +80,56 @@ def load_config(
     config_file: str | os.PathLike | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     extra: dict | None = None,
-):
-    """Build the effective config. `extra` holds CLI flags already mapped to field paths."""
-    data: dict = {}
-    if config_file is not None:
-        data = _read_yaml(Path(config_file))
-    name = preset or data.get("preset") or "tiny"
-    preset_path = PRESET_DIR / f"{name}.yaml"
-    if not preset_path.exists():
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
-    merged = _deep_merge(_read_yaml(preset_path), data)
-    merged["preset"] = name
-    for text in overrides:
-        merged = _deep_merge(merged, parse_override(text))
+) -> DermaFluxConfig:
+    """Preset < `config_file` < `--set` overrides < `extra` (stage flags as {section: {field: value}}).
+
+    A validation error names each field path and where its value came from.
+    """
+    name, merged = layered(preset, config_file, overrides)
     if extra:
-        merged = _deep_merge(merged, extra)
+        merged = deep_merge(merged, extra)
     try:
         return DermaFluxConfig.model_validate(merged)
     except ValidationError as err:
+        origins = _origins(name, config_file, overrides, extra)
         lines = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
-        source = f" (preset {name}" + (f", file {config_file}" if config_file else "") + ")"
-        raise ConfigError(f"invalid config{source}:\n" + "\n".join(lines)) from None
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r}; from {_origin_of(loc, origins)})")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 
-def dump_config(cfg) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def flag_settings(settings: dict[str, Any]) -> dict:
+    """{"train.steps": 7, ...} (what stage flags set) -> the nested dict `load_config(extra=...)` takes."""
+    out: dict = {}
+    for path, value in settings.items():
+        out = deep_merge(out, nested(path, value))
+    return out
 
 
-def save_effective_config(cfg, out_dir: str | os.PathLike) -> Path:
-    """Each run writes the config it actually used beside its outputs."""
-    from dermaflux.artifacts import atomic_write_text
+def _origins(preset: str, config_file, overrides, extra) -> list[tuple[str, str]]:
+    """(field path prefix, where it was set), most specific source last."""
+    origins: list[tuple[str, str]] = [("", f"preset {preset}")]
+    if config_file is not None:
+        origins += [(path, f"file {config_file}") for path in _leaf_paths(read_yaml(Path(config_file)))]
+    for text in overrides:
+        origins.append((text.split("=", 1)[0].strip(), f"--set {text}"))
+    for path in _leaf_paths(extra or {}):
+        origins.append((path, "a command-line flag"))
+    return origins
 
-    return atomic_write_text(Path(out_dir) / "config.yaml", dump_config(cfg))
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        paths += _leaf_paths(value, path + ".") if isinstance(value, dict) and value else [path]
+    return paths
 
 
-def cache_dir(model_cfg: ModelConfig | None = None) -> Path:
-    if model_cfg is not None and model_cfg.cache_dir:
-        return Path(model_cfg.cache_dir).expanduser()
-    return Path(os.environ.get("DERMAFLUX_CACHE", Path.home() / ".cache" / "dermaflux")).expanduser()
+def _origin_of(loc: str, origins: list[tuple[str, str]]) -> str:
+    found = origins[0][1]
+    for prefix, origin in origins:
+        if prefix == "" or loc == prefix or loc.startswith(prefix + ".") or prefix.startswith(loc + "."):
+            found = origin
+    return found

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The test command: sets up the environment, then runs the whole suite.
+# The test command: sets up the environment (with the test extra and Chromium), then runs the whole suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup-env.sh || exit 1
+bash scripts/setup-env.sh --test || exit 1
 export DS_ACCELERATOR=cpu RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 export DERMAFLUX_CACHE=${DERMAFLUX_CACHE:-$PWD/.cache/dermaflux}
 .venv/bin/python -m pytest "$@"

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DERMAFLUX_DATA", ROOT.parent / "shared" / "data"))
-sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -75,7 +73,7 @@ def ray_local():
 @pytest.fixture(scope="module")
 def ray_two_nodes():
     """A real two-node Ray cluster on loopback (head + one worker node), stopped afterwards."""
-    from ray_cluster import LocalRayCluster
+    from dermaflux.testing.ray_cluster import LocalRayCluster
 
     # Ray 2.60 turns token authentication on by default: the dashboard then answers 401 to the
     # fixture's and JobSubmissionClient's plain requests. A loopback test cluster needs none.
@@ -85,3 +83,14 @@ def ray_two_nodes():
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: the CPU is shared with the Ray workers of other tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,1 @@
-"""Captioning: lesion attributes measured from the image, and caption writers (template, llm)."""
-
-from dermaflux.caption.template import LesionAttributes, caption_from_attributes
-
-__all__ = ["LesionAttributes", "caption_from_attributes"]
+"""Captioning: lesion attributes measured from each image (extract), caption writers (template, llm), the Ray Data pipeline."""

@@ -13,7 +13,9 @@ import pandas as pd
 from pydantic import ValidationError
 
 from dermaflux.caption.extract import attributes_from, decode_image, measure_lesion
-from dermaflux.caption.template import LesionAttributes
+from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
+from dermaflux.corpus.images import ImageRefused
+from dermaflux.lesion.attributes import LesionAttributes
 from dermaflux.caption.writers import CaptionRequest, CaptionWriter, caption_seed
 
 EXTRACTED_COLUMNS = ["attributes_json", "extract_flags", "uncaptioned_reason"]
@@ -24,10 +26,19 @@ def _scale(value) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def extract_row(row: dict) -> tuple[str, list[str], str | None]:
+def _flag(value) -> str:
+    return "unknown" if value is None or (isinstance(value, float) and math.isnan(value)) else str(bool(value)).lower()
+
+
+def extract_row(row: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, list[str], str | None]:
     """(attributes JSON, flags, reason-if-uncaptioned) for one corpus row."""
+    if not isinstance(row.get("label"), str):  # null (or NaN from pandas)
+        return "", [], (f"no diagnosis: the source says only melanoma={_flag(row.get('melanoma'))}, malignant="
+                        f"{_flag(row.get('malignant'))} (a test-only row); a caption names a diagnosis")
     try:
-        rgb = decode_image(row["image"])
+        rgb = decode_image(row["image"], max_pixels)
+    except ImageRefused as err:  # empty, not an image, or above curate.max_pixels: the reason says which
+        return "", [], f"unreadable image: {err}"
     except Exception as err:  # PIL raises several types for broken bytes
         return "", [], f"unreadable image: {type(err).__name__}"
     measurement = measure_lesion(rgb, _scale(row.get("mm_per_pixel")))
@@ -40,8 +51,8 @@ def extract_row(row: dict) -> tuple[str, list[str], str | None]:
     return attrs.to_json(), flags, None
 
 
-def extract_batch(batch: pd.DataFrame) -> pd.DataFrame:
-    results = [extract_row(row) for row in batch.to_dict("records")]
+def extract_batch(batch: pd.DataFrame, max_pixels: int = DEFAULT_MAX_PIXELS) -> pd.DataFrame:
+    results = [extract_row(row, max_pixels) for row in batch.to_dict("records")]
     batch = batch.copy()
     batch["attributes_json"] = [r[0] for r in results]
     batch["extract_flags"] = [r[1] for r in results]

@@ -6,7 +6,8 @@ import string
 
 from pydantic import Field, field_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
+from dermaflux.model.config import DtypeName
 
 PROMPT_FIELDS = ("diagnosis", "malignancy", "attribute_list")
 
@@ -56,7 +57,7 @@ class CaptionConfig(ConfigModel):
     )
     vision: bool = Field(False, description="llm writer: show the image to a vision-language model")
     vision_model: str = Field("meta-llama/Llama-3.2-11B-Vision-Instruct", description="model when vision is on")
-    dtype: str = Field("float32", description="llm weights: float32 | bfloat16 | float16")
+    dtype: DtypeName = Field("float32", description="llm weights")
     prompts: CaptionPrompts = Field(default_factory=CaptionPrompts)
     max_new_tokens: int = Field(48, ge=1, description="generated tokens per caption (the prefix is extra)")
     temperature: float = Field(0.0, ge=0.0, description="0: greedy (reproducible)")
@@ -68,6 +69,3 @@ class CaptionConfig(ConfigModel):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per writer actor (0 on CPU clusters)")
     extract_cpus: float = Field(1.0, gt=0, description="CPUs per attribute-extraction task")
     extract_concurrency: int | None = Field(None, ge=1, description="concurrent extraction tasks (None: as many as fit)")
-
-
-CONFIG = CaptionConfig

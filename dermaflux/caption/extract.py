@@ -8,7 +8,6 @@ Colours present (nearest ABCD prototype in CIELAB, skin excluded), and the Diame
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -16,7 +15,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, filters, measure, morphology
 
-from dermaflux.caption.template import ABCD_COLOURS, ASYMMETRY_AXIS_THRESHOLD, LesionAttributes
+from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
+from dermaflux.lesion.attributes import ABCD_COLOURS, ASYMMETRY_AXIS_THRESHOLD, LesionAttributes
 
 # ABCD colour prototypes in CIELAB (L*, a*, b*), applied after white-balancing the image so the
 # skin around the lesion looks like REFERENCE_SKIN_RGB: HAM10000 photos range from neutral to
@@ -59,11 +59,12 @@ class LesionMeasurement:
         return asdict(self)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes (JPEG/PNG) -> HxWx3 uint8 RGB."""
-    from PIL import Image
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes (JPEG/PNG) -> HxWx3 uint8 RGB; more than `max_pixels` raises ImageRefused
+    from the header alone, before decoding (curate's guard: see corpus.images.open_bounded)."""
+    from dermaflux.corpus.images import open_bounded
 
-    with Image.open(io.BytesIO(data)) as img:
+    with open_bounded(data, max_pixels) as img:
         return np.asarray(img.convert("RGB"))
 
 

@@ -7,7 +7,6 @@ its rows have arrived, with its done-marker: a crash loses at most the shards in
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +18,8 @@ import pyarrow.parquet as pq
 from dermaflux.caption.batch import extract_batch, write_batch
 from dermaflux.caption.config import CaptionConfig
 from dermaflux.caption.writers import create_writer
+from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
+from dermaflux.core.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,12 @@ log = logging.getLogger(__name__)
 RESULT_COLUMNS = ["id", "path", "attributes_json", "caption", "caption_writer", "caption_flags", "uncaptioned_reason"]
 
 
-def _task_args(num_cpus: float) -> dict:
-    return {"num_cpus": num_cpus}
-
-
 class CaptionActor:
     """One writer (one model load) per actor; Ray Data feeds it batches."""
 
-    def __init__(self, caption_cfg: dict):
+    def __init__(self, caption_cfg: dict, max_pixels: int):
         self.cfg = CaptionConfig.model_validate(caption_cfg)
-        self.writer = create_writer(self.cfg)
+        self.writer = create_writer(self.cfg, max_pixels)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # Only the results leave the actor (no image bytes), and no further operator follows it:
@@ -56,9 +53,11 @@ def _check_cpus(cfg: CaptionConfig, cluster_cpus: float) -> None:
 
 
 def caption_shards(
-    cfg: CaptionConfig, shards: list[Path], on_shard_done: Callable[[Path, pd.DataFrame], None]
+    cfg: CaptionConfig, shards: list[Path], on_shard_done: Callable[[Path, pd.DataFrame], None],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Caption `shards`; call `on_shard_done(shard, results)` once per shard as soon as it is complete."""
+    """Caption `shards`; call `on_shard_done(shard, results)` once per shard as soon as it is complete.
+    No worker decodes an image above `max_pixels` (curate.max_pixels): such a row is uncaptioned."""
     import ray.data
 
     expected = {shard.name: pq.ParquetFile(shard).metadata.num_rows for shard in shards}
@@ -72,19 +71,23 @@ def caption_shards(
     # Small files are read as one block, which would leave every worker but one idle: re-block
     # (streaming, no barrier) to one batch per block.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    # Remote args by function: Ray Data then keeps extraction on its own CPU tasks (as many as the
-    # cluster has CPUs) instead of fusing it into the few writer actors. (Deprecated after Ray 2.60,
-    # which we pin; its successor must keep the two operators apart the same way.)
+    # Extraction stays on its own CPU tasks (as many as the cluster has CPUs) instead of being fused
+    # into the few writer actors: Ray Data fuses a task operator into an actor pool only when their
+    # remote options are identical (ray-project/ray#54433), and `max_calls=0` (Ray's default for CPU
+    # tasks, stated) is an option the actors do not have. It replaces `ray_remote_args_fn`, which kept
+    # them apart the same way and is deprecated in Ray 2.60.
     ds = ds.map_batches(
         extract_batch,
+        fn_kwargs={"max_pixels": max_pixels},
         batch_format="pandas",
         batch_size=cfg.batch_size,
         compute=ray.data.TaskPoolStrategy(size=cfg.extract_concurrency),
-        ray_remote_args_fn=functools.partial(_task_args, cfg.extract_cpus),
+        num_cpus=cfg.extract_cpus,
+        max_calls=0,
     )
     ds = ds.map_batches(
         CaptionActor,
-        fn_constructor_kwargs={"caption_cfg": cfg.model_dump()},
+        fn_constructor_kwargs={"caption_cfg": cfg.model_dump(), "max_pixels": max_pixels},
         batch_format="pandas",
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -93,13 +96,15 @@ def caption_shards(
     )
     parts: dict[str, list[pd.DataFrame]] = defaultdict(list)
     arrived: dict[str, int] = defaultdict(int)
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        for path, part in batch.groupby("path", sort=False):
-            name = Path(path).name
-            parts[name].append(part)
-            arrived[name] += len(part)
-            if arrived[name] == expected[name]:
-                on_shard_done(by_name.pop(name), pd.concat(parts.pop(name), ignore_index=True))
+    with bar("caption", "caption", sum(expected[n] for n in by_name), "images", ray_data=True) as shown:
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            shown.update(len(batch))
+            for path, part in batch.groupby("path", sort=False):
+                name = Path(path).name
+                parts[name].append(part)
+                arrived[name] += len(part)
+                if arrived[name] == expected[name]:
+                    on_shard_done(by_name.pop(name), pd.concat(parts.pop(name), ignore_index=True))
     if by_name:
         raise RuntimeError(f"rows missing from shards {sorted(by_name)}: expected {[expected[n] for n in by_name]}, "
                            f"got {[arrived[n] for n in by_name]}")

@@ -11,16 +11,20 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dermaflux import artifacts
-from dermaflux.artifacts import parquet_shards
+from dermaflux.core import artifacts
+from dermaflux.core.artifacts import parquet_shards
 from dermaflux.caption.schema import CAPTION_SCHEMA
-from dermaflux.config import save_effective_config
+from dermaflux.corpus.schema import with_melanoma
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ def corpus_shards(corpus: Path) -> list[Path]:
 
 def write_shard_output(out: Path, shard: Path, results: pd.DataFrame) -> dict:
     """Join the results onto the shard's own rows; write captions, uncaptioned reasons, then the marker."""
-    table = pq.read_table(shard)
+    table = with_melanoma(pq.read_table(shard))  # a corpus from before the melanoma column: from the label
     by_id = results.set_index("id")
     ids = table.column("id").to_pylist()
     missing = [i for i in ids if i not in by_id.index]
@@ -130,28 +134,26 @@ def finalize(out: Path, shards: list[Path], cfg) -> dict:
     return manifest
 
 
-def run(cfg) -> dict:
+def run(cfg: DermaFluxConfig) -> dict:
     from dermaflux.caption.ray_pipeline import caption_shards
-    from dermaflux.ray_runtime import init_ray
 
     ccfg = cfg.caption
-    if not ccfg.corpus:
-        raise ValueError("caption.corpus is not set: pass --corpus DIR (a curated corpus folder)")
-    if not ccfg.out:
-        raise ValueError("caption.out is not set: pass --out DIR")
     corpus, out = Path(ccfg.corpus), Path(ccfg.out)
     shards = corpus_shards(corpus)
     run_fingerprint = artifacts.fingerprint(
         ccfg.model_dump(exclude=RUNTIME_FIELDS), [(s.name, s.stat().st_size) for s in shards]
     )
-    resumed = artifacts.claim_output(out, STAGE, run_fingerprint, force=ccfg.force)
-    save_effective_config(cfg, out)
+    resumed = artifacts.claim_run(cfg, out, STAGE, run_fingerprint, force=ccfg.force, inputs=[corpus])
     pending = [s for s in shards if not artifacts.is_done(out, s.stem)]
     log.info("caption: %d corpus shards, %d to do (%s)", len(shards), len(pending), "resuming" if resumed else "fresh")
     if pending:
-        init_ray(cfg.ray)
-        caption_shards(ccfg, pending, lambda shard, results: write_shard_output(out, shard, results))
+        caption_shards(ccfg, pending, lambda shard, results: write_shard_output(out, shard, results),
+                       max_pixels=cfg.curate.max_pixels)
     manifest = finalize(out, shards, cfg)
+    if manifest["rows"] and not manifest["captioned"]:
+        reasons = ", ".join(f"{n} {why}" for why, n in manifest["uncaptioned_reasons"].items())
+        raise artifacts.NothingKept(f"caption: none of {manifest['rows']} corpus images was captioned ({reasons}); "
+                                    f"see {out / 'uncaptioned.jsonl'}")
     return {
         "out": str(out),
         "resumed": resumed,

@@ -100,7 +100,7 @@ def build_tiny_llava(seed: int = 0):
 
 def ensure_tiny_model(folder: str | os.PathLike, vision: bool = False) -> Path:
     """Build a tiny model into `folder` once (atomically: concurrent actors never see half a folder)."""
-    from dermaflux.artifacts import atomic_dir
+    from dermaflux.core.artifacts import atomic_dir
 
     folder = Path(folder)
     if (folder / "config.json").exists():
@@ -119,7 +119,7 @@ def ensure_tiny_model(folder: str | os.PathLike, vision: bool = False) -> Path:
 def resolve_chat_model(ref: str) -> str:
     """A local folder or hub id for `from_pretrained`; builds builtin:tiny-llama on first use."""
     if ref in (BUILTIN_TINY_LLAMA, BUILTIN_TINY_LLAVA):
-        from dermaflux.config import cache_dir
+        from dermaflux.model.config import cache_dir
 
         vision = ref == BUILTIN_TINY_LLAVA
         return str(ensure_tiny_model(cache_dir() / f"{ref.split(':')[1]}-v2", vision=vision))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 
-from dermaflux.caption.template import LesionAttributes, diagnosis_words, fits_budget
+from dermaflux.lesion.attributes import LesionAttributes
+from dermaflux.lesion.captions import diagnosis_words, fits_budget
 
 _SYMMETRIC = re.compile(r"(?<![a-z])symmetric(al)?\b")  # not "asymmetric"
 _ASYMMETRIC = re.compile(r"\basymmetric(al)?|\basymmetry\b")

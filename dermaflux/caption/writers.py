@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from dermaflux.caption.config import CaptionConfig
-from dermaflux.caption.template import COLOUR_WORDS, LesionAttributes, caption_from_attributes, diagnosis_words
+from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
+from dermaflux.lesion.attributes import COLOUR_WORDS, LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes, diagnosis_words
 from dermaflux.caption.validate import caption_problems
 
 
@@ -41,8 +43,9 @@ def caption_seed(image_id: str, run_seed: int) -> int:
 class CaptionWriter(ABC):
     name: ClassVar[str]
 
-    def __init__(self, cfg: CaptionConfig):
+    def __init__(self, cfg: CaptionConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.cfg = cfg
+        self.max_pixels = max_pixels  # the largest image a vision writer decodes (curate.max_pixels)
 
     @abstractmethod
     def write(self, requests: list[CaptionRequest]) -> list[WrittenCaption]: ...
@@ -56,12 +59,12 @@ def register_writer(cls: type[CaptionWriter]) -> type[CaptionWriter]:
     return cls
 
 
-def create_writer(cfg: CaptionConfig) -> CaptionWriter:
+def create_writer(cfg: CaptionConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> CaptionWriter:
     try:
         cls = WRITERS[cfg.writer]
     except KeyError:
         raise ValueError(f"caption.writer: unknown writer {cfg.writer!r}; known: {', '.join(sorted(WRITERS))}") from None
-    return cls(cfg)
+    return cls(cfg, max_pixels)
 
 
 @register_writer
@@ -98,14 +101,15 @@ class LlmWriter(CaptionWriter):
 
     name = "llm"
 
-    def __init__(self, cfg: CaptionConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: CaptionConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__(cfg, max_pixels)
         import torch
 
         from dermaflux.caption.tiny_llm import resolve_chat_model
+        from dermaflux.model.loading import torch_dtype
 
         self.device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         if cfg.vision:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -149,7 +153,7 @@ class LlmWriter(CaptionWriter):
             from dermaflux.caption.extract import decode_image
             from PIL import Image
 
-            images = [Image.fromarray(decode_image(r.image)) for r in requests]
+            images = [Image.fromarray(decode_image(r.image, self.max_pixels)) for r in requests]
             inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True, add_special_tokens=False)
         else:
             inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -6,7 +6,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
+
+# Pixels an image may have before it is decoded: the presets train at 512 px and full-size
+# dermoscopy is 1-30 MP, so 50 MP leaves room while one decode stays near 150 MB of RGB.
+DEFAULT_MAX_PIXELS = 50_000_000
+RESERVED_NAME = "internal"  # evaluate's name for the test rows of the sources that also have train rows
 
 
 class CurateConfig(ConfigModel):
@@ -24,12 +29,24 @@ class CurateConfig(ConfigModel):
         description="keep: published splits as they are (audited, leaks reported); resplit: ignore them "
         "and split every source grouped by lesion/patient/near-duplicate",
     )
+    test_overlap: Literal["drop", "keep"] = Field(
+        "drop",
+        description="a row of a test-only source (split=test: an external test set) that is a near-duplicate of, or "
+        "shares a lesion/patient id with, a row of a training source: drop it from the test set (so external scores "
+        "are honest and adding a test set never changes the training rows) or keep it (the leak is then audited as "
+        "one). Either way every such pair is listed in test_overlap.csv and counted in the manifest",
+    )
     phash_size: int = Field(
         16, ge=4, le=32,
         description="imagehash.phash hash_size (bits = size^2). 8 (64 bits) is too coarse for dermoscopy: on "
         "HAM10000 distinct lesions come within distance 2; at 16, distinct >= 40 and re-encodes/resizes <= 14",
     )
     phash_threshold: int = Field(24, ge=0, description="Hamming distance at or below which two images are duplicates")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1,
+        description="largest width x height decoded (checked from the header first); larger images are "
+        "quarantined, and caption workers refuse them too",
+    )
     rows_per_shard: int = Field(1000, ge=1, description="rows per Parquet shard (about; Ray Data may round)")
     batch_size: int = Field(64, ge=1, description="images per Ray Data batch in the per-image tasks")
     num_workers: int | None = Field(None, ge=1, description="concurrent per-image Ray tasks (None: as many as fit)")
@@ -43,6 +60,9 @@ class CurateConfig(ConfigModel):
         names = []
         for text in sources:
             names.append(SourceSpec.parse(text).name)
+        if RESERVED_NAME in names:
+            raise ValueError(f"source name {RESERVED_NAME!r} is reserved: evaluate calls the test rows of the training "
+                             "sources the internal test set; pick another with name=...")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"source name(s) {', '.join(repeated)} given twice; add name=... to tell them apart")
@@ -57,6 +77,3 @@ class CurateConfig(ConfigModel):
     @property
     def fractions(self) -> dict[str, float]:
         return {"train": 1.0 - self.val_fraction - self.test_fraction, "val": self.val_fraction, "test": self.test_fraction}
-
-
-CONFIG = CurateConfig

@@ -1,4 +1,5 @@
-"""The corpus manifest and the side files (quarantine.csv, duplicates.csv): counts a person checks."""
+"""The corpus manifest and the side files (quarantine.csv, duplicates.csv, test_overlap.csv): counts a
+person checks. (Later stages read a corpus' class counts with `schema.class_counts`.)"""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dermaflux.corpus import taxonomy
-from dermaflux.corpus.plan import CurationPlan
+from dermaflux.lesion import taxonomy
+from dermaflux.corpus.plan import BUCKETS, CurationPlan
+from dermaflux.corpus.schema import NO_DIAGNOSIS, SPLITS
 from dermaflux.corpus.sources.base import Reject
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: rows without a diagnosis, melanoma counts, test-only sources, test overlap
 QUARANTINE_FILE = "quarantine.csv"
 DUPLICATES_FILE = "duplicates.csv"
+OVERLAP_FILE = "test_overlap.csv"
 QUARANTINE_COLUMNS = ["source", "file", "row", "original_id", "reason"]
 DUPLICATE_COLUMNS = ["dropped_id", "kept_id", "distance", "dropped_source", "kept_source", "dropped_label",
                      "kept_label", "label_conflict", "cross_source", "dropped_file", "kept_file"]
+OVERLAP_COLUMNS = ["test_id", "test_source", "train_id", "train_source", "train_split", "kind", "distance", "key",
+                   "action", "test_file", "train_file"]
 REASON_KINDS = [
     ("unknown_label", re.compile(r"unknown label")),
     ("missing_image", re.compile(r"not found|is missing")),
@@ -44,15 +49,18 @@ def quarantine_rows(rejects: list[Reject]) -> list[dict]:
     return [r.to_dict() for r in sorted(rejects, key=lambda r: (r.source, r.file, r.row))]
 
 
+KEY_COLUMNS = ("source", "label", "split", "malignant", "melanoma")
+
+
 def shard_counts(shard_dir: Path) -> list[dict]:
-    """Rows per shard and per (split, label, source), read back from the written files."""
+    """Rows per shard and per (source, label, split, malignant, melanoma), read back from the written files."""
     shards = []
     for path in sorted(shard_dir.glob("*.parquet")):
-        table = pq.read_table(path, columns=["source", "label", "split", "malignant"])
+        table = pq.read_table(path, columns=list(KEY_COLUMNS))
         shards.append({
             "file": f"shards/{path.name}",
             "rows": table.num_rows,
-            "keys": Counter(zip(*(table.column(c).to_pylist() for c in ("source", "label", "split", "malignant")))),
+            "keys": Counter(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS))),
         })
     return shards
 
@@ -61,60 +69,124 @@ def _nested(counter: Counter, *positions: int) -> dict:
     out: dict = {}
     for key, n in sorted(counter.items(), key=lambda kv: str(kv[0])):
         node = out
-        parts = [str(key[p]) for p in positions]
+        parts = [NO_DIAGNOSIS if key[p] is None and p == 1 else str(key[p]) for p in positions]
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = node.get(parts[-1], 0) + n
     return out
 
 
-def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], config: dict, fingerprint: str) -> dict:
+def _count(keys: Counter, **match) -> int:
+    """Rows of shard keys (KEY_COLUMNS) matching every given position (`is` for None/True/False)."""
+    position = {name: k for k, name in enumerate(KEY_COLUMNS)}
+
+    def same(stored, wanted) -> bool:
+        # Keys hold plain None/True/False (see _plain): flags by identity, so None never equals False.
+        return stored is wanted if wanted is None or isinstance(wanted, bool) else stored == wanted
+
+    return sum(n for k, n in keys.items() if all(same(k[position[name]], value) for name, value in match.items()))
+
+
+def _flags(keys: Counter, column: str, words: tuple[str, str], **match) -> dict:
+    """{true word: n, false word: n, "unknown": n} of one flag column."""
+    return {words[0]: _count(keys, **{column: True}, **match), words[1]: _count(keys, **{column: False}, **match),
+            "unknown": _count(keys, **{column: None}, **match)}
+
+
+def _shard_keys(plan: CurationPlan, shards: list[dict]) -> Counter:
+    """Counts per KEY_COLUMNS as written, checked against the plan."""
     keys: Counter = Counter()
     for shard in shards:
         keys.update(shard["keys"])
     written = sum(s["rows"] for s in shards)
-    summary = plan.summary
-    if written != summary["kept"]:
-        raise AssertionError(f"shards hold {written} rows but the plan kept {summary['kept']}")
-    planned = Counter(zip(plan.kept["source"], plan.kept["label"], plan.kept["split"], plan.kept["malignant"])) \
+    if written != plan.summary["kept"]:
+        raise AssertionError(f"shards hold {written} rows but the plan kept {plan.summary['kept']}")
+    planned = Counter(zip(*([_plain(v) for v in plan.kept[c].tolist()] for c in KEY_COLUMNS))) \
         if len(plan.kept) else Counter()
     if planned != keys:
-        raise AssertionError("shard counts per (source, label, split) differ from the plan")
-    published = Counter()
+        raise AssertionError(f"shard counts per {KEY_COLUMNS} differ from the plan")
+    return keys
+
+
+def _plain(value):
+    """A pandas cell as the Parquet reader gives it back: None for a missing value (pandas' string dtype
+    holds it as NaN), bool for numpy bools."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return bool(value) if type(value).__name__ == "bool_" else value
+
+
+def _per_source(plan: CurationPlan, keys: Counter) -> dict:
+    return {
+        name: {**entry,
+               "test_only": name in plan.test_only,
+               "split": plan.fixed_splits.get(name),  # split=... of the spec: every row there
+               "by_split": {split: _count(keys, source=name, split=split) for split in SPLITS},
+               "by_label": {label: _count(keys, source=name, label=label)
+                            for label in sorted({k[1] for k in keys if k[0] == name and k[1] is not None})},
+               NO_DIAGNOSIS: _count(keys, source=name, label=None),
+               "placeholder_ids": plan.placeholder_ids.get(name, {"ids": 0, "values": []})}
+        for name, entry in plan.summary["per_source"].items()
+    }
+
+
+def _no_diagnosis(keys: Counter) -> dict:
+    """Rows without a diagnosis (test rows only): left out of multiclass scoring, kept for the binary tasks."""
+    sources = sorted({k[0] for k in keys if k[1] is None})
+    return {"rows": _count(keys, label=None),
+            "by_split": {split: _count(keys, label=None, split=split) for split in SPLITS},
+            "by_source": {source: _count(keys, label=None, source=source) for source in sources},
+            "melanoma": _flags(keys, "melanoma", ("melanoma", "not_melanoma"), label=None),
+            "malignant": _flags(keys, "malignant", ("malignant", "benign"), label=None)}
+
+
+def _overlap_summary(plan: CurationPlan, policy: str) -> dict:
+    pairs = plan.test_overlap
+    rows = {(o["test_source"], o["test_id"]): o["action"] for o in pairs}
+    return {
+        "policy": policy,
+        "pairs": len(pairs),
+        "test_rows": len(rows),
+        "dropped": sum(action == "dropped" for action in rows.values()),
+        "by_kind": dict(Counter(o["kind"] for o in pairs)),
+        "by_source": dict(Counter(source for source, _ in rows)),
+        "test_only_sources": plan.test_only,
+        "file": OVERLAP_FILE,
+    }
+
+
+def _published(plan: CurationPlan) -> dict:
+    """Rows each source published per split, and how many were kept there (the rest are duplicates
+    or quarantined, listed in their files)."""
+    kept = Counter()
     if len(plan.kept):
         official = plan.kept[plan.kept["split_origin"] == "official"]
-        published = Counter(zip(official["source"], official["split"]))
-    dups = plan.duplicates
+        kept = Counter(zip(official["source"], official["split"]))
+    return {source: {split: {"published": n, "kept": kept[source, split]} for split, n in published.items()}
+            for source, published in plan.published_splits.items()}
+
+
+def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], config: dict, fingerprint: str) -> dict:
+    keys = _shard_keys(plan, shards)
+    summary, dups = plan.summary, plan.duplicates
+    totals = {k: summary[k] for k in BUCKETS}
     return {
         "version": MANIFEST_VERSION,
         "fingerprint": fingerprint,
         "sources": sources,
-        "reconciliation": {**{k: summary[k] for k in ("input_rows", "kept", "duplicates", "quarantined")},
-                           "shard_rows": written,
-                           "balanced": summary["input_rows"] == summary["kept"] + summary["duplicates"] + summary["quarantined"]},
-        "per_source": {
-            name: {**entry,
-                   "by_split": {split: sum(n for k, n in keys.items() if k[0] == name and k[2] == split)
-                                for split in ("train", "val", "test")},
-                   "by_label": {label: sum(n for k, n in keys.items() if k[0] == name and k[1] == label)
-                                for label in sorted({k[1] for k in keys if k[0] == name})}}
-            for name, entry in summary["per_source"].items()
-        },
-        "by_split": {split: sum(n for k, n in keys.items() if k[2] == split) for split in ("train", "val", "test")},
-        "by_label": {label: sum(n for k, n in keys.items() if k[1] == label) for label in taxonomy.CODES
-                     if any(k[1] == label for k in keys)},
-        "by_malignancy": {"malignant": sum(n for k, n in keys.items() if k[3]),
-                          "benign": sum(n for k, n in keys.items() if not k[3])},
+        "reconciliation": {**totals, "shard_rows": sum(s["rows"] for s in shards),
+                           "balanced": totals["input_rows"] == sum(totals[k] for k in BUCKETS[1:])},
+        "per_source": _per_source(plan, keys),
+        "by_split": {split: _count(keys, split=split) for split in SPLITS},
+        "by_label": {label: _count(keys, label=label) for label in taxonomy.CODES if any(k[1] == label for k in keys)},
+        NO_DIAGNOSIS: _no_diagnosis(keys),
+        "by_malignancy": _flags(keys, "malignant", ("malignant", "benign")),
+        "by_melanoma": _flags(keys, "melanoma", ("melanoma", "not_melanoma")),
         "by_split_label": _nested(keys, 2, 1),
-        "by_split_malignancy": {split: {"malignant": sum(n for k, n in keys.items() if k[2] == split and k[3]),
-                                        "benign": sum(n for k, n in keys.items() if k[2] == split and not k[3])}
-                                for split in ("train", "val", "test")},
-        # Published splits: rows the source published per split, and how many of them were kept
-        # there (the rest are duplicates or quarantined, listed in their files).
-        "published_splits": {
-            source: {split: {"published": n, "kept": published[source, split]} for split, n in splits.items()}
-            for source, splits in plan.published_splits.items()
-        },
+        "by_split_malignancy": {split: _flags(keys, "malignant", ("malignant", "benign"), split=split)
+                                for split in SPLITS},
+        "published_splits": _published(plan),
+        "test_overlap": _overlap_summary(plan, config.get("test_overlap", "drop")),
         "duplicates": {
             "near_pairs_within_threshold": plan.near_pairs,
             "dropped": len(dups),

@@ -15,6 +15,7 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FilenameProvider
 
+from dermaflux.core.progress import bar
 from dermaflux.corpus.config import CurateConfig
 from dermaflux.corpus.images import clean_scan, read_image_bytes, scan_image
 from dermaflux.corpus.schema import CORPUS_SCHEMA
@@ -22,10 +23,10 @@ from dermaflux.corpus.schema import CORPUS_SCHEMA
 SCAN_COLUMNS = ["row", "error", "format", "width", "height", "phash", "sha256"]
 
 
-def _scan_batch(batch: pd.DataFrame, hash_size: int) -> pd.DataFrame:
+def _scan_batch(batch: pd.DataFrame, hash_size: int, max_pixels: int) -> pd.DataFrame:
     out = []
     for row, locator in zip(batch["row"], batch["image_path"]):
-        result = scan_image(locator, hash_size)
+        result = scan_image(locator, hash_size, max_pixels)
         out.append({"row": int(row), **{k: result.get(k) for k in SCAN_COLUMNS[1:]}})
     return pd.DataFrame(out, columns=SCAN_COLUMNS)
 
@@ -49,8 +50,13 @@ def scan(locators: list[str], cfg: CurateConfig) -> list[dict]:
     # One block per batch, so the per-image tasks spread over every worker from the start.
     ds = _dataset(items, cfg.batch_size)
     ds = ds.map_batches(_scan_batch, batch_size=cfg.batch_size, batch_format="pandas",
-                        fn_kwargs={"hash_size": cfg.phash_size}, **_task_options(cfg))
-    results = ds.to_pandas().sort_values("row")
+                        fn_kwargs={"hash_size": cfg.phash_size, "max_pixels": cfg.max_pixels}, **_task_options(cfg))
+    parts = []
+    with bar("curate", "curate: scan", len(locators), "images", ray_data=True) as shown:
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            parts.append(batch)
+            shown.update(len(batch))
+    results = pd.concat(parts, ignore_index=True).sort_values("row")
     if len(results) != len(locators):
         raise RuntimeError(f"scan returned {len(results)} rows for {len(locators)} images")
     return [clean_scan(r) for r in results.drop(columns="row").to_dict("records")]
@@ -61,7 +67,7 @@ def _attach_images(batch: pd.DataFrame) -> pa.Table:
     for locator, sha in zip(batch["image_path"], batch["sha256"]):
         data, _ = read_image_bytes(locator)
         if hashlib.sha256(data).hexdigest() != sha:
-            raise RuntimeError(f"{locator} changed between the scan and the write; re-run with --force")
+            raise RuntimeError(f"{locator} changed between the scan and the write; re-run to scan it again")
         images.append(data)
     frame = batch.drop(columns=["image_path", "sha256"]).assign(image=images)
     return pa.Table.from_pandas(frame[CORPUS_SCHEMA.names], schema=CORPUS_SCHEMA, preserve_index=False)

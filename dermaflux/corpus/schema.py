@@ -1,13 +1,25 @@
 """The curated corpus on disk: the one definition every later stage reads.
 
 `<corpus>/shards/part-*.parquet` rows (one per kept image) and `<corpus>/manifest.json`.
+
+Rows without a diagnosis (`label` null: a source with only a binary melanoma or malignant column)
+are test rows only; `malignant` and `melanoma` are null where the source does not tell. Corpora
+written before the `melanoma` column existed lack it: readers derive it from `label`
+(`with_melanoma`).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SPLITS = ("train", "val", "test")
+MANIFEST_FILE = "manifest.json"
+SHARD_DIR = "shards"
+NO_DIAGNOSIS = "no_diagnosis"  # the label key of rows without a diagnosis in the manifest's nested counts
 
 CORPUS_SCHEMA = pa.schema(
     [
@@ -18,9 +30,10 @@ CORPUS_SCHEMA = pa.schema(
         pa.field("image_format", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
-        pa.field("label", pa.string(), nullable=False),  # taxonomy code: mel, nv, bcc, akiec, bkl, df, vasc, scc
+        pa.field("label", pa.string()),  # taxonomy code: mel, nv, bcc, akiec, bkl, df, vasc, scc; null: no diagnosis
         pa.field("source_label", pa.string()),  # the label as the source wrote it
-        pa.field("malignant", pa.bool_(), nullable=False),
+        pa.field("malignant", pa.bool_()),  # null: unknown (a melanoma-vs-rest column's negatives)
+        pa.field("melanoma", pa.bool_()),  # label == mel where a diagnosis is known; else the source's flag
         pa.field("lesion_id", pa.string()),  # grouping keys for leakage-free splits
         pa.field("patient_id", pa.string()),
         pa.field("split", pa.string(), nullable=False),  # train | val | test
@@ -35,3 +48,39 @@ CORPUS_SCHEMA = pa.schema(
         pa.field("metadata_json", pa.string()),  # every other source field, verbatim
     ]
 )
+
+
+def with_melanoma(table: pa.Table) -> pa.Table:
+    """`table` with a `melanoma` column: as stored where the corpus has one, else derived from
+    `label` (older corpora), placed after `malignant` as in CORPUS_SCHEMA."""
+    derived = pc.equal(table.column("label"), "mel")  # null label -> null
+    if "melanoma" in table.column_names:
+        return table.set_column(table.column_names.index("melanoma"), "melanoma",
+                                pc.coalesce(table.column("melanoma"), derived))
+    where = table.column_names.index("malignant") + 1 if "malignant" in table.column_names else table.num_columns
+    return table.add_column(where, pa.field("melanoma", pa.bool_()), derived)
+
+
+def class_counts(corpus_dir: str | Path, split: str = "train") -> dict[str, int]:
+    """Images per diagnosis in one split of a corpus: from its manifest (`by_split_label`, checked
+    against the shards when curate wrote it), else counted from the shards. Rows without a diagnosis
+    are not a class."""
+    corpus_dir = Path(corpus_dir)
+    manifest = corpus_dir / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            by_split = json.loads(manifest.read_text())["by_split_label"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{manifest}: not a corpus manifest (no by_split_label: {err})") from None
+        return {label: int(n) for label, n in sorted(by_split.get(split, {}).items()) if label != NO_DIAGNOSIS and n}
+    shards = corpus_dir / SHARD_DIR
+    if not shards.is_dir() or not any(shards.glob("*.parquet")):
+        raise FileNotFoundError(f"{corpus_dir}: not a corpus folder (no {MANIFEST_FILE}, no {SHARD_DIR}/*.parquet)")
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(shards), format="parquet").to_table(columns=["label", "split"])
+    counts: dict[str, int] = {}
+    for label, row_split in zip(table["label"].to_pylist(), table["split"].to_pylist()):
+        if row_split == split and label is not None:
+            counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items()))

@@ -73,6 +73,8 @@ def assign_splits(
     origin: list[str] = [""] * n
     free_groups = []
     for group, rows in members.items():
+        if not any(active[r] for r in rows):
+            continue  # nothing to place (a test row dropped as overlap); not drawn, so the others' draw is unchanged
         pinned = {official[r] for r in rows if official[r] and active[r]}
         if not pinned:
             free_groups.append(group)

@@ -37,13 +37,16 @@ class TrainSettings:
     balancing: str  # none | sampler | loss
     pretrained: bool
     threads: int = 1
+    steps: int = 0  # optimiser steps; 0: `epochs` epochs with early stopping
+    validations: int = 4  # steps mode: evenly spaced val checks
 
     @classmethod
     def from_config(cls, cfg, model: str) -> "TrainSettings":
         return cls(
             model=model, epochs=cfg.epochs, patience=cfg.patience, image_size=cfg.image_size,
             batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, balancing=cfg.balancing,
-            pretrained=cfg.pretrained, threads=max(1, int(cfg.cpus_per_cell)),
+            pretrained=cfg.pretrained, threads=max(1, int(cfg.cpus_per_cell)), steps=cfg.steps,
+            validations=cfg.validations,
         )
 
 
@@ -160,6 +163,50 @@ def _class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights
 
 
+def _loader(dataset: Dataset, train_y: np.ndarray, class_w: np.ndarray, settings: TrainSettings,
+            generator: torch.Generator) -> DataLoader:
+    drop_last = len(train_y) > settings.batch_size
+    if settings.balancing == "sampler":
+        sampler = WeightedRandomSampler(class_w[train_y], num_samples=len(train_y), replacement=True,
+                                        generator=generator)
+        return DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator, drop_last=drop_last)
+
+
+def _endless(loader: DataLoader):
+    """Batches across passes (each pass reshuffled): a step budget does not care where epochs end."""
+    while True:
+        yield from loader
+
+
+def validation_steps(steps: int, validations: int) -> list[int]:
+    """The optimiser steps after which a steps-mode run is validated: evenly spaced, the last one at `steps`."""
+    checks = min(validations, steps)
+    return sorted({max(1, round(steps * (i + 1) / checks)) for i in range(checks)})
+
+
+@dataclass
+class _Selection:
+    """The best validated state so far (by val AUROC, the primary metric; balanced accuracy breaks ties)."""
+
+    score: float = -float("inf")
+    state: dict | None = None
+    at: int = -1
+
+    def offer(self, model: torch.nn.Module, val: dict, at: int) -> bool:
+        auroc = val["macro_auroc"]
+        score = (0.0 if np.isnan(auroc) else auroc) + 1e-3 * val["balanced_accuracy"]
+        if score > self.score:
+            self.score, self.state, self.at = score, copy.deepcopy(model.state_dict()), at
+            return True
+        return False
+
+
+def _validate(model, train_x, val_x, val_y, classes, settings: TrainSettings, seed: int) -> dict:
+    recalibrate_batchnorm(model, train_x, settings.image_size, seed=seed)
+    return classification_metrics(val_y, predict_proba(model, val_x, settings.image_size), classes)
+
+
 def train_classifier(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -169,53 +216,74 @@ def train_classifier(
     settings: TrainSettings,
     seed: int,
 ) -> tuple[torch.nn.Module, dict]:
-    """Train with AdamW + cosine decay; keep the epoch with the best val balanced accuracy (early stopping)."""
+    """Train with AdamW + cosine decay for `settings.steps` optimiser steps (or `settings.epochs`
+    epochs with early stopping when steps is 0); keep the validated state with the best val AUROC."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(settings.threads)
-    num_classes = len(classes)
-    model, used_pretrained = create_classifier(settings.model, num_classes, settings.image_size, settings.pretrained)
+    model, used_pretrained = create_classifier(settings.model, len(classes), settings.image_size, settings.pretrained)
+    class_w = _class_weights(train_y, len(classes))
     dataset = ImageArrayDataset(train_x, train_y, train_transform(settings.image_size))
-    generator = torch.Generator().manual_seed(seed)
-    class_w = _class_weights(train_y, num_classes)
-    if settings.balancing == "sampler":
-        sampler = WeightedRandomSampler(class_w[train_y], num_samples=len(train_y), replacement=True, generator=generator)
-        loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, drop_last=len(train_y) > settings.batch_size)
-    else:
-        loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator,
-                            drop_last=len(train_y) > settings.batch_size)
+    loader = _loader(dataset, train_y, class_w, settings, torch.Generator().manual_seed(seed))
     loss_weight = torch.tensor(class_w, dtype=torch.float32) if settings.balancing == "loss" else None
+    total_steps = settings.steps or settings.epochs * len(loader)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, settings.epochs * len(loader)))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
-    best_score, best_state, best_epoch, stale = -1.0, None, -1, 0
-    history = []
+    def step(x, y) -> float:
+        loss = F.cross_entropy(model(x), y, weight=loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.item()
+
+    def validate(at: int, train_loss: float) -> tuple[dict, bool]:
+        val = _validate(model, train_x, val_x, val_y, classes, settings, seed)
+        record = {"step": at, "train_loss": train_loss, "val_balanced_accuracy": val["balanced_accuracy"],
+                  "val_macro_auroc": val["macro_auroc"]}
+        log.debug("step %d train loss %.4f val auroc %.4f", at, train_loss, val["macro_auroc"])
+        improved = selection.offer(model, val, at)
+        model.train()  # validation switched it to eval mode
+        return record, improved
+
+    selection = _Selection()
+    model.train()
     start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        model.train()
-        total, seen = 0.0, 0
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y, weight=loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(y)
-            seen += len(y)
-        recalibrate_batchnorm(model, train_x, settings.image_size, seed=seed)
-        val = classification_metrics(val_y, predict_proba(model, val_x, settings.image_size), classes)
-        history.append({"epoch": epoch, "train_loss": total / max(1, seen), "val_balanced_accuracy": val["balanced_accuracy"],
-                        "val_macro_auroc": val["macro_auroc"]})
-        log.debug("epoch %d train loss %.4f val bacc %.4f", epoch, total / max(1, seen), val["balanced_accuracy"])
-        score = val["balanced_accuracy"] + 1e-3 * (0.0 if np.isnan(val["macro_auroc"]) else val["macro_auroc"])
-        if score > best_score:
-            best_score, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                break
-    model.load_state_dict(best_state)
+    run = _run_steps if settings.steps else _run_epochs
+    history, steps_done = run(loader, settings, step, validate)
+    model.load_state_dict(selection.state)
     return model, {
-        "best_epoch": best_epoch, "epochs_run": len(history), "history": history,
+        "optimizer_steps": steps_done, "best_step": selection.at, "validations": len(history), "history": history,
         "pretrained": used_pretrained, "train_seconds": time.perf_counter() - start,
+        "mode": "steps" if settings.steps else "epochs", "train_images": int(len(train_y)),
     }
+
+
+def _run_steps(loader: DataLoader, settings: TrainSettings, step, validate) -> tuple[list[dict], int]:
+    """Exactly `settings.steps` optimiser steps, validated at `validation_steps`."""
+    checks = set(validation_steps(settings.steps, settings.validations))
+    batches = _endless(loader)
+    history, losses = [], []
+    for at in range(1, settings.steps + 1):
+        x, y = next(batches)
+        losses.append(step(x, y))
+        if at in checks:
+            record, _ = validate(at, float(np.mean(losses)))
+            history.append(record)
+            losses = []
+    return history, settings.steps
+
+
+def _run_epochs(loader: DataLoader, settings: TrainSettings, step, validate) -> tuple[list[dict], int]:
+    """Up to `settings.epochs` passes, validated after each; stops after `patience` passes without a gain."""
+    history, stale, steps_done = [], 0, 0
+    for epoch in range(settings.epochs):
+        losses = [step(x, y) for x, y in loader]
+        steps_done += len(losses)
+        record, improved = validate(steps_done, float(np.mean(losses)) if losses else float("nan"))
+        history.append({**record, "epoch": epoch})
+        stale = 0 if improved else stale + 1
+        if stale >= settings.patience:
+            break
+    return history, steps_done

@@ -1,7 +1,7 @@
 """The `evaluate` section: which classifiers to train on which mixes of real and synthetic images.
 
 Defaults are the tiny preset (a reduced grid that finishes in minutes on a 2-core CPU);
-flux-dev.yaml sets the reference protocol (sizes 2,500-10,000, ratios 1:0-1:4, five seeds,
+flux-dev.yaml sets the reference protocol (sizes 2,500-10,000, ratios 1:0-1:4, ten seeds,
 ResNeXt and ViT at 224 px).
 """
 
@@ -11,9 +11,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
 
-Task = Literal["binary", "multiclass"]
+# binary: malignant vs benign; melanoma: melanoma vs every other diagnosis; multiclass: the diagnosis code.
+Task = Literal["binary", "melanoma", "multiclass"]
+Adjustment = Literal["holm", "benjamini-hochberg"]
 
 
 class EvaluateConfig(ConfigModel):
@@ -33,12 +35,28 @@ class EvaluateConfig(ConfigModel):
     )
     seeds: int = Field(2, ge=1, description="seeds per cell (subsample, init, order)")
     models: list[str] = Field(["resnet18"], description="timm model names, e.g. resnext50_32x4d, vit_small_patch16_224")
-    tasks: list[Task] = Field(["binary"], description="binary: benign/malignant; multiclass: the diagnosis code")
+    tasks: list[Task] = Field(
+        ["binary"], description="binary: malignant vs benign; melanoma: melanoma vs rest; multiclass: the diagnosis"
+    )
+    primary_task: Task | None = Field(
+        None, description="the task the verdict lines are about (None: the first of tasks); named in the report"
+    )
     synthetic_only: bool = Field(False, description="also train on synthetic images alone (as many as the real set)")
+    controls: bool = Field(
+        False, description="add the positive control (held-back real train images passed as synthetic) and the "
+        "negative control (the same images, labels shuffled) at every non-zero ratio"
+    )
 
-    # Training of one cell.
-    epochs: int = Field(3, ge=1)
-    patience: int = Field(2, ge=1, description="early stopping: epochs without val improvement")
+    # Training of one cell. A fixed number of optimiser steps keeps compute equal across cells: with a
+    # fixed number of epochs, 1:x synthetic buys (1+x) times the steps and confounds data with compute.
+    steps: int = Field(
+        200, ge=0, description="optimiser steps per cell, the same for every cell; 0: train `epochs` epochs instead"
+    )
+    validations: int = Field(
+        4, ge=1, description="steps mode: val checks, evenly spaced; the best by val AUROC is kept"
+    )
+    epochs: int = Field(3, ge=1, description="epochs per cell when steps is 0")
+    patience: int = Field(2, ge=1, description="epochs mode: early stopping after this many epochs without val gain")
     image_size: int = Field(32, ge=16, description="classifier input side in pixels")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -51,7 +69,13 @@ class EvaluateConfig(ConfigModel):
     pretrained: bool = Field(
         True, description="use timm pretrained weights when they are already in the local cache; never downloads"
     )
-    max_test_images: int | None = Field(None, description="cap on real test images (None: all)")
+    max_test_images: int | None = Field(None, description="cap on the images of each test set (None: all)")
+
+    # Paired statistics (recomputed from the saved predictions at every report).
+    bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples (test images and seeds)")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="two-sided level of the CIs and tests")
+    power: float = Field(0.8, gt=0, lt=1, description="power of the resolvable difference")
+    adjustment: Adjustment = Field("holm", description="multiple-comparison control across the grid")
 
     report_only: bool = Field(
         False, description="train nothing: write the report from the cells already finished in `out`"
@@ -76,6 +100,12 @@ class EvaluateConfig(ConfigModel):
         0.985, gt=0, le=1, description="...32 px grey pixels correlating at least this much with one"
     )
     grid_images_per_class: int = Field(6, ge=1, description="images per class in the report's real/synthetic grids")
+    adherence: bool = Field(
+        True, description="requested vs measured attributes of the synthetic images (in the assessment: needs quality)"
+    )
+    adherence_max_images: int = Field(
+        500, ge=1, description="synthetic images measured for adherence (a seeded sample when the set is larger)"
+    )
 
     @field_validator("fractions")
     @classmethod
@@ -98,8 +128,11 @@ class EvaluateConfig(ConfigModel):
         if not self.models:
             raise ValueError("models: give at least one timm model name")
         if not self.tasks:
-            raise ValueError("tasks: give binary and/or multiclass")
+            raise ValueError("tasks: give binary, melanoma and/or multiclass")
+        if self.primary_task is not None and self.primary_task not in self.tasks:
+            raise ValueError(f"primary_task {self.primary_task!r} is not one of tasks {self.tasks}")
         return self
 
-
-CONFIG = EvaluateConfig
+    @property
+    def main_task(self) -> str:
+        return self.primary_task or self.tasks[0]

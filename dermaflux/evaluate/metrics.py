@@ -4,6 +4,10 @@ Conventions follow scikit-learn so numbers compare with published work: macro-F1
 the labels present in y_true or y_pred; balanced accuracy is the mean recall over labels present
 in y_true; AUROC is the Mann-Whitney statistic with ties counted half, macro one-vs-rest over
 classes that have both positives and negatives in y_true.
+
+Two-class tasks also get a decision threshold chosen on the validation split (Youden's J), at
+which the test sets' balanced accuracy, sensitivity and specificity are taken (`score_test_set`);
+the argmax figures stay beside them. The paired statistics between cells live in stats.py/paired.py.
 """
 
 from __future__ import annotations
@@ -12,9 +16,6 @@ import math
 from collections import defaultdict
 
 import numpy as np
-
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
-
 
 def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
     positive = positive.astype(bool)
@@ -68,44 +69,112 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def choose_threshold(val_y: np.ndarray, val_score: np.ndarray) -> float:
+    """The decision threshold on P(positive) that maximises Youden's J (sensitivity + specificity - 1,
+    i.e. balanced accuracy) on the validation split; 0.5 when val lacks a class. Predict positive
+    when score >= threshold; a tie in J goes to the threshold nearest 0.5."""
+    val_y = np.asarray(val_y).astype(bool)
+    if val_y.all() or not val_y.any():
+        return 0.5
+    candidates = np.unique(np.asarray(val_score, dtype=np.float64))
+    predicted = val_score[None, :] >= candidates[:, None]  # (thresholds, images)
+    sensitivity = (predicted & val_y).sum(1) / val_y.sum()
+    specificity = (~predicted & ~val_y).sum(1) / (~val_y).sum()
+    youden = sensitivity + specificity - 1
+    best = np.flatnonzero(np.isclose(youden, youden.max()))
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def binary_metrics_at(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity, balanced accuracy, accuracy and F1 when predicting score >= threshold."""
+    y_true = np.asarray(y_true).astype(bool)
+    predicted = np.asarray(score) >= threshold
+    tp, tn = int((predicted & y_true).sum()), int((~predicted & ~y_true).sum())
+    fp, fn = int((predicted & ~y_true).sum()), int((~predicted & y_true).sum())
+    sensitivity = tp / (tp + fn) if tp + fn else float("nan")
+    specificity = tn / (tn + fp) if tn + fp else float("nan")
+    present = [v for v in (sensitivity, specificity) if not math.isnan(v)]
+    return {
+        "sensitivity": sensitivity, "specificity": specificity,
+        "balanced_accuracy": float(np.mean(present)) if present else float("nan"),
+        "accuracy": (tp + tn) / max(1, len(y_true)),
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+    }
+
+
+def score_test_set(y_true: np.ndarray, probs: np.ndarray, classes, threshold: float | None) -> dict:
+    """The metrics of one test set. AUROC is the primary metric. Two classes: balanced accuracy,
+    sensitivity and specificity at `threshold` (chosen on val); more: at the argmax. The argmax
+    figures of `classification_metrics` are kept beside them under their old names."""
+    base = classification_metrics(y_true, probs, classes)
+    out = {**base, "auroc": base["macro_auroc"], "balanced_accuracy_argmax": base["balanced_accuracy"],
+           "threshold": threshold, "sensitivity": None, "specificity": None}
+    if len(classes) == 2 and threshold is not None:
+        at = binary_metrics_at(np.asarray(y_true) == 1, probs[:, 1], threshold)
+        out.update(balanced_accuracy=at["balanced_accuracy"], accuracy=at["accuracy"], sensitivity=at["sensitivity"],
+                   specificity=at["specificity"])
+        out["per_class_recall"] = {classes[0]: at["specificity"], classes[1]: at["sensitivity"]}
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
     vals = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
     if len(vals) == 0:
-        return float("nan"), float("nan")
-    # Sample std (ddof=1) over seeds; a single seed has no spread to report.
-    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        return float("nan"), None
+    # Sample std (ddof=1) over seeds; a single seed has no spread to estimate (None, never 0).
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else None
+
+
+SUMMARY_METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "macro_f1")
+
+
+def _group_key(cell: dict, test_set: str) -> tuple:
+    return (cell["task"], cell["model"], cell["real_size"], cell.get("arm", "synthetic"), cell["synthetic_only"],
+            cell["ratio"], test_set)
 
 
 def summarise(cells: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (task, model, real size, ratio, synthetic_only), plus the gain over real-only."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    """Mean and sample std over seeds per (task, model, real size, arm, ratio, test set), with the
+    actual training-set make-up (synthetic images really added, and their class mix)."""
+    groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
     for cell in cells:
-        key = (cell["task"], cell["model"], cell["real_size"], cell["ratio"], cell["synthetic_only"])
-        groups[key].append(cell)
+        for name, scored in cell["test_sets"].items():
+            groups[_group_key(cell, name)].append((cell, scored))
     rows = []
-    for key, members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][4], kv[0][3])):
-        task, model, real_size, ratio, synthetic_only = key
+    # Reading order: internal test set first; per size real-only, then the synthetic ratios, then the controls.
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[6] != "internal", k[6], k[2], k[4], k[3] != "synthetic",
+                                             k[3], k[5])):
+        members = groups[key]
+        task, model, real_size, arm, synthetic_only, ratio, test_set = key
+        cells_ = [c for c, _ in members]
         row = {
-            "task": task, "model": model, "real_size": real_size, "ratio": ratio,
-            "synthetic_only": synthetic_only, "seeds": len(members),
-            "train_real": members[0]["train_real"], "train_synthetic": members[0]["train_synthetic"],
-            "fraction": members[0].get("fraction"),
+            "task": task, "model": model, "real_size": real_size, "arm": arm, "synthetic_only": synthetic_only,
+            "ratio": ratio, "test_set": test_set, "seeds": len(members), "fraction": cells_[0].get("fraction"),
+            "test_images": members[0][1]["images"], "left_out": members[0][1]["left_out"],
+            "train_real": float(np.mean([c["train_real"] for c in cells_])),
+            "train_synthetic": float(np.mean([c["train_synthetic"] for c in cells_])),
+            "synthetic_wanted": float(np.mean([c.get("synthetic_wanted", c["train_synthetic"]) for c in cells_])),
+            "synthetic_shortfall": float(np.mean([c.get("synthetic_shortfall", 0) for c in cells_])),
+            "real_class_mix": _class_share(cells_, "train_real_label_counts"),
+            "synthetic_class_mix": _class_share(cells_, "train_synthetic_label_counts"),
+            "optimizer_steps": sorted({c["training"].get("optimizer_steps") for c in cells_}, key=str),
         }
-        for metric in METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([m["metrics"][metric] for m in members])
+        for metric in SUMMARY_METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([s["metrics"].get(metric) for _, s in members])
         recalls: dict[str, list[float]] = defaultdict(list)
-        for m in members:
-            for name, value in m["metrics"]["per_class_recall"].items():
+        for _, scored in members:
+            for name, value in scored["metrics"]["per_class_recall"].items():
                 recalls[name].append(value)
         row["per_class_recall_mean"] = {name: _mean_std(v)[0] for name, v in recalls.items()}
         rows.append(row)
-    baseline = {
-        (r["task"], r["model"], r["real_size"]): r for r in rows if r["ratio"] == 0 and not r["synthetic_only"]
-    }
-    for row in rows:
-        base = baseline.get((row["task"], row["model"], row["real_size"]))
-        for metric in METRICS:
-            row[f"{metric}_gain"] = (
-                row[f"{metric}_mean"] - base[f"{metric}_mean"] if base is not None else float("nan")
-            )
     return rows
+
+
+def _class_share(cells: list[dict], field: str) -> dict[str, float]:
+    """Share of each label among the images of `field` (label counts), pooled over the seeds."""
+    total: dict[str, int] = defaultdict(int)
+    for cell in cells:
+        for label, count in (cell.get(field) or {}).items():
+            total[label] += count
+    n = sum(total.values())
+    return {label: count / n for label, count in sorted(total.items())} if n else {}

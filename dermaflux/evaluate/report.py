@@ -1,21 +1,77 @@
-"""The report a person opens: report.html and report.md (same tables), plots and image thumbnails
-in `plots/` and `images/` beside them (relative paths, so the folder can be moved or zipped)."""
+"""The report a person opens: report.html and report.md, plots and image thumbnails in `plots/` and
+`images/` beside them (relative paths, so the folder can be moved or zipped).
+
+Both files are rendered from one `ReportData` by the Jinja2 templates in `templates/`, so they
+hold the same sections, tables and images."""
 
 from __future__ import annotations
 
-import html
+import functools
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import numpy as np
 from PIL import Image
 
-from dermaflux.artifacts import atomic_path, atomic_write_text
-from dermaflux.evaluate.data import LABEL_ORDER, ImageTable, read_image_bytes
+from dermaflux.core.artifacts import atomic_path, atomic_write_text
+from dermaflux.evaluate.adherence import ATTRIBUTES as ADHERENCE_ATTRIBUTES
+from dermaflux.evaluate.data import LABEL_ORDER, TASK_NAMES, ImageTable, read_image_bytes
+from dermaflux.lesion import taxonomy
 
 THUMB = 112
 MAX_NEAR_COPIES_SHOWN = 48
+
+
+@dataclass
+class Table:
+    id: str  # the HTML table id (the render test finds tables by it)
+    head: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    src: str  # relative to the report folder
+    alt: str
+    caption: str
+
+
+@dataclass
+class Gallery:
+    title: str
+    figures: list[Figure]
+
+
+@dataclass
+class QualitySection:
+    feature_network: str
+    table: Table
+    near_copy_rule: str
+    near_copies: Table | None  # None: nothing was flagged
+    near_copy_figures: list[Figure]
+
+
+@dataclass
+class ReportData:
+    """Everything report.html and report.md show, built once from results.json and the thumbnails.
+    The order is the reading order: facts, verdicts, controls, adherence, then the tables."""
+
+    facts: list[str]
+    verdicts: list[str]
+    controls: list[str]
+    adherence_lines: list[str]
+    notes: list[str]
+    comparisons: Table | None
+    control_comparisons: Table | None
+    summary: Table
+    plots: list[Figure]
+    recall: Table
+    adherence: Table | None
+    quality: QualitySection | None
+    galleries: list[Gallery]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -27,41 +83,118 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _pm(row: dict, metric: str) -> str:
-    return f"{_fmt(row[f'{metric}_mean'])} ± {_fmt(row[f'{metric}_std'])}"
+    """mean ± sample sd over seeds; one seed has no spread to estimate (never "± 0.000")."""
+    mean, sd = row[f"{metric}_mean"], row[f"{metric}_std"]
+    if sd is None:
+        return f"{_fmt(mean)} (no spread estimate)" if row["seeds"] == 1 else _fmt(mean)
+    return f"{_fmt(mean)} ± {_fmt(sd)}"
 
 
-def _signed(value: float) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:+.3f}"
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:+.{digits}f}"
 
 
-def summary_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["task", "model", "real images", "synthetic 1:x", "train real+syn", "seeds", "accuracy",
-            "balanced acc.", "macro-F1", "macro AUROC", "Δ bal. acc. vs real-only", "Δ AUROC vs real-only"]
+def _ci(metric: dict) -> str:
+    low, high = metric["ci"]
+    return f"{_signed(metric['delta'])} [{_signed(low)}, {_signed(high)}]"
+
+
+def _p(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def arm_label(arm: str, ratio: float, synthetic_only: bool = False) -> str:
+    if synthetic_only:
+        return "synthetic only"
+    if ratio == 0:
+        return "real only"
+    return {"synthetic": "+ synthetic", "real-extra": "+ real-extra (positive control)",
+            "shuffled": "+ shuffled (negative control)"}[arm] + f" 1:{ratio:g}"
+
+
+def added_images(wanted: float, got: float, real: float) -> str:
+    """What was really added: count, actual ratio, and the shortfall (never just the ratio asked for)."""
+    if not wanted and not got:
+        return "0"
+    text = f"{got:.0f} (1:{got / max(real, 1):.3g})"
+    return text + (f", short by {wanted - got:.0f}" if wanted - got >= 0.5 else "")
+
+
+def _share(mix: dict[str, float], task: str) -> str:
+    if not mix:
+        return "–"
+    positive = {"mel"} if task == "melanoma" else taxonomy.MALIGNANT_CODES
+    return f"{100 * sum(v for k, v in mix.items() if k in positive):.1f}%"
+
+
+def _test_set(row: dict) -> str:
+    left_out = f"; {row['left_out']} without a target left out" if row.get("left_out") else ""
+    return f"{row['test_set']} ({row['test_images']} images{left_out})"
+
+
+def _added(row: dict) -> str:
+    return added_images(row["synthetic_wanted"], row["train_synthetic"], row["train_real"])
+
+
+def summary_table(summary: list[dict]) -> Table:
+    head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)",
+            "positive share real / added", "steps", "seeds", "AUROC", "balanced acc.", "sensitivity", "specificity"]
     rows = []
     for r in summary:
-        ratio = "synthetic only" if r["synthetic_only"] else f"{r['ratio']:g}"
         rows.append([
-            r["task"], r["model"], str(r["real_size"]), ratio, f"{r['train_real']}+{r['train_synthetic']}",
-            str(r["seeds"]), _pm(r, "accuracy"), _pm(r, "balanced_accuracy"), _pm(r, "macro_f1"),
-            _pm(r, "macro_auroc"), _signed(r["balanced_accuracy_gain"]), _signed(r["macro_auroc_gain"]),
+            r["task"], r["model"], _test_set(r), f"{r['train_real']:.0f}",
+            arm_label(r["arm"], r["ratio"], r["synthetic_only"]),
+            _added(r),
+            f"{_share(r['real_class_mix'], r['task'])} / {_share(r['synthetic_class_mix'], r['task'])}",
+            ", ".join(str(s) for s in r["optimizer_steps"]), str(r["seeds"]), _pm(r, "auroc"),
+            _pm(r, "balanced_accuracy"), _pm(r, "sensitivity"), _pm(r, "specificity"),
         ])
-    return head, rows
+    return Table("summary", head, rows)
 
 
-def recall_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+def comparisons_table(comparisons: list[dict], table_id: str) -> Table:
+    head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)", "seeds",
+            "ΔAUROC [95% CI]", "p (adj.)", "Δ bal. acc. [95% CI]", "p (adj.)", "resolvable ΔAUROC"]
+    rows = [[c["task"], c["model"], f"{c['test_set']} ({c['test_images']})", str(c["real_size"]),
+             arm_label(c["arm"], c["ratio"]), _added(c),
+             str(len(c["seeds"])), _ci(c["auroc"]), _p(c["auroc"]["p_adjusted"]), _ci(c["balanced_accuracy"]),
+             _p(c["balanced_accuracy"]["p_adjusted"]), f"±{_fmt(c['auroc']['resolvable'])}"] for c in comparisons]
+    return Table(table_id, head, rows)
+
+
+def recall_table(summary: list[dict]) -> Table:
     names = []
     for r in summary:
         names += [n for n in r["per_class_recall_mean"] if n not in names]
-    head = ["task", "model", "real images", "synthetic 1:x"] + [f"recall {n}" for n in names]
+    head = ["task", "model", "test set", "real images", "added"] + [f"recall {n}" for n in names]
     rows = []
     for r in summary:
-        ratio = "synthetic only" if r["synthetic_only"] else f"{r['ratio']:g}"
-        rows.append([r["task"], r["model"], str(r["real_size"]), ratio]
+        rows.append([r["task"], r["model"], r["test_set"], f"{r['train_real']:.0f}",
+                     arm_label(r["arm"], r["ratio"], r["synthetic_only"])]
                     + [_fmt(r["per_class_recall_mean"].get(n)) for n in names])
-    return head, rows
+    return Table("recall", head, rows)
 
 
-def quality_table(assessment: dict) -> tuple[list[str], list[list[str]]]:
+def adherence_table(adherence: dict) -> Table:
+    head = ["attribute", "measured by", "images", "agreement", "chance agreement", "Cohen's kappa [95% CI]",
+            "not measurable"]
+    rows = []
+    for name in ADHERENCE_ATTRIBUTES:
+        a = adherence["attributes"][name]
+        if not a["n"] and not a["not_measured"]:
+            rows.append([name.replace("_", " "), a["measured_by"], "0 (not requested by this set)", "–", "–", "–",
+                         "0"])
+            continue
+        ci = a.get("kappa_ci") or [None, None]
+        kappa = f"{_signed(a['kappa'], 2)} [{_signed(ci[0], 2)}, {_signed(ci[1], 2)}]" if a["n"] else "–"
+        unit = f" ({a['n']} image x colour pairs)" if name == "colours" and a["n"] else ""
+        rows.append([name.replace("_", " "), a["measured_by"], f"{a['images']}{unit}", _fmt(a["agreement"]),
+                     _fmt(a["chance"]), kappa, str(a["not_measured"])])
+    return Table("adherence", head, rows)
+
+def quality_table(assessment: dict) -> Table:
     mem = assessment["memorisation"]
     head = ["measure", "synthetic vs real test", "reference: real val vs real test"]
     rows = [
@@ -77,41 +210,7 @@ def quality_table(assessment: dict) -> tuple[list[str], list[list[str]]]:
         ["median nearest feature cosine distance", _fmt(mem["median_feature_cosine_distance"], 4),
          _fmt(mem["control_median_feature_cosine_distance"], 4)],
     ]
-    return head, rows
-
-
-def plot_accuracy(summary: list[dict], path: Path, metric: str, label: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = sorted({(r["task"], r["model"]) for r in summary})
-    if not groups:
-        return False
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, (task, model) in zip(axes[0], groups):
-        rows = [r for r in summary if r["task"] == task and r["model"] == model]
-        series = sorted({("synthetic only" if r["synthetic_only"] else r["ratio"]) for r in rows}, key=str)
-        for key in series:
-            sel = sorted((r for r in rows if ("synthetic only" if r["synthetic_only"] else r["ratio"]) == key),
-                         key=lambda r: r["real_size"])
-            x = [r["real_size"] for r in sel]
-            y = np.array([r[f"{metric}_mean"] for r in sel])
-            e = np.array([r[f"{metric}_std"] for r in sel])
-            name = "real only" if key == 0 else ("synthetic only" if key == "synthetic only" else f"real + synthetic 1:{key:g}")
-            style = "--" if key == "synthetic only" else ("-o" if key == 0 else "-s")
-            ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=name, linewidth=2 if key == 0 else 1)
-        ax.set_xlabel("real training images")
-        ax.set_ylabel(f"{label} (real test split)")
-        ax.set_title(f"{task} · {model}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return True
+    return Table("quality", head, rows)
 
 
 def _save_thumb(data: bytes, path: Path) -> None:
@@ -131,8 +230,8 @@ def image_grids(out: Path, corpus: Path, synthetic_dir: Path | None, real: Image
                 synthetic: ImageTable | None, per_class: int, seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     """{label: {"real": [...], "synthetic": [...]}}; each item {src, caption, id}, thumbnails written."""
     rng = np.random.default_rng(seed)
-    labels = sorted(set(real.labels.tolist()) | (set(synthetic.labels.tolist()) if synthetic is not None else set()),
-                    key=lambda c: (LABEL_ORDER.index(c) if c in LABEL_ORDER else 99, c))
+    known = set(real.labels.tolist()) | (set(synthetic.labels.tolist()) if synthetic is not None else set())
+    labels = sorted(known - {None}, key=lambda c: (LABEL_ORDER.index(c) if c in LABEL_ORDER else 99, c))
     chosen: dict[str, dict[str, list[int]]] = {}
     train = np.flatnonzero(real.split == "train")
     for label in labels:
@@ -173,109 +272,196 @@ def near_copy_pairs(out: Path, corpus: Path, synthetic_dir: Path, assessment: di
     return pairs
 
 
-# --- rendering -------------------------------------------------------------------------------
+# --- building the ReportData, then rendering it -----------------------------------------------
 
-def _html_table(head: list[str], rows: list[list[str]], table_id: str) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table id="{table_id}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+def _quality_section(assessment: dict, pairs: list[dict]) -> QualitySection:
+    net = assessment["feature_network"]
+    network = (f"Feature network: timm {net['model']} ({'pretrained + ' if net['pretrained_weights'] else 'random init, '}"
+               f"trained on the {net['trained_on']}; {net['task']} task, {net['image_size']} px, "
+               f"{net['feature_dim']}-d pre-logit features). Not Inception: FID/KID values compare runs "
+               "of this project only.")
+    crit = assessment["memorisation"]["criteria"]
+    rule = (f"Near-copy: 256-bit pHash within {crit['phash_max_bits']} bits of a train image, or 32 px grey "
+            f"pixel correlation ≥ {crit['pixel_corr_min']} with one (every synthetic image's nearest train "
+            "image is in memorisation.csv).")
+    near_copies = Table(
+        "near-copies", ["synthetic image", "nearest train image", "pHash bits", "pixel corr.", "feature cos. dist."],
+        [[p["query_id"], p["pixel_nearest_id"], str(p["phash_distance"]), _fmt(p["pixel_correlation"], 4),
+          _fmt(p.get("feature_cosine_distance"), 4)] for p in pairs],
+    ) if pairs else None
+    figures = []
+    for p in pairs:
+        for src, caption in ((p["synthetic_src"], f"synthetic {p['query_id']}"),
+                             (p["real_src"], f"train {p['pixel_nearest_id']}")):
+            figures.append(Figure(src, caption, caption))
+    return QualitySection(network, quality_table(assessment), rule, near_copies, figures)
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
-    return "\n".join(lines)
+def _galleries(grids: dict) -> list[Gallery]:
+    galleries = []
+    for label, kinds in grids.items():
+        for kind, items in kinds.items():
+            if items:
+                title = f"{label} · {kind} ({'prompt' if kind == 'synthetic' else 'metadata'} below each image)"
+                galleries.append(Gallery(title, [Figure(i["src"], i["id"], i["caption"]) for i in items]))
+    return galleries
 
 
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f0f0f0} td:first-child,td:nth-child(2){text-align:left}
-.grid{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;width:%dpx;font-size:10px}
-figure img{width:%dpx;height:%dpx;display:block} .note{background:#fff7e0;padding:.6em;border-left:4px solid #e0a000}
-""" % (THUMB, THUMB, THUMB)
+def generator_nature(manifest: dict) -> str:
+    """What made the synthetic images, in words, from the set's manifest and its adapter's meta."""
+    if not manifest:
+        return "none: no synthetic set (real-only grid and controls only)"
+    if manifest.get("stand_in"):
+        return f"stand-in, not generated by Flux ({manifest.get('generator') or 'perturbed real images'})"
+    model = manifest.get("model") or "unknown model"
+    base = ("the tiny Flux built locally (random base weights, CPU demo scale; not FLUX.1)"
+            if model == "builtin:tiny" else model)
+    return f"{base}; {_adapter_words(manifest)}"
+
+
+def _adapter_words(manifest: dict) -> str:
+    path = manifest.get("adapter_path")
+    if not path:
+        return "no adapter (the base model as it is)"
+    from dermaflux.model.adapters import read_adapter
+
+    try:
+        info = read_adapter(path)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        return f"adapter {manifest.get('adapter')!r} (its folder cannot be read now: {err})"
+    meta = info.meta or {}
+    if "random_seed" in meta:
+        return f"a random, untrained {info.kind} adapter (seed {meta['random_seed']})"
+    trained = f"trained {meta['step']} steps" if "step" in meta else "training steps not recorded"
+    return f"{info.kind} adapter {manifest.get('adapter')!r} ({trained}{', fitted VAE' if info.has_vae else ''})"
+
+
+def run_facts(cfg, manifest: dict, cells: list[dict], synthetic_images: int) -> dict:
+    """The facts the report states first: preset and scale, classifier training, the generator."""
+    ev = cfg.evaluate
+    pretrained = sorted({c["training"].get("pretrained") for c in cells})
+    training = (f"{ev.steps} optimiser steps per cell, the same for every cell (batch {ev.batch_size}); the best of "
+                f"{ev.validations} validation checks by val AUROC is kept" if ev.steps else
+                f"{ev.epochs} epochs per cell (batch {ev.batch_size}, early stopping): compute grows with the "
+                "training set, so added images also add steps")
+    settings = manifest.get("settings") or {}
+    images = (f"{settings.get('width')}x{settings.get('height')} px, {settings.get('num_inference_steps')} sampling "
+              f"steps, guidance {settings.get('guidance_scale')}" if settings else "–")
+    return {
+        "preset": cfg.preset,
+        "classifier": f"{', '.join(ev.models)} at {ev.image_size} px, {training}; pretrained weights: "
+                      f"{'/'.join('yes' if p else 'no' for p in pretrained) or '–'}",
+        "generator": generator_nature(manifest),
+        "synthetic_images": f"{synthetic_images} images ({images})" if synthetic_images else "none",
+        "task": f"{ev.main_task} ({TASK_NAMES[ev.main_task]})",
+        "statistics": f"paired by seed (same real subset and initialisation with and without added images); "
+                      f"paired bootstrap over test images (within class) and seeds, {ev.bootstrap} resamples; "
+                      f"DeLong for two-class AUROC; {ev.adjustment} adjustment across the grid (synthetic set and "
+                      f"controls as separate families); resolvable difference at alpha {ev.alpha}, power {ev.power}",
+    }
+
+
+def _facts(results: dict) -> list[str]:
+    inputs, facts = results["inputs"], results["facts"]
+    test_sets = ", ".join(f"{name} ({n} images)" for name, n in inputs["test_sets"].items())
+    lines = [
+        f"Preset: {facts['preset']}. Classifier: {facts['classifier']}.",
+        f"Generator: {facts['generator']}. Synthetic set: {facts['synthetic_images']}.",
+        f"Primary task: {facts['task']}; AUROC is the primary metric; balanced accuracy, sensitivity and specificity "
+        "at the threshold chosen on the validation split (two-class tasks).",
+        f"Test sets (each scored on its own): {test_sets}. Synthetic images only ever join training sets.",
+        f"Statistics: {facts['statistics']}.",
+        f"Inputs, relative to {inputs['paths_relative_to']}: corpus {inputs['corpus']}, synthetic set "
+        f"{inputs['synthetic'] or 'none'}.",
+    ]
+    if inputs["without_diagnosis"]:
+        lines.append(f"{inputs['without_diagnosis']} test rows have no diagnosis: scored by the binary task(s) their "
+                     "source labels, left out of multiclass scoring.")
+    return lines
+
+
+def _verdict_line(v: dict, alpha: float) -> str:
+    parts = []
+    for c in v["by_ratio"]:
+        a = c["auroc"]
+        parts.append(f"1:{c['ratio']:g} (added {_added(c)}): ΔAUROC {_ci(a)}, adj. p {_p(a['p_adjusted'])}")
+    return (f"{v['task']} · {v['model']} · {v['test_set']} · {v['real_size']} real images: "
+            f"{v['verdict'].upper()} — {'; '.join(parts)}. Smallest resolvable ΔAUROC ≈ ±{_fmt(v['resolvable'])} "
+            f"(alpha {alpha}).")
+
+
+def _control_line(c: dict) -> str:
+    a = c["auroc"]
+    name = "positive control (real-extra)" if c["arm"] == "real-extra" else "negative control (shuffled)"
+    seen = {1: "gain detected", -1: "loss detected", 0: "no effect detected"}[c["detected"]]
+    check = ("as expected" if c["as_expected"] else "NOT as expected: at this size and seed count the grid cannot "
+             "see a real-image gain, so read its 'no detectable effect' as 'not measurable here'"
+             if c["arm"] == "real-extra" else "NOT as expected: a gain from wrong labels is a false positive; "
+             "distrust the synthetic set's gains at this size")
+    return (f"{name} · {c['task']} · {c['model']} · {c['test_set']} · {c['real_size']} real + 1:{c['ratio']:g}: "
+            f"ΔAUROC {_ci(a)}, adj. p {_p(a['p_adjusted'])} — {seen}, {check}.")
+
+
+def _adherence_lines(adherence: dict | None) -> list[str]:
+    if not adherence:
+        return ["Attribute adherence: not measured (no synthetic set, or evaluate.adherence is off)."]
+    attrs = adherence["attributes"]
+    parts = []
+    for name in ADHERENCE_ATTRIBUTES:
+        a = attrs[name]
+        if a["n"]:
+            parts.append(f"{name.replace('_', ' ')} κ {_signed(a['kappa'], 2)} (agreement {_fmt(a['agreement'], 2)} "
+                         f"vs chance {_fmt(a['chance'], 2)}, n {a['images']})")
+    return [f"Attribute adherence of {adherence['images']} of {adherence['of']} synthetic images (κ 0 = chance, "
+            f"1 = always as requested): " + ("; ".join(parts) or "no attribute could be compared") + "."]
+
+
+def report_data(results: dict, grids: dict, pairs: list[dict], plots: list[tuple[str, str]]) -> ReportData:
+    assessment, alpha = results.get("assessment"), results["settings"]["alpha"]
+    comparisons = results["comparisons"]
+    study = [c for c in comparisons if c["arm"] == "synthetic"]
+    control = [c for c in comparisons if c["arm"] != "synthetic"]
+    verdicts = [_verdict_line(v, alpha) for v in results["verdicts"]] or [
+        "No synthetic set was compared (real-only grid): no verdict."]
+    return ReportData(
+        facts=_facts(results),
+        verdicts=verdicts,
+        controls=[_control_line(c) for c in results["control_checks"]],
+        adherence_lines=_adherence_lines(results.get("adherence")),
+        notes=list(results.get("notes", [])),
+        comparisons=comparisons_table(study, "comparisons") if study else None,
+        control_comparisons=comparisons_table(control, "controls") if control else None,
+        summary=summary_table(results["summary"]),
+        plots=[Figure(src, title, title) for src, title in plots],
+        recall=recall_table(results["summary"]),
+        adherence=adherence_table(results["adherence"]) if results.get("adherence") else None,
+        quality=_quality_section(assessment, pairs) if assessment is not None else None,
+        galleries=_galleries(grids),
+    )
+
+def _markdown_cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _markdown_alt(text: str) -> str:
+    # A bracket in alt text would end the image link early.
+    return str(text).replace("[", "(").replace("]", ")")
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("dermaflux.evaluate", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of printing nothing
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters.update(md_cell=_markdown_cell, md_alt=_markdown_alt)
+    return env
 
 
 def write_report(out: Path, results: dict, grids: dict, pairs: list[dict], plots: list[tuple[str, str]]) -> None:
-    summary = results["summary"]
-    assessment = results.get("assessment")
-    notes = results.get("notes", [])
-    h = ['<!doctype html><html><head><meta charset="utf-8"><title>DermaFlux evaluation</title>',
-         f"<style>{CSS}</style></head><body>", "<h1>DermaFlux evaluation</h1>"]
-    md = ["# DermaFlux evaluation", ""]
-    inputs = results["inputs"]
-    facts = [f"Corpus: {inputs['corpus']} ({inputs['real_counts']})",
-             f"Synthetic set: {inputs.get('synthetic') or 'none'}"
-             + (f" ({inputs['synthetic_images']} images)" if inputs.get("synthetic") else ""),
-             "All scores are on the real test split; synthetic images only ever join training sets.",
-             f"Grid: {len(results['cells'])} cells; metrics are mean ± sample std over seeds."]
-    h += ["<ul>"] + [f"<li>{html.escape(f)}</li>" for f in facts] + ["</ul>"]
-    md += [f"- {f}" for f in facts] + [""]
-    for note in notes:
-        h.append(f'<p class="note">{html.escape(note)}</p>')
-        md += [f"> {note}", ""]
-
-    head, rows = summary_table(summary)
-    h += ["<h2>Classification: real-only vs real + synthetic</h2>", _html_table(head, rows, "summary")]
-    md += ["## Classification: real-only vs real + synthetic", "", _md_table(head, rows), ""]
-    for src, title in plots:
-        h.append(f'<figure style="width:auto"><img class="plot" src="{src}" alt="{html.escape(title)}" style="width:auto;height:auto"><figcaption>{html.escape(title)}</figcaption></figure>')
-        md += [f"![{title}]({src})", ""]
-    head, rows = recall_table(summary)
-    h += ["<h2>Per-class recall (mean over seeds)</h2>", _html_table(head, rows, "recall")]
-    md += ["## Per-class recall (mean over seeds)", "", _md_table(head, rows), ""]
-
-    if assessment is not None:
-        net = assessment["feature_network"]
-        net_text = (f"Feature network: timm {net['model']} ({'pretrained + ' if net['pretrained_weights'] else 'random init, '}"
-                    f"trained on the {net['trained_on']}; {net['task']} task, {net['image_size']} px, "
-                    f"{net['feature_dim']}-d pre-logit features). Not Inception: FID/KID values compare runs "
-                    "of this project only.")
-        head, rows = quality_table(assessment)
-        h += ["<h2>Synthetic-set quality and memorisation</h2>", f"<p>{html.escape(net_text)}</p>",
-              _html_table(head, rows, "quality")]
-        md += ["## Synthetic-set quality and memorisation", "", net_text, "", _md_table(head, rows), ""]
-        crit = assessment["memorisation"]["criteria"]
-        rule = (f"Near-copy: 256-bit pHash within {crit['phash_max_bits']} bits of a train image, or 32 px grey "
-                f"pixel correlation ≥ {crit['pixel_corr_min']} with one (every synthetic image's nearest train "
-                "image is in memorisation.csv).")
-        h += ["<h3>Flagged near-copies</h3>", f"<p>{html.escape(rule)}</p>"]
-        md += ["### Flagged near-copies", "", rule, ""]
-        if pairs:
-            prow = [[p["query_id"], p["pixel_nearest_id"], str(p["phash_distance"]), _fmt(p["pixel_correlation"], 4),
-                     _fmt(p.get("feature_cosine_distance"), 4)] for p in pairs]
-            phead = ["synthetic image", "nearest train image", "pHash bits", "pixel corr.", "feature cos. dist."]
-            h.append(_html_table(phead, prow, "near-copies"))
-            md += [_md_table(phead, prow), ""]
-            h.append('<div class="grid">')
-            for p in pairs:
-                for src, cap in ((p["synthetic_src"], f"synthetic {p['query_id']}"), (p["real_src"], f"train {p['pixel_nearest_id']}")):
-                    h.append(f'<figure><img src="{src}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}</figcaption></figure>')
-                    md.append(f"![{cap}]({src})")
-            h.append("</div>")
-            md.append("")
-        else:
-            h.append("<p>No synthetic image was flagged.</p>")
-            md += ["No synthetic image was flagged.", ""]
-
-    h.append("<h2>Images per class</h2>")
-    md += ["## Images per class", ""]
-    for label, kinds in grids.items():
-        for kind, items in kinds.items():
-            if not items:
-                continue
-            title = f"{label} · {kind} ({'prompt' if kind == 'synthetic' else 'metadata'} below each image)"
-            h += [f"<h3>{html.escape(title)}</h3>", '<div class="grid">']
-            md += [f"### {title}", ""]
-            for item in items:
-                h.append(f'<figure><img src="{item["src"]}" alt="{html.escape(item["id"])}">'
-                         f"<figcaption>{html.escape(item['caption'])}</figcaption></figure>")
-                alt = item["caption"].replace("[", "(").replace("]", ")")
-                md.append(f"![{alt}]({item['src']})")
-            h.append("</div>")
-            md.append("")
-    h.append("</body></html>")
-    atomic_write_text(out / "report.html", "\n".join(h))
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    data = report_data(results, grids, pairs, plots)
+    for name in ("report.html", "report.md"):
+        text = _templates().get_template(f"{name}.j2").render(report=data, thumb=THUMB)
+        atomic_write_text(out / name, text)

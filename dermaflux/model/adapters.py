@@ -1,4 +1,4 @@
-"""Fine-tuned weights on disk, in forms plain diffusers loads, and loading them into a pipeline.
+"""Fine-tuned weights on disk, in forms plain diffusers loads, and the pipeline components they replace.
 
 An adapter folder holds `dermaflux_adapter.json` and either
 - kind "lora": `pytorch_lora_weights.safetensors` (what `FluxPipeline.load_lora_weights` reads), or
@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dermaflux.artifacts import atomic_dir, atomic_write_json
+from dermaflux.core.artifacts import atomic_dir, atomic_write_json
 
 ADAPTER_FILE = "dermaflux_adapter.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -42,6 +42,9 @@ def save_adapter(
 
     For LoRA under ZeRO-3 the caller must pass `lora_state_dict` gathered from all ranks: the
     module's own parameters are empty shards there (a known trap of Flux LoRA trainers).
+    A LoRA's peft config (rank, alpha, targets) goes into the safetensors header as diffusers'
+    own Flux trainer writes it (`transformer_lora_adapter_metadata`): without it a loader assumes
+    alpha = rank, and a LoRA trained with another alpha reloads scaled wrongly.
     """
     if kind not in ("lora", "full"):
         raise ValueError(f"adapter kind must be 'lora' or 'full', got {kind!r}")
@@ -53,7 +56,8 @@ def save_adapter(
             state = lora_state_dict if lora_state_dict is not None else get_peft_model_state_dict(transformer)
             if not state or any(t.numel() == 0 for t in state.values()):
                 raise ValueError("LoRA state dict is empty or holds empty tensors (gather ZeRO-3 shards before saving)")
-            FluxPipeline.save_lora_weights(staging, transformer_lora_layers=state)
+            FluxPipeline.save_lora_weights(staging, transformer_lora_layers=state,
+                                           transformer_lora_adapter_metadata=_lora_metadata(transformer))
         else:
             transformer.save_pretrained(staging / "transformer")
         if vae is not None:
@@ -62,6 +66,17 @@ def save_adapter(
             staging / ADAPTER_FILE, {"kind": kind, "base": base, "has_vae": vae is not None, "meta": meta or {}}
         )
     return Path(out_dir)
+
+
+def _lora_metadata(transformer) -> dict | None:
+    """The peft LoraConfig of the transformer's LoRA as a dict (None: no adapter on it, alpha = rank)."""
+    configs = getattr(transformer, "peft_config", None) or {}
+    if not configs:
+        return None
+    if len(configs) > 1 and "default" not in configs:
+        raise ValueError(f"the transformer holds several LoRA adapters {sorted(configs)}: save one at a time")
+    config = configs.get("default") or next(iter(configs.values()))
+    return config.to_dict()
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterInfo:
@@ -81,64 +96,7 @@ def adapter_components(info: AdapterInfo, dtype, *, transformer: bool = True, va
 
     components = {}
     if transformer and info.kind == "full":
-        components["transformer"] = FluxTransformer2DModel.from_pretrained(info.path / "transformer", torch_dtype=dtype)
+        components["transformer"] = FluxTransformer2DModel.from_pretrained(info.path / "transformer", dtype=dtype)
     if vae and info.has_vae:
-        components["vae"] = AutoencoderKL.from_pretrained(info.path / "vae", torch_dtype=dtype)
+        components["vae"] = AutoencoderKL.from_pretrained(info.path / "vae", dtype=dtype)
     return components
-
-
-def load_pipeline_with_adapters(model_cfg, adapters: dict[str, str | os.PathLike] | None = None):
-    """The base pipeline with LoRA adapters loaded under their names (switch with `set_adapters`).
-
-    A "full" adapter replaces the transformer (only one allowed); a fitted `vae/` replaces the VAE.
-    """
-    from dermaflux.model.loading import load_pipeline, torch_dtype
-
-    infos = {name: read_adapter(p) for name, p in (adapters or {}).items()}
-    full = [i for i in infos.values() if i.kind == "full"]
-    if len(full) > 1:
-        raise ValueError(f"at most one full fine-tune can be served per pipeline, got {[str(i.path) for i in full]}")
-    dtype = torch_dtype(model_cfg.dtype)
-    components = adapter_components(full[0], dtype, vae=False) if full else {}
-    vae_from = next((i for i in full + list(infos.values()) if i.has_vae), None)
-    if vae_from is not None:
-        components.update(adapter_components(vae_from, dtype, transformer=False))
-    pipe = load_pipeline(model_cfg, **components)
-    for name, info in infos.items():
-        if info.kind == "lora":
-            pipe.load_lora_weights(str(info.path), weight_name=LORA_FILE, adapter_name=name)
-    return pipe
-
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out"]
-
-
-def random_lora_adapter(model_cfg, out: str | os.PathLike, seed: int, rank: int = 4, scale: float = 0.3,
-                        transformer=None) -> Path:
-    """A LoRA adapter folder with random non-zero weights, for tests and benchmarks.
-
-    An untrained LoRA's B matrix is zero (no effect), so both matrices are drawn from N(0, scale).
-    `transformer` defaults to the base of `model_cfg`; pass one to skip loading it (full-size bench).
-    """
-    import torch
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    if transformer is None:
-        from diffusers import FluxTransformer2DModel
-
-        from dermaflux.model.loading import resolve_pretrained
-
-        transformer = FluxTransformer2DModel.from_pretrained(resolve_pretrained(model_cfg), subfolder="transformer")
-    name = f"random_{seed}"
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS), adapter_name=name
-    )
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in get_peft_model_state_dict(transformer, adapter_name=name).items():
-        noise = torch.randn(value.shape, generator=generator) * scale
-        state[key] = noise.to(value.dtype).to(value.device)
-    transformer.delete_adapters(name)
-    return save_adapter(out, transformer, kind="lora", base=model_cfg.pretrained, lora_state_dict=state,
-                        meta={"random_seed": seed})

@@ -14,7 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dermaflux.model.spec import TinyFluxSpec
+from dermaflux.model.config import TinyFluxSpec
+
+# Part of the cache key: a change to what a spec builds (2: stable tokenizer ids) gets a new folder.
+BUILD_VERSION = 2
 
 # Words the tokenizers are trained on: the caption vocabulary of DermaFlux (taxonomy names,
 # ABCD attributes, body sites, skin tones) plus filler so free text still tokenizes.
@@ -75,13 +78,40 @@ def _build_clip_tokenizer(spec: TinyFluxSpec):
     backend.train_from_iterator(_training_sentences(), trainer)
     with tempfile.TemporaryDirectory() as tmp:
         backend.model.save(tmp)
-        vocab = json.loads(Path(tmp, "vocab.json").read_text())
+        trained = json.loads(Path(tmp, "vocab.json").read_text())
         merges = [
             tuple(line.split(" "))
             for line in Path(tmp, "merges.txt").read_text().splitlines()
             if line and not line.startswith("#version")
         ]
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = _stable_ids(trained, specials)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=spec.clip_max_tokens)
+
+
+def _stable_ids(trained: dict[str, int], specials: list[str]) -> dict[str, int]:
+    """Token ids by sorted token text, special tokens first.
+
+    The trainers break ties in hash-map order, so the same corpus gives the same tokens under
+    different ids from one build to the next: a model built on another node would read other
+    embedding rows. Renumbering by text makes every build of a spec identical.
+    """
+    rest = sorted(token for token in trained if token not in specials)
+    return {token: i for i, token in enumerate(specials + rest)}
+
+
+def _renumbered_unigram(backend, specials: list[str]):
+    """The trained Unigram model with its pieces in a stable order (see _stable_ids); scores kept."""
+    from tokenizers import Tokenizer, models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.model.save(tmp)
+        pieces = {piece: score for piece, score in json.loads(Path(tmp, "unigram.json").read_text())["vocab"]}
+    order = _stable_ids(pieces, specials)
+    renumbered = Tokenizer(models.Unigram([(piece, pieces[piece]) for piece in order], unk_id=order["<unk>"]))
+    renumbered.normalizer, renumbered.pre_tokenizer, renumbered.decoder = (
+        backend.normalizer, backend.pre_tokenizer, backend.decoder)
+    return renumbered
 
 
 def _build_t5_tokenizer(spec: TinyFluxSpec):
@@ -96,6 +126,7 @@ def _build_t5_tokenizer(spec: TinyFluxSpec):
         vocab_size=spec.t5_vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
     )
     backend.train_from_iterator(_training_sentences(), trainer)
+    backend = _renumbered_unigram(backend, ["<pad>", "</s>", "<unk>"])
     backend.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
@@ -109,18 +140,10 @@ def _build_t5_tokenizer(spec: TinyFluxSpec):
     )
 
 
-def build_tiny_pipeline(spec: TinyFluxSpec | None = None):
-    """Build the tiny FluxPipeline in memory (seeded, so every build is identical)."""
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+def _build_clip_encoder(spec: TinyFluxSpec, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    spec = spec or TinyFluxSpec()
-    tokenizer = _build_clip_tokenizer(spec)
-    tokenizer_2 = _build_t5_tokenizer(spec)
-
-    torch.manual_seed(spec.seed)
-    text_encoder = CLIPTextModel(
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=spec.clip_hidden,
@@ -134,22 +157,32 @@ def build_tiny_pipeline(spec: TinyFluxSpec | None = None):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    text_encoder_2 = T5EncoderModel(
+
+
+def _build_t5_encoder(spec: TinyFluxSpec, tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
         T5Config(
-            vocab_size=len(tokenizer_2),
+            vocab_size=len(tokenizer),
             d_model=spec.t5_hidden,
             d_kv=spec.t5_hidden // spec.t5_heads,
             d_ff=spec.t5_hidden * 2,
             num_layers=spec.t5_layers,
             num_heads=spec.t5_heads,
             feed_forward_proj="gated-gelu",  # as in T5 v1.1, which Flux uses
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
         )
     )
+
+
+def _build_vae(spec: TinyFluxSpec):
+    from diffusers import AutoencoderKL
+
     n_levels = len(spec.vae_channels)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n_levels,
@@ -164,20 +197,29 @@ def build_tiny_pipeline(spec: TinyFluxSpec | None = None):
         use_quant_conv=False,  # Flux's VAE has no quant convs
         use_post_quant_conv=False,
     )
-    head_dim = sum(spec.axes_dims_rope)
-    transformer = FluxTransformer2DModel(
+
+
+def _build_transformer(spec: TinyFluxSpec):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
         patch_size=1,
         in_channels=spec.latent_channels * 4,  # 2x2 latent patches are packed into channels
         num_layers=spec.double_blocks,
         num_single_layers=spec.single_blocks,
-        attention_head_dim=head_dim,
+        attention_head_dim=sum(spec.axes_dims_rope),
         num_attention_heads=spec.heads,
         joint_attention_dim=spec.t5_hidden,
         pooled_projection_dim=spec.clip_hidden,
         guidance_embeds=True,  # like FLUX.1-dev, so the guidance path is exercised
         axes_dims_rope=tuple(spec.axes_dims_rope),
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
+
+
+def _build_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
         use_dynamic_shifting=True,
@@ -186,8 +228,26 @@ def build_tiny_pipeline(spec: TinyFluxSpec | None = None):
         base_image_seq_len=16,
         max_image_seq_len=256,
     )
+
+
+def build_tiny_pipeline(spec: TinyFluxSpec | None = None):
+    """Build the tiny FluxPipeline in memory (seeded, so every build is identical)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    spec = spec or TinyFluxSpec()
+    tokenizer = _build_clip_tokenizer(spec)
+    tokenizer_2 = _build_t5_tokenizer(spec)
+    # One seed, then the models in this order: each draws its initial weights from the same global
+    # stream, and the cache folder is keyed by the spec alone, so reordering would change the weights
+    # behind an unchanged key.
+    torch.manual_seed(spec.seed)
+    text_encoder = _build_clip_encoder(spec, tokenizer)
+    text_encoder_2 = _build_t5_encoder(spec, tokenizer_2)
+    vae = _build_vae(spec)
+    transformer = _build_transformer(spec)
     return FluxPipeline(
-        scheduler=scheduler,
+        scheduler=_build_scheduler(),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -5,6 +5,8 @@ adapter). Image `i` of class `c` always gets the same seed, attributes and promp
 the same shard; a shard is written atomically and then marked done. So a repeated or restarted
 job skips finished shards and never writes an image twice, and a crash mid-shard loses only
 that shard's work. Both the Serve bulk endpoint and `dermaflux generate` run jobs through here.
+`progress.json` is the job's state (running, done, failed, cancelled) and counts, rewritten after
+every shard, so a status read costs one small file whatever the job's size.
 Pure python + pyarrow: the caller passes the function that turns requests into PNG bytes.
 """
 
@@ -18,10 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dermaflux import artifacts
-from dermaflux.caption.template import ABCD_COLOURS, LesionAttributes, caption_from_attributes
-from dermaflux.corpus import taxonomy
-from dermaflux.synth.requests import SampleRequest, Settings, derive_seed
+from dermaflux.core import artifacts
+from dermaflux.lesion.attributes import ABCD_COLOURS, LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes
+from dermaflux.lesion import taxonomy
+from dermaflux.synth.requests import (
+    AugmentationRequest,
+    RequestError,
+    SampleRequest,
+    Settings,
+    check_labels,
+    derive_seed,
+    resolve_settings,
+)
 from dermaflux.synth.schema import SYNTHETIC_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -29,6 +40,7 @@ log = logging.getLogger(__name__)
 STAGE = "synth"
 SPEC_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
+PROGRESS_FILE = "progress.json"  # {state, done, shards_done, done_by_class, ...}: rewritten after every shard
 SHARD_DIR = "shards"
 
 # HAM10000 `localization` values in caption words: where synthetic lesions are placed.
@@ -100,19 +112,44 @@ class WorkItem:
         return f"synthetic:{job_id}:{self.label}:{self.index:06d}"
 
 
-def plan_items(spec: JobSpec) -> list[WorkItem]:
-    items = []
+def _label_ranges(spec: JobSpec) -> list[tuple[str, int, int]]:
+    """(label, first, end) positions of each class in the plan: classes in code order, back to back."""
+    ranges, first = [], 0
     for label, count in spec.targets.items():
-        for index in range(count):
-            seed = derive_seed(spec.seed, label, index)
+        ranges.append((label, first, first + count))
+        first += count
+    return ranges
+
+
+def shard_count(spec: JobSpec) -> int:
+    return -(-spec.total // spec.shard_size)
+
+
+def shard_labels(spec: JobSpec, index: int) -> dict[str, int]:
+    """Images per label in shard `index`, by arithmetic alone (no attributes sampled, no captions)."""
+    start, end = index * spec.shard_size, min((index + 1) * spec.shard_size, spec.total)
+    overlaps = ((label, min(end, last) - max(start, first)) for label, first, last in _label_ranges(spec))
+    return {label: n for label, n in overlaps if n > 0}
+
+
+def shard_items(spec: JobSpec, index: int) -> list[WorkItem]:
+    """The images of shard `index`: image `i` of class `c` always lands in the same shard."""
+    start, end = index * spec.shard_size, min((index + 1) * spec.shard_size, spec.total)
+    items = []
+    for label, first, last in _label_ranges(spec):
+        for position in range(max(start, first), min(end, last)):
+            seed = derive_seed(spec.seed, label, position - first)
             attrs = sample_attributes(label, seed)
-            items.append(WorkItem(label, index, seed, attrs.to_json(), caption_from_attributes(attrs, seed)))
+            items.append(WorkItem(label, position - first, seed, attrs.to_json(), caption_from_attributes(attrs, seed)))
     return items
 
 
 def plan_shards(spec: JobSpec) -> list[list[WorkItem]]:
-    items = plan_items(spec)
-    return [items[i : i + spec.shard_size] for i in range(0, len(items), spec.shard_size)]
+    return [shard_items(spec, i) for i in range(shard_count(spec))]
+
+
+def plan_items(spec: JobSpec) -> list[WorkItem]:
+    return [item for shard in plan_shards(spec) for item in shard]
 
 
 def sample_request(item: WorkItem, spec: JobSpec) -> SampleRequest:
@@ -124,24 +161,26 @@ def shard_name(index: int) -> str:
 
 
 def corpus_class_counts(corpus_dir: str | Path, split: str = "train") -> dict[str, int]:
-    """Images per label in a corpus split, counted from its shards (the manifest's source of truth)."""
-    import pyarrow.dataset as ds
+    """Images per diagnosis in a corpus split: its manifest's counts (the shards' when it has none)."""
+    from dermaflux.corpus.schema import class_counts
 
-    shards = Path(corpus_dir) / "shards"
-    if not shards.is_dir() or not any(shards.glob("*.parquet")):
-        raise FileNotFoundError(f"{corpus_dir}: not a corpus folder (no shards/*.parquet)")
-    table = ds.dataset(str(shards), format="parquet").to_table(columns=["label", "split"])
-    counts: dict[str, int] = {}
-    for label, row_split in zip(table["label"].to_pylist(), table["split"].to_pylist()):
-        if row_split == split:
-            counts[label] = counts.get(label, 0) + 1
-    return counts
+    return class_counts(corpus_dir, split)
 
 
 def bring_to_targets(corpus_dir: str | Path, bring_to: int) -> dict[str, int]:
     """Synthetic images per class so every class of the corpus' train split reaches `bring_to`."""
     counts = corpus_class_counts(corpus_dir)
     return {code: max(0, bring_to - counts[code]) for code in sorted(counts)}
+
+
+def check_corpus_classes(targets: dict[str, int], corpus_dir: str | Path, field: str = "class_targets") -> None:
+    """Every class asked for (count > 0) is in the corpus' train split: a synthetic class the real
+    training data lacks trains the classifier on something it is never scored on."""
+    present = corpus_class_counts(corpus_dir)
+    for code, count in targets.items():
+        if count and code not in present:
+            raise RequestError(f"{field}.{code}", f"class {code!r} is not in the train split of corpus {corpus_dir} "
+                               f"(it has {', '.join(present) or 'no class'}); ask only for those")
 
 
 def prepare_job(out_dir: str | Path, spec: JobSpec) -> bool:
@@ -179,33 +218,52 @@ def write_shard(out_dir: Path, index: int, spec: JobSpec, items: list[WorkItem],
     artifacts.mark_done(out_dir, shard_name(index), {"count": len(items), "labels": labels})
 
 
-def job_status(out_dir: str | Path) -> dict:
-    """Progress from the done markers alone: any process can report it, during or after the run."""
+def status_from_markers(out_dir: str | Path, spec: JobSpec) -> dict:
+    """Progress counted from the done markers, by arithmetic over shard positions (no plan rebuilt)."""
     out = Path(out_dir)
-    spec = read_spec(out)
     done = artifacts.done_names(out)
-    shards = plan_shards(spec)
-    finished = [i for i in range(len(shards)) if shard_name(i) in done]
-    images_done = sum(len(shards[i]) for i in finished)
-    by_label: dict[str, int] = {label: 0 for label in spec.targets}
-    for i in finished:
-        for item in shards[i]:
-            by_label[item.label] += 1
-    complete = (out / MANIFEST_FILE).exists()
+    finished = [i for i in range(shard_count(spec)) if shard_name(i) in done]
+    by_label = {label: 0 for label in spec.targets}
+    for index in finished:
+        for label, n in shard_labels(spec, index).items():
+            by_label[label] += n
     return {
-        "job_id": spec.job_id, "out": str(out), "state": "done" if complete else "running",
-        "total": spec.total, "done": images_done, "shards_total": len(shards), "shards_done": len(finished),
-        "targets": spec.targets, "done_by_class": by_label,
+        "job_id": spec.job_id, "state": "done" if (out / MANIFEST_FILE).exists() else "running", "error": None,
+        "total": spec.total, "done": sum(by_label.values()), "shards_total": shard_count(spec),
+        "shards_done": len(finished), "targets": spec.targets, "done_by_class": by_label,
     }
+
+
+def write_progress(out_dir: str | Path, status: dict) -> dict:
+    status = {k: v for k, v in status.items() if k != "out"}
+    artifacts.atomic_write_json(Path(out_dir) / PROGRESS_FILE, {**status, "updated": time.time()})
+    return status
+
+
+def job_status(out_dir: str | Path) -> dict:
+    """The progress record the runner rewrites after every shard (one small file: O(1) for any job
+    size), else the progress counted from the done markers (a folder no runner has touched yet)."""
+    out = Path(out_dir)
+    record = out / PROGRESS_FILE
+    status = artifacts.read_json(record) if record.exists() else status_from_markers(out, read_spec(out))
+    return {**status, "out": str(out)}
+
+
+def set_state(out_dir: str | Path, state: str, error: str | None = None) -> dict:
+    """Record a state change (started, cancelled, ...) that happens outside `run_job`."""
+    return write_progress(out_dir, {**job_status(out_dir), "state": state, "error": error})
 
 
 def write_manifest(out_dir: Path, spec: JobSpec, extra: dict | None = None) -> dict:
     """Counts read back from the shards themselves, so the manifest cannot claim what is not there."""
     import pyarrow.dataset as ds
 
-    table = ds.dataset(str(out_dir / SHARD_DIR), format="parquet").to_table(
-        columns=["id", "label", "seed", "prompt", "attributes_json", "adapter"]
-    )
+    columns = ["id", "label", "seed", "prompt", "attributes_json", "adapter"]
+    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)  # a job of zero images: an empty set
+    if any((out_dir / SHARD_DIR).glob("*.parquet")):
+        table = ds.dataset(str(out_dir / SHARD_DIR), format="parquet").to_table(columns=columns)
+    else:
+        table = SYNTHETIC_SCHEMA.empty_table().select(columns)
     counts: dict[str, int] = {}
     for label in table["label"].to_pylist():
         counts[label] = counts.get(label, 0) + 1
@@ -228,35 +286,82 @@ def write_manifest(out_dir: Path, spec: JobSpec, extra: dict | None = None) -> d
 
 def pending_shards(out_dir: str | Path, spec: JobSpec) -> list[tuple[int, list[WorkItem]]]:
     done = artifacts.done_names(out_dir)
-    return [(i, items) for i, items in enumerate(plan_shards(spec)) if shard_name(i) not in done]
+    return [(i, shard_items(spec, i)) for i in range(shard_count(spec)) if shard_name(i) not in done]
 
 
 GenerateFn = Callable[[list[SampleRequest]], list[bytes]]
 
 
+def _generate_shard(spec: JobSpec, index: int, items: list[WorkItem], generate: GenerateFn, max_retries: int,
+                    retry_wait_s: float) -> list[bytes]:
+    for attempt in range(max_retries + 1):
+        try:
+            return generate([sample_request(item, spec) for item in items])
+        except Exception as err:  # a replica died, a node went away: the shard is redone whole
+            if attempt == max_retries:
+                raise
+            wait = retry_wait_s * 2**attempt
+            log.warning("job %s shard %d attempt %d failed (%s); retrying in %.0fs", spec.job_id, index, attempt + 1,
+                        err, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def run_job(
     out_dir: str | Path, spec: JobSpec, generate: GenerateFn, *, max_retries: int = 0, retry_wait_s: float = 1.0,
-    extra_manifest: dict | None = None,
+    extra_manifest: dict | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """Generate every pending shard (retrying a failed shard `max_retries` times), then the manifest."""
+    """Generate every pending shard (retrying a failed shard `max_retries` times), then the manifest.
+
+    The progress record follows every shard (`job_status` reads it); `should_stop` is asked before
+    each shard, and True ends the run as "cancelled" (finished shards stay; a re-run resumes).
+    """
     out = Path(out_dir)
-    pending = pending_shards(out, spec)
-    log.info("job %s: %d of %d shards to do", spec.job_id, len(pending), len(plan_shards(spec)))
-    for index, items in pending:
-        for attempt in range(max_retries + 1):
+    status = write_progress(out, {**status_from_markers(out, spec), "state": "running"})
+    done = artifacts.done_names(out)
+    pending = [i for i in range(shard_count(spec)) if shard_name(i) not in done]
+    log.info("job %s: %d of %d shards to do", spec.job_id, len(pending), shard_count(spec))
+    try:
+        for index in pending:
+            if should_stop is not None and should_stop():
+                return {**write_progress(out, {**status, "state": "cancelled"}), "out": str(out)}
+            items = shard_items(spec, index)
+            pngs = _generate_shard(spec, index, items, generate, max_retries, retry_wait_s)
+            write_shard(out, index, spec, items, pngs, [(spec.settings.width, spec.settings.height)] * len(items))
+            for label, n in shard_labels(spec, index).items():
+                status["done_by_class"][label] += n
+            status.update(done=status["done"] + len(items), shards_done=status["shards_done"] + 1)
+            write_progress(out, status)
+            log.info("job %s: shard %d done (%d images)", spec.job_id, index, len(items))
+        if not (out / MANIFEST_FILE).exists():
+            write_manifest(out, spec, extra_manifest)
+    except Exception as err:
+        write_progress(out, {**status, "state": "failed", "error": f"{type(err).__name__}: {err}"})
+        raise
+    return {**write_progress(out, {**status, "state": "done"}), "out": str(out)}
+
+
+def job_spec(cfg, request: AugmentationRequest, adapters: dict[str, str]) -> JobSpec:
+    """The one JobSpec builder: POST /v1/augmentations passes its body, `dermaflux generate` a
+    request made from its config. Settings, targets and the per-job limit are checked here."""
+    settings = resolve_settings(request, cfg, sorted(adapters))
+    if request.class_targets is not None:
+        targets = check_labels(request.class_targets)
+        if request.corpus:
             try:
-                pngs = generate([sample_request(item, spec) for item in items])
-                break
-            except Exception as err:  # a replica died, a node went away: the shard is redone whole
-                if attempt == max_retries:
-                    raise
-                wait = retry_wait_s * 2**attempt
-                log.warning("job %s shard %d attempt %d failed (%s); retrying in %.0fs", spec.job_id, index,
-                            attempt + 1, err, wait)
-                time.sleep(wait)
-        sizes = [(spec.settings.width, spec.settings.height)] * len(items)
-        write_shard(out, index, spec, items, pngs, sizes)
-        log.info("job %s: shard %d done (%d images)", spec.job_id, index, len(items))
-    if not (out / MANIFEST_FILE).exists():
-        write_manifest(out, spec, extra_manifest)
-    return job_status(out)
+                check_corpus_classes(targets, request.corpus)
+            except FileNotFoundError as err:
+                raise RequestError("corpus", str(err)) from None
+    else:
+        try:
+            targets = bring_to_targets(request.corpus, request.bring_to)
+        except FileNotFoundError as err:
+            raise RequestError("corpus", str(err)) from None
+    total, limit = sum(targets.values()), cfg.synth.limits.max_images_per_job
+    if total > limit:
+        raise RequestError("class_targets", f"{total} images exceeds the limit of {limit} per job "
+                            "(synth.limits.max_images_per_job)")
+    return JobSpec(
+        job_id=request.job_id, targets=targets, settings=settings, seed=request.seed, shard_size=cfg.synth.shard_size,
+        model=cfg.model.pretrained, adapter_path=adapters.get(settings.adapter) if settings.adapter else None,
+    )

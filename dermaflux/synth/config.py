@@ -8,17 +8,49 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
 
 
 class LimitsConfig(ConfigModel):
-    """What one request may ask for; larger requests get a 4xx, not a queue."""
+    """What one request may ask for, and how much work the service holds at once: larger requests
+    get a 4xx; work beyond the bounds gets a 429 with `Retry-After`, never a growing queue."""
 
     max_images_per_request: int = Field(8, ge=1, description="`count` of POST /v1/images")
     max_images_per_job: int = Field(100_000, ge=1, description="sum of per-class targets of one bulk job")
     max_side: int = Field(1024, ge=16, description="largest width/height in pixels")
     max_steps: int = Field(100, ge=1)
     max_guidance: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(
+        65_536, ge=1024, description="request body size; larger bodies get a 413 before a byte is parsed"
+    )
+    max_prompt_chars: int = Field(
+        4096, ge=1, description="`prompt` length in characters, checked before the prompt is tokenised"
+    )
+    max_queued_images: int = Field(
+        16, ge=1, description="images of POST /v1/images accepted and not yet answered, per ingress replica; "
+        "beyond it: 429 (size it to what the synthesis replicas finish within the latency you accept)"
+    )
+    max_running_jobs: int = Field(2, ge=1, description="bulk jobs running at once; another start gets a 429")
+    max_open_requests: int = Field(
+        256, ge=1, description="HTTP requests the ingress holds at once (its Serve max_ongoing_requests; as many "
+        "again may wait, then Serve answers 429)"
+    )
+    retry_after_s: int = Field(2, ge=1, description="the `Retry-After` of a 429")
+
+
+class AuthConfig(ConfigModel):
+    """Bearer-token authentication of the HTTP API: every `/v1/...` route needs
+    `Authorization: Bearer <token>`; `/healthz`, `/readyz` and the OpenAPI pages stay open. The
+    token itself never appears in a config (configs are saved beside outputs as config.yaml)."""
+
+    required: bool | None = Field(
+        None, description="None: required when the service binds beyond loopback (synth.host) and always in the "
+        "RayService builder; true: always; false: not required (a token that is set is still enforced)"
+    )
+    token_env: str = Field("DERMAFLUX_API_TOKEN", description="environment variable holding the token")
+    token_file: str | None = Field(
+        None, description="file holding the token (e.g. a mounted Kubernetes secret); wins over token_env"
+    )
 
 
 class AutoscalingSettings(ConfigModel):
@@ -41,14 +73,21 @@ class SynthConfig(ConfigModel):
         description="adapter folders (dermaflux.model.adapters); served under their folder name, or NAME=DIR",
     )
     out: str | None = Field(None, description="output folder of `generate` (a synthetic set)")
-    per_class: int | None = Field(None, ge=0, description="`generate`: images for every taxonomy class")
+    per_class: int | None = Field(
+        None, ge=0, description="`generate`: images for every class of `corpus` (every taxonomy class without one)"
+    )
     class_targets: dict[str, int] = Field(
         default_factory=dict, description="`generate`: explicit images per class (overrides per_class for those)"
     )
     bring_to: int | None = Field(None, ge=0, description="`generate`: top every class up to N real+synthetic")
-    corpus: str | None = Field(None, description="corpus folder whose train-split counts `bring_to` tops up")
+    corpus: str | None = Field(
+        None, description="corpus folder: its train split's classes are the ones generated (another is an error) and "
+        "the counts `bring_to` tops up"
+    )
     adapter: str | None = Field(None, description="`generate`: adapter name to sample with (default: first, else base)")
-    seed: int = Field(0, description="base seed: image i of class c gets a seed derived from (seed, c, i)")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="base seed: image i of class c gets a seed derived from (seed, c, i)"
+    )
     width: int | None = Field(None, description="default: model.resolution")
     height: int | None = Field(None, description="default: model.resolution")
     num_inference_steps: int | None = Field(None, description="default: model.num_inference_steps")
@@ -69,14 +108,13 @@ class SynthConfig(ConfigModel):
         4, ge=1, description="`serve`: adapters a replica keeps loaded (Serve multiplexing, least recently used out)"
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    jobs_dir: str | None = Field(
-        None, description="where bulk jobs without an explicit output folder write (default: <cache>/synth-jobs)"
+    jobs_root: str | None = Field(
+        None, description="`serve`: the one folder bulk jobs write under, fixed when the service starts; a job's "
+        "`out` is a name or relative path inside it (default: <cache>/synth-jobs)"
     )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     job_max_retries: int = Field(5, ge=0, description="attempts per shard when a replica dies mid-job")
     host: str = Field("127.0.0.1", description="`serve`: bind address (loopback unless you mean it)")
     port: int = Field(8000, ge=0, le=65535)
     app_name: str = "dermaflux"
     route_prefix: str = "/"
-
-
-CONFIG = SynthConfig

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermaflux.core.progress import bar
 from dermaflux.synth import bulk
 from dermaflux.synth.requests import SampleRequest, Settings
 
@@ -24,7 +25,7 @@ class PipelineActor:
 
     def __init__(self, cfg_dict: dict):
         from dermaflux.config import DermaFluxConfig
-        from dermaflux.synth.adapters import AdapterPool
+        from dermaflux.synth.adapter_pool import AdapterPool
         from dermaflux.synth.sampling import pipeline_device
 
         self.cfg = DermaFluxConfig.model_validate(cfg_dict)
@@ -64,6 +65,19 @@ def request_rows(spec: bulk.JobSpec, pending: list[tuple[int, list[bulk.WorkItem
     ]
 
 
+def _collect(out: Path, spec: bulk.JobSpec, by_shard: dict, collected: dict[int, dict[int, bytes]], batch) -> None:
+    """Add a batch of images; write each planned shard the moment all its images are in."""
+    size = (spec.settings.width, spec.settings.height)
+    for shard, position, png in zip(batch["shard"], batch["position"], batch["png"]):
+        collected.setdefault(int(shard), {})[int(position)] = png
+        items = by_shard[int(shard)]
+        if len(collected[int(shard)]) == len(items):
+            by_position = collected.pop(int(shard))
+            pngs = [by_position[i] for i in range(len(items))]
+            bulk.write_shard(out, int(shard), spec, items, pngs, [size] * len(items))
+            log.debug("generate %s: shard %d written", out, int(shard))
+
+
 def run_generate_job(cfg, out: Path, spec: bulk.JobSpec) -> dict:
     """Generate every pending shard of `spec` into `out` on the current Ray cluster."""
     import ray
@@ -81,16 +95,10 @@ def run_generate_job(cfg, out: Path, spec: bulk.JobSpec) -> dict:
             num_gpus=cfg.synth.gpus_per_replica,
         )
         collected: dict[int, dict[int, bytes]] = {}
-        size = (spec.settings.width, spec.settings.height)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for shard, position, png in zip(batch["shard"], batch["position"], batch["png"]):
-                collected.setdefault(int(shard), {})[int(position)] = png
-                items = by_shard[int(shard)]
-                if len(collected[int(shard)]) == len(items):
-                    by_position = collected.pop(int(shard))
-                    pngs = [by_position[i] for i in range(len(items))]
-                    bulk.write_shard(out, int(shard), spec, items, pngs, [size] * len(items))
-                    log.info("generate %s: shard %d written", out, int(shard))
+        with bar("generate", "generate", sum(len(v) for v in by_shard.values()), "images", ray_data=True) as shown:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                shown.update(len(batch["png"]))
+                _collect(out, spec, by_shard, collected, batch)
     if not (out / bulk.MANIFEST_FILE).exists():
         bulk.write_manifest(out, spec, {"written_by": "dermaflux generate", "fuse_lora": cfg.synth.fuse_lora})
     return bulk.job_status(out)

@@ -9,13 +9,18 @@ Pure python + pydantic: no torch, no Ray.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dermaflux.caption.template import LesionAttributes, caption_from_attributes
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion.attributes import LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes
+from dermaflux.lesion import taxonomy
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 SIZE_MULTIPLE = 16  # Flux: VAE downsamples 8x, then 2x2 latent patches are packed
 
@@ -31,7 +36,8 @@ class RequestError(ValueError):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"2"`, `1.0` and `true` are not counts (lax pydantic would coerce them).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageRequest(_Body):
@@ -40,9 +46,9 @@ class ImageRequest(_Body):
     prompt: str | None = Field(None, description="free text; give this or `attributes`")
     attributes: LesionAttributes | None = Field(None, description="structured lesion attributes; give this or `prompt`")
     count: int = Field(1, ge=1, description="images to return; image i uses seed + i")
-    seed: int = Field(0, ge=0, lt=2**63)
+    seed: int = Field(0, ge=0, lt=2**63, description="seed + count - 1 must stay below 2**63")
     num_inference_steps: int | None = Field(None, ge=1, description="default: the preset's")
-    guidance_scale: float | None = Field(None, ge=0, description="default: the preset's")
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="default: the preset's")
     width: int | None = Field(None, ge=SIZE_MULTIPLE, description="pixels, multiple of 16; default: the preset's")
     height: int | None = Field(None, ge=SIZE_MULTIPLE, description="pixels, multiple of 16; default: the preset's")
     adapter: str | None = Field(None, description="adapter name (GET /v1/adapters); null: the base model")
@@ -63,11 +69,14 @@ class AugmentationRequest(_Body):
     class_targets: dict[str, int] | None = Field(None, description="explicit synthetic images per taxonomy code")
     bring_to: int | None = Field(None, ge=0, description="top every class of `corpus` (train split) up to N images")
     corpus: str | None = Field(None, description="corpus folder for `bring_to`")
-    out: str | None = Field(None, description="output folder; default: <jobs_dir>/<job_id>")
+    out: str | None = Field(
+        None, description="output folder: a name or relative path inside the service's jobs root "
+        "(synth.jobs_root); default: <job_id>. One job id writes to one folder for life"
+    )
     adapter: str | None = None
     seed: int = Field(0, ge=0, lt=2**63)
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     width: int | None = Field(None, ge=SIZE_MULTIPLE)
     height: int | None = Field(None, ge=SIZE_MULTIPLE)
 
@@ -107,7 +116,7 @@ class SampleRequest:
         return cls(data["prompt"], int(data["seed"]), Settings(**data["settings"]))
 
 
-def resolve_settings(body: ImageRequest | AugmentationRequest, cfg, adapters: list[str]) -> Settings:
+def resolve_settings(body: ImageRequest | AugmentationRequest, cfg: DermaFluxConfig, adapters: list[str]) -> Settings:
     """Fill defaults from the preset and check them against `synth.limits` and the served adapters."""
     limits = cfg.synth.limits
     width = body.width or cfg.synth.width or cfg.model.resolution
@@ -123,6 +132,8 @@ def resolve_settings(body: ImageRequest | AugmentationRequest, cfg, adapters: li
     guidance = body.guidance_scale
     if guidance is None:
         guidance = cfg.synth.guidance_scale if cfg.synth.guidance_scale is not None else cfg.model.guidance_scale
+    if not math.isfinite(guidance):
+        raise RequestError("guidance_scale", f"expected a finite number, got {guidance}")
     if guidance > limits.max_guidance:
         raise RequestError("guidance_scale", f"{guidance} exceeds the limit of {limits.max_guidance}")
     if body.adapter is not None and body.adapter not in adapters:
@@ -140,11 +151,16 @@ def check_token_budget(prompt: str, tokenizer, budget: int, field: str = "prompt
         raise RequestError(field, f"{n_tokens} tokens exceeds the budget of {budget} (model.max_sequence_length)")
 
 
-def expand_image_request(body: ImageRequest, cfg, adapters: list[str], tokenizer=None) -> list[SampleRequest]:
+def expand_image_request(body: ImageRequest, cfg: DermaFluxConfig, adapters: list[str], tokenizer=None) -> list[SampleRequest]:
     """One SampleRequest per image, or RequestError before any work starts."""
-    limit = cfg.synth.limits.max_images_per_request
+    limits = cfg.synth.limits
+    limit = limits.max_images_per_request
     if body.count > limit:
         raise RequestError("count", f"{body.count} exceeds the limit of {limit} images per request")
+    if body.seed + body.count > 2**63:  # image i uses seed + i; torch seeds are int64
+        raise RequestError("seed", f"seed + count - 1 = {body.seed + body.count - 1} exceeds 2**63 - 1")
+    if body.prompt is not None and len(body.prompt) > limits.max_prompt_chars:  # before the tokenizer sees it
+        raise RequestError("prompt", f"{len(body.prompt)} characters exceeds the limit of {limits.max_prompt_chars}")
     settings = resolve_settings(body, cfg, adapters)
     prompt = body.prompt if body.prompt is not None else caption_from_attributes(body.attributes, body.seed)
     check_token_budget(prompt, tokenizer, cfg.model.max_sequence_length, "prompt" if body.prompt else "attributes")
@@ -156,7 +172,7 @@ def check_labels(targets: dict[str, int], field: str = "class_targets") -> dict[
     for code, count in targets.items():
         if code not in taxonomy.LABELS:
             raise RequestError(f"{field}.{code}", f"unknown class {code!r}; known: {', '.join(taxonomy.CODES)}")
-        if not isinstance(count, int) or count < 0:
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise RequestError(f"{field}.{code}", f"expected a non-negative integer count, got {count!r}")
     return {code: targets[code] for code in sorted(targets)}
 

@@ -2,8 +2,10 @@
 
 Requests with equal settings (size, steps, guidance, adapter) go through one pipeline call,
 each with its own CPU `torch.Generator` seeded from the request, so an image depends only on
-(prompt, seed, adapter, settings), not on what it was batched with. The `AdapterPool`
-(synth/adapters.py) gives the pipeline for each adapter; the base is never reloaded.
+(prompt, seed, adapter, settings), not on what it was batched with. Prompts are styled and guidance is
+applied as the adapter was trained (`train.caption_style`, `train.sampling_guidance`, both recorded in
+the adapter). The `AdapterPool` (synth/adapters.py) gives the pipeline for each adapter; the base is
+never reloaded.
 Pure torch + diffusers: no Ray.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import io
 
 from dermaflux.synth.requests import SampleRequest, Settings
+from dermaflux.train.prompts import sampling_prompt
 
 
 def group_by_settings(requests: list[SampleRequest], max_batch_size: int) -> list[list[int]]:
@@ -44,15 +47,16 @@ def generate_images(
             for batch in group_by_settings(requests, max_batch_size):
                 settings = requests[batch[0]].settings
                 pipe = pool.pipeline_for(settings.adapter)
+                trained = trained_for(pool, settings.adapter)
                 # CPU generators: the same latents on any device, so a seed means one image everywhere.
                 generators = [torch.Generator("cpu").manual_seed(requests[i].seed) for i in batch]
                 with torch.inference_mode():
                     result = pipe(
-                        prompt=[requests[i].prompt for i in batch],
+                        prompt=[sampling_prompt(requests[i].prompt, trained["caption_style"]) for i in batch],
                         width=settings.width,
                         height=settings.height,
                         num_inference_steps=settings.num_inference_steps,
-                        guidance_scale=settings.guidance_scale,
+                        **guidance_arguments(trained, settings.guidance_scale, len(batch)),
                         generator=generators,
                         max_sequence_length=max_sequence_length,
                         output_type="pil",
@@ -64,6 +68,27 @@ def generate_images(
                 for name in set(pool.loaded()) - before:
                     pool.unload(name)
     return images
+
+
+def trained_for(pool, adapter: str | None) -> dict:
+    """How `adapter` was trained, as its adapter file records it: `caption_style` (train/prompts.py),
+    `sampling_guidance` (embedding or true_cfg) and `train_guidance`; the base model: captions, embedding."""
+    from dermaflux.model.adapters import read_adapter
+
+    meta = read_adapter(pool.folders[adapter]).meta if adapter is not None else {}
+    return {"caption_style": meta.get("caption_style", "caption"),
+            "sampling_guidance": meta.get("sampling_guidance", "embedding"),
+            "train_guidance": float(meta.get("train_guidance", 1.0))}
+
+
+def guidance_arguments(trained: dict, guidance_scale: float, count: int) -> dict:
+    """FluxPipeline arguments applying `guidance_scale` as the model was trained for (see `trained_for`):
+    into the guidance embedding, or as classifier-free guidance against the empty prompt (the negative prompt
+    FluxPipeline's true CFG contrasts with), the embedding then held at the training value."""
+    if trained["sampling_guidance"] == "true_cfg":
+        return {"guidance_scale": trained["train_guidance"], "true_cfg_scale": guidance_scale,
+                "negative_prompt": [""] * count}
+    return {"guidance_scale": guidance_scale}
 
 
 def encode_png(image) -> bytes:

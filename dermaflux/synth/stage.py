@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 from dermaflux.synth import bulk
-from dermaflux.synth.requests import AugmentationRequest, check_labels, resolve_settings
+from dermaflux.synth.requests import AugmentationRequest, check_labels
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
+
+log = logging.getLogger(__name__)
 
 
 def class_targets(cfg) -> dict[str, int]:
-    """synth.class_targets, else per_class for every taxonomy class, else bring_to over synth.corpus."""
+    """synth.class_targets, else per_class for every class of synth.corpus' train split (every taxonomy
+    class when no corpus is given), else bring_to over synth.corpus. With a corpus, a class it lacks is an error."""
     synth = cfg.synth
     targets: dict[str, int] = {}
     if synth.bring_to is not None:
@@ -18,42 +26,46 @@ def class_targets(cfg) -> dict[str, int]:
             raise ValueError("synth.bring_to needs synth.corpus (the corpus folder whose classes are topped up)")
         targets = bulk.bring_to_targets(synth.corpus, synth.bring_to)
     elif synth.per_class is not None:
-        targets = {code: synth.per_class for code in taxonomy.CODES}
+        if synth.corpus:
+            classes = list(bulk.corpus_class_counts(synth.corpus))
+            log.info("generate: %d per class for the classes of corpus %s: %s", synth.per_class, synth.corpus,
+                     ", ".join(classes))
+        else:
+            classes = list(taxonomy.CODES)
+            log.info("generate: no synth.corpus given, so %d per class for every taxonomy class (%s); set "
+                     "synth.corpus to generate only the classes a corpus has", synth.per_class, ", ".join(classes))
+        targets = {code: synth.per_class for code in classes}
     targets.update(synth.class_targets)
     if not targets or not sum(targets.values()):
         raise ValueError("nothing to generate: set synth.per_class (--per-class N), synth.class_targets or synth.bring_to")
-    return check_labels(targets, "synth.class_targets")
+    targets = check_labels(targets, "synth.class_targets")
+    if synth.corpus:
+        bulk.check_corpus_classes(targets, synth.corpus, "synth.class_targets")
+    return targets
 
 
 def job_spec(cfg) -> bulk.JobSpec:
-    from dermaflux.synth.adapters import adapter_folders
+    """The job `synth` describes, built by the same `bulk.job_spec` as the service's bulk jobs."""
+    from dermaflux.synth.adapter_pool import adapter_folders
 
     synth = cfg.synth
     if not synth.out:
         raise ValueError("synth.out is not set (--out DIR)")
     adapters = adapter_folders(synth.adapters)
-    adapter = synth.adapter or next(iter(adapters), None)
-    body = AugmentationRequest(job_id=Path(synth.out).name or "generate", class_targets={}, adapter=adapter)
-    settings = resolve_settings(body, cfg, sorted(adapters))
-    targets = class_targets(cfg)
-    limit = synth.limits.max_images_per_job
-    if sum(targets.values()) > limit:
-        raise ValueError(f"{sum(targets.values())} images exceeds synth.limits.max_images_per_job ({limit})")
-    return bulk.JobSpec(
-        job_id=body.job_id, targets=targets, settings=settings, seed=synth.seed, shard_size=synth.shard_size,
-        model=cfg.model.pretrained, adapter_path=adapters.get(adapter) if adapter else None,
+    request = AugmentationRequest(
+        job_id=Path(synth.out).name or "generate", class_targets=class_targets(cfg),
+        adapter=synth.adapter or next(iter(adapters), None), seed=synth.seed,
     )
+    return bulk.job_spec(cfg, request, adapters)
 
 
-def run(cfg) -> dict:
-    from dermaflux.config import save_effective_config
-    from dermaflux.ray_runtime import init_ray
+def run(cfg: DermaFluxConfig) -> dict:
+    from dermaflux.core.config import save_effective_config
     from dermaflux.synth.ray_generate import run_generate_job
 
     spec = job_spec(cfg)
     out = Path(cfg.synth.out).resolve()
-    resumed = bulk.prepare_job(out, spec)
+    resumed = bulk.prepare_job(out, spec)  # the job's own claim: a folder holds one job spec
     save_effective_config(cfg, out)
-    init_ray(cfg.ray)
     status = run_generate_job(cfg, out, spec)
     return {**status, "resumed": resumed}

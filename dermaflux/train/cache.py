@@ -1,6 +1,7 @@
 """Pre-computed training inputs on disk: VAE latents and CLIP/T5 embeddings, one row per image.
 
-`<out>/cache/shards/part-*.parquet` (CACHE_SCHEMA) + `<out>/cache/validation.pt` (the validation
+`<out>/cache/shards/part-*.parquet` (CACHE_SCHEMA; with dihedral augmentation a row's latents hold its
+8 views, [8, C, h, w], and its caption embeddings once) + `<out>/cache/validation.pt` (the validation
 prompts' embeddings) + `<out>/cache/vae_factors.json`; training reads `<out>/cache/train.arrow`,
 the train rows gathered into one memory-mapped Arrow file. Tensors are stored as raw bytes with their
 shape and dtype, so bf16 embeddings round-trip exactly. Latents are stored already shifted and
@@ -17,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dermaflux.artifacts import atomic_path, atomic_write_json
+from dermaflux.core.artifacts import atomic_path, atomic_write_json
+from dermaflux.model.loading import torch_dtype
 
 CACHE_SCHEMA = pa.schema(
     [
@@ -35,20 +37,13 @@ CACHE_SCHEMA = pa.schema(
     ]
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def bytes_to_tensor(blob: bytes, shape, dtype_name: str) -> torch.Tensor:
     raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    return raw.view(_DTYPES[dtype_name]).reshape(list(shape)).clone()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+    return raw.view(torch_dtype(dtype_name)).reshape(list(shape)).clone()
 
 
 def cache_shards(cache_dir: str | Path) -> list[Path]:
@@ -112,16 +107,30 @@ class CachedSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def rows(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents, prompt_embeds, pooled_prompt_embeds) of logical rows `indices`, stacked."""
+    @property
+    def views(self) -> int:
+        """Latent views cached per row: 8 with dihedral augmentation, else 1."""
+        shape = self.table.column("latents_shape")[0].as_py()
+        return shape[0] if len(shape) == 4 else 1
+
+    def rows(self, indices, views=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, prompt_embeds, pooled_prompt_embeds) of logical rows `indices`, stacked; `views` picks each
+        row's latent view (None: view 0, the image as it is). The embeddings are the row's own in every view."""
         # Row by row, not Table.take: take() concatenates a chunked column first, i.e. copies the split.
         physical = [int(i) for i in self.order[np.asarray(indices, dtype=np.int64)]]
+        views = [0] * len(physical) if views is None else [int(v) for v in views]
 
-        def stack(col):
+        def tensor(col, i):
             values, shapes, dtypes = (self.table.column(c) for c in (col, col + "_shape", "dtype"))
-            return torch.stack([bytes_to_tensor(values[i].as_py(), shapes[i].as_py(), dtypes[i].as_py()) for i in physical])
+            return bytes_to_tensor(values[i].as_py(), shapes[i].as_py(), dtypes[i].as_py())
 
-        return stack("latents"), stack("prompt_embeds"), stack("pooled_prompt_embeds")
+        def latent(i, view):
+            cached = tensor("latents", i)
+            return cached[view] if cached.dim() == 4 else cached  # [C, h, w]: a cache of one view
+
+        latents = torch.stack([latent(i, view) for i, view in zip(physical, views)])
+        return (latents, torch.stack([tensor("prompt_embeds", i) for i in physical]),
+                torch.stack([tensor("pooled_prompt_embeds", i) for i in physical]))
 
 
 def load_cached_set(cache_dir: str | Path, split: str = "train", max_rows: int | None = None) -> CachedSet:
@@ -131,22 +140,62 @@ def load_cached_set(cache_dir: str | Path, split: str = "train", max_rows: int |
     return data
 
 
-def sample_indices(num_rows: int, seed: int, start: int, count: int) -> np.ndarray:
-    """Positions [start, start+count) of an endless stream of per-epoch permutations (deterministic, resumable)."""
+def _epoch_stream(num_rows: int, start: int, count: int, epoch_values) -> np.ndarray:
+    """Positions [start, start+count) of an endless stream made of `epoch_values(epoch)` (num_rows each)."""
     out = np.empty(count, dtype=np.int64)
     filled = 0
     pos = start
     while filled < count:
         epoch, offset = divmod(pos, num_rows)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_rows)
+        values = epoch_values(epoch)
         take = min(count - filled, num_rows - offset)
-        out[filled : filled + take] = perm[offset : offset + take]
+        out[filled : filled + take] = values[offset : offset + take]
         filled += take
         pos += take
     return out
 
 
+def sample_indices(num_rows: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Positions [start, start+count) of an endless stream of per-epoch permutations (deterministic, resumable)."""
+    return _epoch_stream(num_rows, start, count, lambda epoch: np.random.default_rng([seed, epoch]).permutation(num_rows))
+
+
+def sample_views(num_rows: int, seed: int, start: int, count: int, views: int) -> np.ndarray:
+    """The latent view (0..views-1) each position of the sample stream uses: a function of the position alone,
+    so a resumed run sees the same augmented stream; each epoch draws every sample's view anew."""
+    if views == 1:
+        return np.zeros(count, dtype=np.int64)
+    # A third seed word keeps the views independent of the epoch's permutation.
+    return _epoch_stream(num_rows, start, count,
+                         lambda epoch: np.random.default_rng([seed, epoch, views]).integers(0, views, num_rows))
+
+
+def sample_dropped(num_rows: int, seed: int, start: int, count: int, rate: float) -> np.ndarray:
+    """Whether each position of the sample stream trains with the empty prompt (`train.caption_dropout`):
+    a function of the position alone, like the views, so a resumed run drops the same samples."""
+    if rate <= 0:
+        return np.zeros(count, dtype=bool)
+    # Its own seed word: independent of the permutation and of the views.
+    return _epoch_stream(num_rows, start, count,
+                         lambda epoch: np.random.default_rng([seed, epoch, 0xD0]).random(num_rows) < rate).astype(bool)
+
+
+def _micro_batch_start(micro_step: int, rank: int, world: int, micro_batch: int) -> int:
+    return (micro_step * world + rank) * micro_batch
+
+
 def micro_batch_indices(num_rows: int, seed: int, micro_step: int, rank: int, world: int, micro_batch: int) -> np.ndarray:
     """Rows for one worker's micro-batch: the global batch of micro-step k is split across ranks."""
-    start = (micro_step * world + rank) * micro_batch
-    return sample_indices(num_rows, seed, start, micro_batch)
+    return sample_indices(num_rows, seed, _micro_batch_start(micro_step, rank, world, micro_batch), micro_batch)
+
+
+def micro_batch_views(num_rows: int, seed: int, micro_step: int, rank: int, world: int, micro_batch: int,
+                      views: int) -> np.ndarray:
+    """The views of `micro_batch_indices`' rows."""
+    return sample_views(num_rows, seed, _micro_batch_start(micro_step, rank, world, micro_batch), micro_batch, views)
+
+
+def micro_batch_dropped(num_rows: int, seed: int, micro_step: int, rank: int, world: int, micro_batch: int,
+                        rate: float) -> np.ndarray:
+    """Which samples of `micro_batch_indices`' rows train with the empty prompt."""
+    return sample_dropped(num_rows, seed, _micro_batch_start(micro_step, rank, world, micro_batch), micro_batch, rate)

@@ -6,7 +6,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dermaflux.configbase import ConfigModel
+from dermaflux.core.config import ConfigModel
+from dermaflux.train.prompts import CaptionStyle
+
+# diffusers.optimization.get_scheduler's names (its piecewise_constant takes `lr_step_rules`).
+LrSchedulerName = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant"
+]
 
 # As in diffusers' train_dreambooth_lora_flux.py (its default --lora_layers).
 DEFAULT_LORA_TARGETS = [
@@ -45,11 +51,22 @@ class TrainConfig(ConfigModel):
     mode: Literal["lora", "full"] = Field("full", description="full for the tiny preset (its base never trained)")
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     steps: int = Field(300, ge=1, description="optimizer steps")
-    micro_batch: int = Field(8, ge=1, description="samples per worker per forward")
+    micro_batch: int | Literal["auto"] = Field(
+        8, description="samples per worker per forward; auto: micro-batch and gradient checkpointing picked from "
+        "the GPU memory free at start (train/memory.py; without CUDA: 1 and gradient_checkpointing as set)"
+    )
     grad_accum: int = Field(1, ge=1)
     lr: float = 3e-4
     weight_decay: float = 1e-4
-    warmup_steps: int = Field(20, ge=0)
+    lr_scheduler: LrSchedulerName = Field(
+        "constant_with_warmup", description="diffusers.optimization.get_scheduler name, stepped once per optimizer step"
+    )
+    warmup_steps: int = Field(20, ge=0, description="learning-rate warm-up steps (every schedule but constant)")
+    lr_num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: hard restarts")
+    lr_power: float = Field(1.0, gt=0, description="polynomial: decay power")
+    lr_step_rules: str | None = Field(
+        None, description="piecewise_constant: multipliers and their last steps, e.g. '1:100,0.1:200,0.01'"
+    )
     max_grad_norm: float = 1.0
     seed: int = 0
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
@@ -67,7 +84,37 @@ class TrainConfig(ConfigModel):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     max_images: int | None = Field(None, description="train images used (None: all); for quick runs")
+    augment: Literal["dihedral", "none"] = Field(
+        "dihedral", description="dihedral: each image is encoded in its 8 flips/90-degree rotations (dermoscopy has "
+        "no up) and every sample draws one of them; none: the image as it is"
+    )
+    caption_style: CaptionStyle = Field(
+        "caption", description="the prompt each caption row trains on (train/prompts.py): caption, the caption as "
+        "written; diagnosis, only the diagnosis it names. Recorded in the adapter, so sampling styles prompts alike"
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="fraction of samples trained with the empty prompt, so the model also "
+        "learns the unconditional velocity that classifier-free guidance (synth true_cfg_scale) contrasts with"
+    )
+    sampling_guidance: Literal["embedding", "true_cfg"] = Field(
+        "embedding", description="how sampling applies guidance_scale to what this run trains (recorded in the "
+        "adapter): embedding, into the guidance embedding (FLUX.1-dev is guidance-distilled); true_cfg, classifier-"
+        "free guidance against the empty prompt (two passes per step; needs caption_dropout > 0), the embedding "
+        "then held at model.train_guidance as in training (a model trained from scratch never learned it)"
+    )
+    text_tokens: int | Literal["auto"] = Field(
+        "auto", description="T5 tokens per caption; auto: the smallest of 64/128/256/512 that holds every caption "
+        "(at most model.max_sequence_length). A longer caption is an error naming its id, never cut"
+    )
+    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks (eager, with one "
+                          "warning, when compilation fails or under ZeRO-3)")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers fed by Ray Train's report callback: tensorboard (<out>/tensorboard), mlflow",
+    )
+    mlflow_tracking_uri: str | None = Field(None, description="mlflow: tracking URI (default <out>/mlruns)")
     checkpoint_every: int = Field(100, ge=1)
+    checkpoints_kept: int = Field(3, ge=1, description="newest checkpoints Ray Train keeps (older ones are deleted)")
     validate_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     validation_prompts: list[str] = Field(
@@ -84,15 +131,22 @@ class TrainConfig(ConfigModel):
     precompute_workers: int = Field(1, ge=1)
     vae_fit: VaeFitConfig = Field(default_factory=VaeFitConfig)
     max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
-    fault_at_step: int | None = Field(
-        None, description="testing hook: rank 1 exits hard after this step on the first attempt only"
+    resume: bool = Field(
+        False, description="insist on continuing a stopped run (an error when `out` holds no checkpoint); "
+        "re-running the same run continues it anyway"
     )
 
     @model_validator(mode="after")
     def _check(self):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
+        if isinstance(self.micro_batch, int) and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 or auto, got {self.micro_batch}")
+        if isinstance(self.text_tokens, int) and self.text_tokens < 1:
+            raise ValueError(f"text_tokens must be >= 1 or auto, got {self.text_tokens}")
+        if self.sampling_guidance == "true_cfg" and self.caption_dropout == 0:
+            raise ValueError("sampling_guidance true_cfg needs caption_dropout > 0 (the unconditional velocity it "
+                             "contrasts with is learned from the samples trained with the empty prompt)")
+        if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
+            raise ValueError("lr_scheduler piecewise_constant needs lr_step_rules (e.g. '1:100,0.1:200,0.01')")
         return self
-
-
-CONFIG = TrainConfig

@@ -1,4 +1,5 @@
-"""The DeepSpeed config built from ours (pure; the one place DeepSpeed keys are spelled)."""
+"""The DeepSpeed config built from ours (pure; the one place DeepSpeed keys are spelled), and the DeepSpeed ops
+our training leaves unbuilt."""
 
 from __future__ import annotations
 
@@ -30,3 +31,20 @@ def deepspeed_config(train_cfg) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+# Ops DeepSpeed would JIT-compile that our training never calls. Its TorchBackend builds the
+# shared-memory all-reduce op on the CPU accelerator at every `deepspeed.initialize`, but only its
+# inference all-reduce (AutoTP) uses it; ZeRO training reduces through torch.distributed (gloo on
+# CPU). The build needs a C++ compiler and took ~190 s on a loaded 2-core machine.
+UNUSED_OPS = ("deepspeed_shm_comm",)
+
+
+def skip_unused_op_builds() -> None:
+    """Mark UNUSED_OPS as not buildable here, so DeepSpeed neither compiles nor loads them; call in the worker
+    before `deepspeed.initialize`. (DeepSpeed keeps one `__compatible_ops__` dict per process; edits persist.)"""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    for name in UNUSED_OPS:
+        compatible[name] = False

@@ -48,7 +48,17 @@ def state_checksum(state: dict[str, torch.Tensor]) -> float:
     return float(sum(t.double().abs().sum().item() for t in state.values()))
 
 
-def lr_schedule(train_cfg):
-    """Linear warmup then constant, as a LambdaLR factor."""
-    warmup = max(train_cfg.warmup_steps, 0)
-    return lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0
+def lr_scheduler(optimizer, train_cfg):
+    """diffusers' schedule `train.lr_scheduler` over `train.steps` optimizer steps (a LambdaLR: DeepSpeed saves
+    and restores its position with the engine state).
+
+    Optimizer step k (from 1) runs at lr * factor(k - 1): with a warm-up the first step's factor is 0,
+    as in diffusers' trainers. Extending a run (more `train.steps`) stretches the decaying schedules.
+    """
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        train_cfg.lr_scheduler, optimizer, step_rules=train_cfg.lr_step_rules,
+        num_warmup_steps=train_cfg.warmup_steps, num_training_steps=train_cfg.steps,
+        num_cycles=train_cfg.lr_num_cycles, power=train_cfg.lr_power,
+    )

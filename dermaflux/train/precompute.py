@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 
-from dermaflux.artifacts import parquet_shards
-from dermaflux.train.cache import dtype_name, tensor_to_bytes
+from dermaflux.core.artifacts import parquet_shards
+from dermaflux.model.loading import dtype_name
+from dermaflux.train.augment import VIEWS, dihedral
+from dermaflux.train.cache import tensor_to_bytes
 from dermaflux.train.encode import decode_images, encode_captions, encode_images
+from dermaflux.train.prompts import training_prompt
 
 CAPTION_COLUMNS = ["id", "split", "label", "caption", "image"]
 
@@ -24,19 +28,39 @@ def load_text_and_vae(model_cfg, vae_dir: str | None):
 
     components = {"transformer": None}
     if vae_dir:
-        components["vae"] = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype(model_cfg.dtype))
+        components["vae"] = AutoencoderKL.from_pretrained(vae_dir, dtype=torch_dtype(model_cfg.dtype))
     pipe = load_pipeline(model_cfg, **components)
     return pipe
 
 
-def encode_rows(pipe, batch: dict, resolution: int, max_sequence_length: int) -> dict:
-    """A columnar batch of caption rows -> a columnar batch of CACHE_SCHEMA rows."""
-    captions = [str(c) for c in batch["caption"]]
-    for row_id, caption in zip(batch["id"], captions):
-        if not caption.strip():
+def encode_views(vae, images: torch.Tensor, views: int) -> torch.Tensor:
+    """Latents of each image's `views` dihedral views: [B, C, h, w] for one view, else [B, views, C, h, w]."""
+    if views == 1:
+        return encode_images(vae, images)
+    # One VAE pass per view (not all views in one batch): the peak memory of the plain pre-compute.
+    return torch.stack([encode_images(vae, dihedral(images, view)) for view in range(views)], dim=1)
+
+
+def styled_captions(batch: dict, caption_style: str) -> list[str]:
+    """The prompts a columnar batch of caption rows trains on (train.caption_style); an empty caption is an error."""
+    prompts = []
+    for row_id, caption, label in zip(batch["id"], batch["caption"], batch["label"]):
+        if not str(caption).strip():
             raise ValueError(f"caption row {row_id}: empty caption")
+        try:
+            prompts.append(training_prompt(str(caption), label, caption_style))
+        except ValueError as err:
+            raise ValueError(f"caption row {row_id}: {err}") from None
+    return prompts
+
+
+def encode_rows(pipe, batch: dict, resolution: int, max_sequence_length: int, augment: str = "none",
+                caption_style: str = "caption") -> dict:
+    """A columnar batch of caption rows -> a columnar batch of CACHE_SCHEMA rows (`augment`: train.augment);
+    the `caption` column holds the prompt as encoded (train.caption_style)."""
+    captions = styled_captions(batch, caption_style)
     images = decode_images(list(batch["image"]), resolution)
-    latents = encode_images(pipe.vae, images)
+    latents = encode_views(pipe.vae, images, VIEWS[augment])
     prompt_embeds, pooled = encode_captions(pipe, captions, max_sequence_length)
     dtype = dtype_name(prompt_embeds.dtype)
     latents = latents.to(prompt_embeds.dtype)

@@ -13,9 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dermaflux.artifacts import atomic_path, atomic_write_json
+from dermaflux.core.artifacts import atomic_path, atomic_write_json
+from dermaflux.train.augment import VIEWS
 from dermaflux.train.cache import CACHE_SCHEMA, cache_shards
-from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
+from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae, styled_captions
+from dermaflux.train.prompts import sampling_prompt
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +25,22 @@ log = logging.getLogger(__name__)
 class CaptionEncoder:
     """A Ray Data actor: loads the encoders once, then encodes batches."""
 
-    def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int):
-        from dermaflux.config import ModelConfig
+    def __init__(self, model_cfg_json: dict, vae_dir: str | None, resolution: int, max_sequence_length: int,
+                 augment: str = "none", use_gpu: bool = False, caption_style: str = "caption"):
+        from dermaflux.model.config import ModelConfig
 
         torch.set_num_threads(1)
         self.pipe = load_text_and_vae(ModelConfig.model_validate(model_cfg_json), vae_dir)
+        if use_gpu:  # Ray gave this actor a GPU (num_gpus=1): T5-XXL and 8 VAE views per image are GPU work
+            self.pipe.to("cuda")
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
+        self.augment = augment
+        self.caption_style = caption_style
 
     def __call__(self, batch: dict) -> dict:
-        return encode_rows(self.pipe, batch, self.resolution, self.max_sequence_length)
+        return encode_rows(self.pipe, batch, self.resolution, self.max_sequence_length, self.augment,
+                           self.caption_style)
 
 
 def _existing_ids(cache_dir: Path) -> set[str]:
@@ -42,11 +50,43 @@ def _existing_ids(cache_dir: Path) -> set[str]:
     return ids
 
 
+def text_token_plan(cfg, table: pa.Table) -> dict:
+    """The T5 length this run encodes at (train.text_tokens), from the token counts of every caption in `table`
+    and of the validation prompts, in train.caption_style; an error naming the ids of captions that do not fit."""
+    from transformers import AutoTokenizer
+
+    from dermaflux.model.loading import resolve_pretrained
+    from dermaflux.train.text_length import pick_text_tokens, token_counts
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(cfg.model), subfolder="tokenizer_2",
+                                              revision=cfg.model.revision)
+    prompts = validation_prompts(cfg.train)
+    ids = [f"caption row {i}" for i in table["id"].to_pylist()]
+    ids += [f"train.validation_prompts[{n}]" for n in range(len(prompts))]
+    rows = {"id": table["id"].to_pylist(), "caption": table["caption"].to_pylist(),
+            "label": table["label"].to_pylist() if "label" in table.column_names else [None] * table.num_rows}
+    captions = styled_captions(rows, cfg.train.caption_style)
+    counts = token_counts(tokenizer, captions + prompts)
+    return pick_text_tokens(zip(ids, counts), cfg.model.max_sequence_length, cfg.train.text_tokens)
+
+
+def _check_cached_length(cache_dir: Path, text_tokens: int) -> None:
+    """Rows cached by an earlier attempt must have been encoded at the length this one picks."""
+    shards = cache_shards(cache_dir)
+    if not shards:
+        return
+    first = pq.read_table(shards[0], columns=["prompt_embeds_shape"])["prompt_embeds_shape"]
+    cached = first[0].as_py()[0] if len(first) else text_tokens
+    if cached != text_tokens:
+        raise ValueError(f"{cache_dir}: rows cached at {cached} T5 tokens, but these captions need {text_tokens} "
+                         "(the captions changed?): remove the cache folder to re-encode")
+
+
 def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: dict | None = None) -> dict:
     """Encode the rows of cfg.train.captions not yet in `cache_dir`. `max_images`: split -> limit (quick runs)."""
     import ray
 
-    from dermaflux.ray_runtime import init_ray
+    from dermaflux.core.runtime import init_ray
 
     init_ray(cfg.ray)
     cache_dir = Path(cache_dir)
@@ -60,20 +100,25 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
             limit = max_images.get(split)
             parts.append(sub.slice(0, limit) if limit is not None else sub)
         table = pa.concat_tables(parts)
+    text_tokens = text_token_plan(cfg, table)
+    _check_cached_length(cache_dir, text_tokens["length"])
     done = _existing_ids(cache_dir)
     todo = table.filter(pa.compute.invert(pa.compute.is_in(table["id"], value_set=pa.array(sorted(done), pa.string()))))
-    summary = {"rows": table.num_rows, "cached_before": len(done & set(table["id"].to_pylist())), "encoded": 0}
+    summary = {"rows": table.num_rows, "cached_before": len(done & set(table["id"].to_pylist())), "encoded": 0,
+               "text_tokens": text_tokens, "views": VIEWS[cfg.train.augment]}
     if todo.num_rows == 0:
         return summary
     log.info("pre-compute: encoding %d of %d rows (%d already cached)", todo.num_rows, table.num_rows, len(done))
     ds = ray.data.from_arrow(todo)
     encoded = ds.map_batches(
         CaptionEncoder,
-        fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, cfg.model.max_sequence_length),
+        fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, text_tokens["length"],
+                             cfg.train.augment, cfg.train.use_gpu, cfg.train.caption_style),
         batch_size=cfg.train.precompute_batch,
         batch_format="numpy",
-        concurrency=cfg.train.precompute_workers,
+        compute=ray.data.ActorPoolStrategy(size=cfg.train.precompute_workers),
         num_cpus=1,
+        num_gpus=1 if cfg.train.use_gpu else 0,
     )
     part = len(cache_shards(cache_dir))
     (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -89,17 +134,30 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
     return summary
 
 
-def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None) -> Path:
-    """The validation prompts' embeddings, so training workers render without text encoders."""
-    from dermaflux.artifacts import atomic_path
+def validation_prompts(train_cfg) -> list[str]:
+    """train.validation_prompts in train.caption_style, as sampling would style them."""
+    return [sampling_prompt(p, train_cfg.caption_style) for p in train_cfg.validation_prompts]
+
+
+def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None, text_tokens: int | None = None) -> Path:
+    """The validation prompts' embeddings (at `text_tokens`, default model.max_sequence_length), so training
+    workers render without text encoders; and the empty prompt's, which caption dropout trains on."""
+    from dermaflux.core.artifacts import atomic_path
     from dermaflux.train.encode import encode_captions
 
     path = Path(cache_dir) / "validation.pt"
     if path.exists():
         return path
     pipe = load_text_and_vae(cfg.model, vae_dir)
-    prompt_embeds, pooled = encode_captions(pipe, cfg.train.validation_prompts, cfg.model.max_sequence_length)
+    if cfg.train.use_gpu and torch.cuda.is_available():  # a driver on a CPU-only head node encodes on its CPU
+        pipe.to("cuda")
+    prompts = validation_prompts(cfg.train)
+    prompt_embeds, pooled = encode_captions(pipe, prompts + [""], text_tokens or cfg.model.max_sequence_length)
+    prompt_embeds, pooled = prompt_embeds.cpu(), pooled.cpu()
+    if pipe.device.type == "cuda":  # the driver keeps running beside the workers: give T5-XXL's 10 GB back
+        del pipe
+        torch.cuda.empty_cache()
     with atomic_path(path) as tmp:
-        torch.save({"prompts": list(cfg.train.validation_prompts), "prompt_embeds": prompt_embeds,
-                    "pooled_prompt_embeds": pooled}, tmp)
+        torch.save({"prompts": prompts, "prompt_embeds": prompt_embeds[:-1], "pooled_prompt_embeds": pooled[:-1],
+                    "empty_prompt_embeds": prompt_embeds[-1], "empty_pooled_prompt_embeds": pooled[-1]}, tmp)
     return path

@@ -1,18 +1,19 @@
-"""Ray Train driver: the per-worker loop runs the rectified-flow step under DeepSpeed ZeRO.
+"""Ray Train driver: each worker runs a `Trainer`, the rectified-flow step under DeepSpeed ZeRO.
 
 Everything model-specific is in flow.py / model_setup.py; this module owns distribution:
 DeepSpeed init, the data position per rank, checkpoints through ray.train.report (DeepSpeed
 engine state + a loadable adapter + validation grid), and restart after a lost worker.
+`run_training` (the driver side) starts the TorchTrainer whose train function is `train_worker`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +21,6 @@ import torch
 log = logging.getLogger(__name__)
 
 DS_TAG = "state"
-FAULT_MARKER = ".fault-injected"  # testing hook: a worker exits hard once, then the marker stops it
 
 
 def _inference_transformer(base_dir: str, train_cfg, state: dict, dtype):
@@ -80,125 +80,300 @@ def _gather_trainable(engine, transformer, train_cfg) -> dict:
     return trainable_state_dict(transformer, train_cfg)
 
 
-def train_worker(loop_cfg: dict) -> None:
-    """The function Ray Train runs on each worker."""
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+class Trainer:
+    """One Ray Train worker's run, read top to bottom as torchtitan's Trainer:
+    `train()` -> `train_step()` -> `forward_backward_step()`, then `report()` -> `checkpoint()` -> `save()` / `validate()`.
 
-    from dermaflux.config import DermaFluxConfig
-    from dermaflux.model.adapters import save_adapter
-    from dermaflux.model.loading import resolve_pretrained
-    from dermaflux.train.cache import load_cached_set, micro_batch_indices
-    from dermaflux.train.ds_config import deepspeed_config, use_bf16
-    from dermaflux.train.flow import FlowBatch, flow_matching_loss, train_guidance_for
-    from dermaflux.train.model_setup import lr_schedule, prepare_transformer, state_checksum
-    from dermaflux.train.validation import image_grid, render_validation, save_png, write_loss_curve
+    `hooks` are callables `hook(trainer, step)` run after every optimizer step, before its report;
+    tests pass them (e.g. a worker that dies once) through `run_training(..., hooks=...)`.
+    """
 
-    cfg = DermaFluxConfig.model_validate(loop_cfg["cfg"])
-    tc = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not tc.use_gpu:
-        torch.set_num_threads(max(tc.cpus_per_worker, 1))
-    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if use_bf16(tc) else torch.float32
-    base_dir = resolve_pretrained(cfg.model)
-    cache_dir, run_dir = Path(loop_cfg["cache_dir"]), Path(loop_cfg["run_dir"])
+    def __init__(self, loop_cfg: dict):
+        import ray.train
+        from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(tc.seed)  # identical LoRA init on every rank
-    transformer = FluxTransformer2DModel.from_pretrained(base_dir, subfolder="transformer")
-    params = prepare_transformer(transformer, tc)
-    guidance = train_guidance_for(transformer.config, cfg.model)
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(tc))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=transformer, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc),
-        dist_init_required=False,
-    )
+        from dermaflux.config import DermaFluxConfig
+        from dermaflux.model.loading import resolve_pretrained
+        from dermaflux.train.ds_config import use_bf16
 
-    step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_cfg.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_cfg["resume_from"])
-    if checkpoint is not None:
+        self.cfg = DermaFluxConfig.model_validate(loop_cfg["cfg"])
+        tc = self.cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.hooks = list(loop_cfg.get("hooks", ()))
+        if not tc.use_gpu:
+            torch.set_num_threads(max(tc.cpus_per_worker, 1))
+        self.device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+        if self.device.type == "cuda":
+            # cuDNN's SDPA backward failed on Flux's joint attention on an H200 (torch 2.11 + cu130, issue 11);
+            # the flash and memory-efficient kernels run it.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        self.dtype = torch.bfloat16 if use_bf16(tc) else torch.float32
+        self.base_dir = resolve_pretrained(self.cfg.model)
+        self.state_mb: float | None = None  # measured once per process, see train_step
+        self._load_data(Path(loop_cfg["cache_dir"]), loop_cfg.get("vae_dir"))
+        self.transformer = FluxTransformer2DModel.from_pretrained(self.base_dir, subfolder="transformer")
+        self.tc = self._resolve_batch(tc)  # ints from here on: micro_batch "auto" measured once
+        self._build_engine()
+        self.step, self.history = self._resume(loop_cfg.get("resume_from"))
+
+    def _resolve_batch(self, tc):
+        """`train.micro_batch: auto`: micro-batch and gradient checkpointing from the free GPU memory (before the
+        transformer moves there) and this cache's tokens per sample; without CUDA, 1 and the configured value."""
+        from dermaflux.train.memory import pick_micro_batch, size_class
+
+        latents, prompt_embeds, _ = self.data.rows([0])
+        self.text_tokens = int(prompt_embeds.shape[1])
+        if tc.micro_batch != "auto":
+            return tc
+        free_gib = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
+        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) + self.text_tokens
+        shards = self.world if tc.zero_stage == 3 else 1
+        picked = pick_micro_batch(free_gib, size_class(self.transformer.config), tokens, shards)
+        micro_batch, checkpointing = picked or (1, tc.gradient_checkpointing)
+        if self.rank == 0:
+            free = "no GPU" if free_gib is None else f"{free_gib:.0f} GiB free"
+            print(f"train.micro_batch auto: {micro_batch}, gradient checkpointing {checkpointing} "
+                  f"({free}, {tokens} tokens per sample)", flush=True)
+        return tc.model_copy(update={"micro_batch": micro_batch, "gradient_checkpointing": checkpointing})
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        from dermaflux.train.ds_config import deepspeed_config, skip_unused_op_builds
+        from dermaflux.train.flow import train_guidance_for
+        from dermaflux.train.model_setup import lr_scheduler, prepare_transformer
+
+        tc = self.tc
+        torch.manual_seed(tc.seed)  # identical LoRA init on every rank
+        params = prepare_transformer(self.transformer, tc)
+        self.guidance = train_guidance_for(self.transformer.config, self.cfg.model)
+        self.compiled = self._compile() if tc.compile else False
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        skip_unused_op_builds()
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, tc),
+            config=deepspeed_config(tc), dist_init_required=False,
+        )
+
+    def _compile(self) -> bool:
+        """Compile the repeated blocks, probed by one forward + backward at the training shape before DeepSpeed
+        hooks the gradients (so the probe leaves no state); False (eager, one warning) when that fails."""
+        from dermaflux.train.compile import compile_blocks
+        from dermaflux.train.flow import flow_matching_loss
+
+        if self.tc.zero_stage == 3:
+            if self.rank == 0:
+                log.warning("train.compile: not under ZeRO-3 (its parameter hooks break compiled graphs); "
+                            "training runs eager")
+            return False
+        self.transformer.to(self.device, self.dtype)  # what DeepSpeed would do: compile for the real dtype
+
+        def probe() -> None:
+            try:
+                batch, gen = self._micro_batch(0)
+                flow_matching_loss(self.transformer, batch, self.tc, self.guidance, gen).backward()
+            finally:
+                self.transformer.zero_grad(set_to_none=True)
+
+        return compile_blocks(self.transformer, probe)
+
+    def _resume(self, resume_from: str | None) -> tuple[int, list[dict]]:
+        """(step, loss history) of the checkpoint Ray restores after a lost worker, or of `resume_from`."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and resume_from:
+            checkpoint = ray.train.Checkpoint(resume_from)
+        if checkpoint is None:
+            return 0, []
+        lora = self.tc.mode == "lora"
         with checkpoint.as_directory() as ckpt_dir:
-            _, client = engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=DS_TAG)
-        step, history = int(client["step"]), list(client["history"])
-        log.info("rank %d: resumed at step %d from %s", rank, step, checkpoint.path)
+            # LoRA checkpoints hold no frozen base weights (see `checkpoint`): not strict about their keys, so the
+            # restored trainable weights are checked against the checksum saved with them instead.
+            _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=DS_TAG,
+                                                    load_module_strict=not lora)
+        self._check_restored(client, checkpoint.path)
+        log.info("rank %d: resumed at step %d from %s", self.rank, client["step"], checkpoint.path)
+        return int(client["step"]), list(client["history"])
 
-    data = load_cached_set(cache_dir, "train", tc.max_images)
-    validation = torch.load(cache_dir / "validation.pt") if (cache_dir / "validation.pt").exists() else None
-    vae = None
-    if rank == 0:  # only rank 0 renders and saves
-        vae_source = {"pretrained_model_name_or_path": loop_cfg["vae_dir"]} if loop_cfg.get("vae_dir") else \
-            {"pretrained_model_name_or_path": base_dir, "subfolder": "vae"}
-        vae = AutoencoderKL.from_pretrained(**vae_source).to(device, dtype)
-    fault_marker = run_dir / FAULT_MARKER
+    def _check_restored(self, client: dict, where: str) -> None:
+        from dermaflux.train.model_setup import state_checksum
 
-    while step < tc.steps:
+        saved = client.get("weights_checksum")
+        if saved is None:  # a checkpoint written before the checksum was saved with it
+            return
+        restored = state_checksum(_gather_trainable(self.engine, self.transformer, self.tc))  # collective (ZeRO-3)
+        if abs(restored - saved) > 1e-6 * max(abs(saved), 1.0):
+            raise RuntimeError(f"checkpoint {where}: the restored trainable weights differ from the saved ones "
+                               f"(checksum {restored} != {saved})")
+
+    def _load_data(self, cache_dir: Path, vae_dir: str | None) -> None:
+        from diffusers import AutoencoderKL
+
+        from dermaflux.train.cache import load_cached_set
+
+        self.data = load_cached_set(cache_dir, "train", self.cfg.train.max_images)
+        self.validation = torch.load(cache_dir / "validation.pt") if (cache_dir / "validation.pt").exists() else None
+        self.empty_prompt = None
+        if self.cfg.train.caption_dropout > 0:
+            if self.validation is None or "empty_prompt_embeds" not in self.validation:
+                raise ValueError(f"train.caption_dropout: {cache_dir}/validation.pt holds no empty-prompt embeddings "
+                                 "(a cache from before caption dropout): remove the cache folder to re-encode")
+            self.empty_prompt = (self.validation["empty_prompt_embeds"], self.validation["empty_pooled_prompt_embeds"])
+        self.vae = None
+        if self.rank == 0:  # only rank 0 renders and saves
+            source = {"pretrained_model_name_or_path": vae_dir} if vae_dir else \
+                {"pretrained_model_name_or_path": self.base_dir, "subfolder": "vae"}
+            self.vae = AutoencoderKL.from_pretrained(**source).to(self.device, self.dtype)
+
+    def train(self) -> None:
+        while self.step < self.tc.steps:
+            record = self.train_step()
+            for hook in self.hooks:
+                hook(self, self.step)
+            self.report(record)
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns its record (also kept in the history)."""
+        import torch.distributed as dist
+
+        tc = self.tc
         started = time.perf_counter()
-        micro_losses = []
-        for micro in range(tc.grad_accum):
-            k = step * tc.grad_accum + micro  # the data position: a resumed run continues the same stream
-            idx = torch.from_numpy(micro_batch_indices(len(data), tc.seed, k, rank, world, tc.micro_batch))
-            batch = FlowBatch(*data.rows(idx)).to(device, dtype)
-            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + k * 1_009 + rank)
-            loss = flow_matching_loss(engine, batch, tc, guidance, gen)
-            engine.backward(loss)
-            engine.step()
-            micro_losses.append(loss.detach().float())
-        step += 1
-        loss_t = torch.stack(micro_losses).mean().reshape(1)
-        dist.all_reduce(loss_t)
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step runs at (the scheduler steps with the optimizer)
+        micro_losses = [self.forward_backward_step(self.step * tc.grad_accum + micro) for micro in range(tc.grad_accum)]
+        self.step += 1
+        loss = torch.stack(micro_losses).mean().reshape(1)
+        dist.all_reduce(loss)
         elapsed = time.perf_counter() - started
-        record = {"step": step, "loss": float(loss_t) / world, "lr": scheduler.get_last_lr()[0],
-                  "samples_per_s": tc.micro_batch * tc.grad_accum * world / elapsed, "peak_mem_mb": _peak_memory_mb(device),
-                  "rank_state_mb": _rank_state_mb(engine, optimizer)}
-        history.append(record)
+        if self.state_mb is None:  # fixed once AdamW has built its state: no walk over the parameters every step
+            self.state_mb = _rank_state_mb(self.engine, self.optimizer)
+        record = {"step": self.step, "loss": float(loss) / self.world, "lr": lr,
+                  "samples_per_s": tc.micro_batch * tc.grad_accum * self.world / elapsed,
+                  "peak_mem_mb": _peak_memory_mb(self.device), "rank_state_mb": self.state_mb}
+        self.history.append(record)
+        return record
 
-        if tc.fault_at_step is not None and rank == 1 and step == tc.fault_at_step and not fault_marker.exists():
-            fault_marker.write_text(json.dumps({"step": step, "pid": os.getpid()}))
-            log.warning("fault injection: rank 1 exits hard after step %d", step)
-            os._exit(1)
+    def forward_backward_step(self, micro_step: int) -> torch.Tensor:
+        """Loss of this rank's micro-batch `micro_step`, back-propagated; DeepSpeed steps the optimizer at the
+        accumulation boundary (engine.step() is called after every micro-batch)."""
+        from dermaflux.train.flow import flow_matching_loss
 
-        do_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
-        do_val = validation is not None and (step % tc.validate_every == 0 or step == tc.steps)
-        if not (do_ckpt or do_val or step % tc.log_every == 0):
-            continue
-        metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * world / len(data)}
-        if rank == 0:  # the progress display: Ray forwards worker stdout to the driver
-            print(f"train step {step}/{tc.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                  f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}", flush=True)
-        if not (do_ckpt or do_val):
+        batch, gen = self._micro_batch(micro_step)
+        loss = flow_matching_loss(self.engine, batch, self.tc, self.guidance, gen)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach().float()
+
+    def _micro_batch(self, micro_step: int):
+        """(FlowBatch, noise generator) of this rank's micro-batch `micro_step`: rows, their augmented views and
+        the noise are functions of the data position, so a resumed run continues the same stream."""
+        from dermaflux.train.cache import micro_batch_dropped, micro_batch_indices, micro_batch_views
+        from dermaflux.train.flow import FlowBatch
+
+        tc, n = self.tc, len(self.data)
+        position = (micro_step, self.rank, self.world, tc.micro_batch)
+        idx = micro_batch_indices(n, tc.seed, *position)
+        views = micro_batch_views(n, tc.seed, *position, self.data.views)
+        latents, prompt_embeds, pooled = self.data.rows(idx, views)
+        dropped = torch.from_numpy(micro_batch_dropped(n, tc.seed, *position, tc.caption_dropout))
+        if dropped.any():  # train.caption_dropout: these samples learn the unconditional velocity
+            prompt_embeds[dropped], pooled[dropped] = self.empty_prompt
+        batch = FlowBatch(latents, prompt_embeds, pooled).to(self.device, self.dtype)
+        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro_step * 1_009 + self.rank)
+        return batch, gen
+
+    def report(self, record: dict) -> None:
+        """Metrics to Ray Train every log_every steps; with a checkpoint on checkpoint/validation steps."""
+        import ray.train
+
+        tc, step = self.tc, self.step
+        save = step % tc.checkpoint_every == 0 or step == tc.steps
+        render = self.validation is not None and (step % tc.validate_every == 0 or step == tc.steps)
+        if not (save or render or step % tc.log_every == 0):
+            return
+        metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * self.world / len(self.data),
+                   "micro_batch": tc.micro_batch, "gradient_checkpointing": int(tc.gradient_checkpointing),
+                   "compiled": int(self.compiled), "text_tokens": self.text_tokens}
+        if self.rank == 0:  # the driver's progress bar (Ray forwards worker stdout to the driver)
+            from dermaflux.core.progress import report_progress
+
+            report_progress("train", step, tc.steps, f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                            f"{record['samples_per_s']:.1f} samples/s epoch {metrics['epoch']:.2f}")
+        if save or render:
+            self.checkpoint(metrics, save=save, render=render)
+        else:
             ray.train.report(metrics)
-            continue
-        ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dfx-step{step}-r{rank}-"))
-        if do_ckpt:
-            engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=DS_TAG, client_state={"step": step, "history": history})
-        state = _gather_trainable(engine, transformer, tc)  # collective under ZeRO-3: every rank joins
-        if rank == 0:
-            metrics["weights_checksum"] = state_checksum(state)
-            # Below ZeRO-3 every rank holds whole weights: render in place. ZeRO-3 shards need a plain copy.
-            model = transformer if tc.zero_stage < 3 else _inference_transformer(base_dir, tc, state, dtype).to(device)
-            if do_ckpt:
-                save_adapter(ckpt_dir / "adapter", model, kind=tc.mode, base=cfg.model.pretrained, vae=vae,
-                             lora_state_dict=state if tc.mode == "lora" else None,
-                             meta={"step": step, "weights_checksum": metrics["weights_checksum"]})
-                write_loss_curve(history, ckpt_dir)
-            if do_val:
-                sched = FlowMatchEulerDiscreteScheduler.from_pretrained(base_dir, subfolder="scheduler")
-                images = render_validation(model, vae, sched, validation, tc.validation_seeds,
-                                           cfg.model.resolution, tc.validation_steps or cfg.model.num_inference_steps,
-                                           cfg.model.guidance_scale)
-                save_png(image_grid(images, cols=len(tc.validation_seeds)), ckpt_dir / f"validation-{step:06d}.png")
-            if model is transformer:
-                transformer.train()
+
+    def checkpoint(self, metrics: dict, save: bool, render: bool) -> None:
+        """Report `metrics` with a checkpoint folder: DeepSpeed state (all ranks) when `save`; rank 0 adds the
+        adapter and loss curve (`save`) and the validation grid (`render`)."""
+        import ray.train
+
+        from dermaflux.train.model_setup import state_checksum
+
+        ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dfx-step{self.step}-r{self.rank}-"))
+        state = _gather_trainable(self.engine, self.transformer, self.tc)  # collective under ZeRO-3: every rank joins
+        checksum = state_checksum(state)
+        if save:
+            # LoRA: without the frozen base (24 GB for FLUX.1-dev, per checkpoint), which resuming loads from the
+            # base model anyway.
+            self.engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=DS_TAG,
+                                        client_state={"step": self.step, "history": self.history,
+                                                      "weights_checksum": checksum},
+                                        exclude_frozen_parameters=self.tc.mode == "lora")
+        if self.rank == 0:
+            metrics["weights_checksum"] = checksum
+            # Below ZeRO-3 every rank holds whole weights: use them in place. ZeRO-3 shards need a plain copy.
+            model = self.transformer if self.tc.zero_stage < 3 else \
+                _inference_transformer(self.base_dir, self.tc, state, self.dtype).to(self.device)
+            if save:
+                self.save(ckpt_dir, model, state, metrics["weights_checksum"])
+            if render:
+                self.validate(ckpt_dir, model)
+            if model is self.transformer:
+                self.transformer.train()
         del state
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
-                         checkpoint_dir_name=f"step-{step:06d}")
+                         checkpoint_dir_name=f"step-{self.step:06d}")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def save(self, ckpt_dir: Path, model, state: dict, checksum: float) -> None:
+        """`adapter/` (loadable by FluxPipeline, with the fitted VAE) and `loss.csv`/`loss.png` (rank 0)."""
+        from dermaflux.model.adapters import save_adapter
+        from dermaflux.train.validation import write_loss_curve
+
+        tc = self.tc
+        save_adapter(ckpt_dir / "adapter", model, kind=tc.mode, base=self.cfg.model.pretrained, vae=self.vae,
+                     lora_state_dict=state if tc.mode == "lora" else None,
+                     meta={"step": self.step, "weights_checksum": checksum, "text_tokens": self.text_tokens,
+                           "caption_style": tc.caption_style, "caption_dropout": tc.caption_dropout,
+                           "sampling_guidance": tc.sampling_guidance, "train_guidance": self.cfg.model.train_guidance})
+        write_loss_curve(self.history, ckpt_dir)
+
+    def validate(self, ckpt_dir: Path, model) -> None:
+        """`validation-<step>.png`: one row per validation prompt, one column per seed (rank 0)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from dermaflux.train.compile import eager
+        from dermaflux.train.validation import image_grid, render_validation, save_png
+
+        tc, model_cfg = self.tc, self.cfg.model
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base_dir, subfolder="scheduler")
+        # As sampling applies guidance to this run's adapter (train.sampling_guidance, synth/sampling.py).
+        guidance, true_cfg = model_cfg.guidance_scale, None
+        if tc.sampling_guidance == "true_cfg":
+            guidance, true_cfg = model_cfg.train_guidance, model_cfg.guidance_scale
+        with eager():  # other shapes than training's: no recompilation of compiled blocks
+            images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds,
+                                       model_cfg.resolution, tc.validation_steps or model_cfg.num_inference_steps,
+                                       guidance, true_cfg)
+        save_png(image_grid(images, cols=len(tc.validation_seeds)), ckpt_dir / f"validation-{self.step:06d}.png")
+
+
+def train_worker(loop_cfg: dict) -> None:
+    """The function Ray Train runs on each worker."""
+    Trainer(loop_cfg).train()
 
 
 def latest_checkpoint(storage_dir: str | Path) -> Path | None:
@@ -208,14 +383,36 @@ def latest_checkpoint(storage_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
-def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str | Path, resume: bool = False):
-    """Start the TorchTrainer; returns the Ray Train result. Checkpoints land in <run_dir>/ray/train/step-*."""
+def _flat_params(cfg) -> dict[str, str]:
+    """The model and train sections as flat `section.key` strings (a tracker's run parameters)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        else:
+            flat[prefix] = str(value)[:500]
+
+    for section in ("model", "train"):
+        walk(section, getattr(cfg, section).model_dump(mode="json"))
+    return flat
+
+
+def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str | Path, resume: bool = False,
+                 hooks: Sequence[Callable[[Trainer, int], None]] = ()):
+    """Start the TorchTrainer; returns the Ray Train result. Checkpoints land in <run_dir>/ray/train/step-*.
+
+    `hooks` (picklable; Ray ships them to the workers) run after every step, see `Trainer`.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dermaflux.train.cache import ensure_split_file
+    from dermaflux.train.ray_tracking import TrackingCallback, check_trackers
 
     tc = cfg.train
+    check_trackers(tc.tracking)
     run_dir = Path(run_dir).resolve()
     ensure_split_file(cache_dir, "train")  # once here, not raced by every worker
     storage = tc.storage_path or str(run_dir / "ray")
@@ -227,8 +424,8 @@ def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str |
         train_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "cache_dir": str(Path(cache_dir).resolve()),
-            "vae_dir": str(vae_dir) if vae_dir else None, "run_dir": str(run_dir),
-            "resume_from": str(resume_from) if resume_from else None,
+            "vae_dir": str(vae_dir) if vae_dir else None, "resume_from": str(resume_from) if resume_from else None,
+            "hooks": list(hooks),
         },
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -237,7 +434,9 @@ def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str |
         run_config=RunConfig(
             name="train", storage_path=storage,
             failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_kept),
+            callbacks=[TrackingCallback(tc.tracking, run_dir, tc.mlflow_tracking_uri, _flat_params(cfg))]
+            if tc.tracking else [],
         ),
     )
     return trainer.fit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -14,8 +15,8 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def load_split_images(captions_dir, split: str, resolution: int, limit: int | None) -> torch.Tensor:
-    from dermaflux.train.encode import decode_images
+def _split_rows(captions_dir, split: str, limit: int | None) -> pa.Table:
+    """(id, image) of a split, in the order the fit uses them: sorted by id, the first `limit`."""
     from dermaflux.train.precompute import caption_shards
 
     table = pa.concat_tables([pq.read_table(p, columns=["id", "split", "image"]) for p in caption_shards(captions_dir)])
@@ -24,7 +25,13 @@ def load_split_images(captions_dir, split: str, resolution: int, limit: int | No
         table = table.slice(0, limit)
     if table.num_rows == 0:
         raise ValueError(f"{captions_dir}: no rows of split {split!r} to fit/evaluate the VAE")
-    return decode_images(table["image"].to_pylist(), resolution)
+    return table
+
+
+def load_split_images(captions_dir, split: str, resolution: int, limit: int | None) -> torch.Tensor:
+    from dermaflux.train.encode import decode_images
+
+    return decode_images(_split_rows(captions_dir, split, limit)["image"].to_pylist(), resolution)
 
 
 def vae_worker(loop_cfg: dict) -> None:
@@ -33,6 +40,7 @@ def vae_worker(loop_cfg: dict) -> None:
     from diffusers import AutoencoderKL
 
     from dermaflux.config import DermaFluxConfig
+    from dermaflux.core.progress import report_progress
     from dermaflux.model.loading import resolve_pretrained
     from dermaflux.train.vae_fit import psnr, set_latent_factors, vae_loss
 
@@ -50,6 +58,7 @@ def vae_worker(loop_cfg: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=vc.lr)
     gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
     report_every = max(vc.steps // 10, 1)
+    show_every = max(vc.steps // 50, 1)  # the driver's bar: at most ~50 lines into the run log
     mse_recent = []
     for step in range(1, vc.steps + 1):
         idx = torch.randint(0, len(images), (vc.batch_size,), generator=gen)
@@ -64,6 +73,8 @@ def vae_worker(loop_cfg: dict) -> None:
                     p.grad /= world
         opt.step()
         mse_recent.append(float(mse.detach()))
+        if rank == 0 and (step % show_every == 0 or step == vc.steps):
+            report_progress("vae-fit", step, vc.steps, f"mse {mse_recent[-1]:.4f}")
         if step % report_every == 0 and step < vc.steps:
             ray.train.report({"step": step, "mse": sum(mse_recent) / len(mse_recent)})
             mse_recent = []
@@ -85,7 +96,7 @@ def run_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dermaflux.artifacts import atomic_dir
+    from dermaflux.core.artifacts import atomic_dir
 
     run_dir = Path(run_dir).resolve()
     trainer = TorchTrainer(
@@ -101,3 +112,62 @@ def run_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
         shutil.copytree(Path(ckpt) / "vae", staging, dirs_exist_ok=True)
     metrics = {k: result.metrics[k] for k in ("psnr_before", "psnr_test", "shift_factor", "scaling_factor", "test_images")}
     return run_dir / "vae", metrics
+
+
+# Bump when the fit itself changes: VAEs cached by an older fit are then not reused.
+VAE_FIT_VERSION = 1
+
+
+def data_identity(captions_dir, vae_fit_cfg) -> str:
+    """The images the fit trains on and the PSNR is measured on: their ids and bytes."""
+    digest = hashlib.sha256()
+    for split, limit in (("train", vae_fit_cfg.max_images), ("test", vae_fit_cfg.eval_images)):
+        table = _split_rows(captions_dir, split, limit)
+        for image_id, image in zip(table["id"].to_pylist(), table["image"].to_pylist()):
+            digest.update(f"{split}:{image_id}:".encode())
+            digest.update(hashlib.sha256(image).digest())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(cfg) -> str:
+    """What the fitted VAE depends on: the starting VAE, the fit settings and seed, the images."""
+    from dermaflux.core.artifacts import fingerprint
+    from dermaflux.model.loading import BUILTIN_TINY
+
+    model = cfg.model
+    start = {"pretrained": model.pretrained, "revision": model.revision, "resolution": model.resolution,
+             "tiny": model.tiny.model_dump(mode="json") if model.pretrained == BUILTIN_TINY else None}
+    fit = cfg.train.vae_fit.model_dump(mode="json", exclude={"enabled"})
+    images = data_identity(cfg.train.captions, cfg.train.vae_fit)
+    return fingerprint(VAE_FIT_VERSION, start, fit, cfg.train.seed, images)
+
+
+def cached_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
+    """`run_vae_fit`, or the VAE a run on the same data and settings fitted before, from
+    $DERMAFLUX_CACHE/vae-fit/<key>; the metrics say which (`cache`: "hit" or "stored")."""
+    import json
+    import time
+
+    from dermaflux.core.artifacts import atomic_dir, atomic_write_json, read_json
+    from dermaflux.core.progress import bar
+    from dermaflux.model.config import cache_dir
+
+    run_dir = Path(run_dir).resolve()
+    key = cache_key(cfg)
+    cached = cache_dir(cfg.model) / "vae-fit" / key
+    if (cached / "metrics.json").exists():  # written last: the entry is complete
+        metrics = read_json(cached / "metrics.json")
+        with atomic_dir(run_dir / "vae") as staging:
+            shutil.copytree(cached / "vae", staging, dirs_exist_ok=True)
+        log.info("VAE fit: reusing the one fitted on the same images and settings (test PSNR %.2f dB, %s)",
+                 metrics["psnr_test"], cached)
+        return run_dir / "vae", {**metrics, "cache": "hit", "cache_key": key}
+    started = time.time()
+    with bar("vae-fit", "train: VAE fit", cfg.train.vae_fit.steps, "steps", stage="train"):
+        vae_dir, metrics = run_vae_fit(cfg, run_dir)
+    metrics = {**metrics, "fit_seconds": round(time.time() - started, 1)}
+    with atomic_dir(cached) as staging:
+        shutil.copytree(vae_dir, staging / "vae")
+        atomic_write_json(staging / "metrics.json", metrics)
+        (staging / "key.json").write_text(json.dumps({"key": key, "fitted_for": str(run_dir)}))
+    return vae_dir, {**metrics, "cache": "stored", "cache_key": key}

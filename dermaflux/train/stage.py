@@ -1,7 +1,7 @@
 """`dermaflux train`: VAE fit (tiny preset) -> pre-compute (Ray Data) -> fine-tune (Ray Train + DeepSpeed).
 
 Each step leaves a done-marker in the run folder, so re-running skips finished steps, and training
-continues from its last checkpoint (also with more `train.steps`); `resume=True` (`--resume`) insists
+continues from its last checkpoint (also with more `train.steps`); `train.resume` (`--resume`) insists
 that there is a stopped run to continue.
 """
 
@@ -11,15 +11,19 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dermaflux.artifacts import (atomic_dir, atomic_write_json, claim_output, fingerprint, is_done, mark_done,
-                                 read_json, marker_path)
-from dermaflux.config import save_effective_config
+from dermaflux.core.artifacts import (atomic_dir, atomic_write_json, claim_run, fingerprint, is_done, mark_done,
+                                      marker_path, read_json)
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (how long, how wide, how it fails).
-_RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "fault_at_step", "cpus_per_worker", "use_gpu"}
+_RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "cpus_per_worker", "use_gpu", "resume",
+                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile"}
 
 
 def run_fingerprint(cfg) -> str:
@@ -31,64 +35,83 @@ def _finished(out: Path, steps: int) -> bool:
     return is_done(out, "train") and read_json(marker_path(out, "train")).get("steps") == steps
 
 
-def run(cfg, resume: bool = False) -> dict:
-    from dermaflux.ray_runtime import init_ray
-    from dermaflux.train.ray_precompute import encode_validation_prompts, run_precompute
-    from dermaflux.train.ray_trainer import latest_checkpoint, run_training
-    from dermaflux.train.ray_vae_fit import run_vae_fit
+def run(cfg: DermaFluxConfig) -> dict:
+    from dermaflux.train.ray_trainer import latest_checkpoint
 
     tc = cfg.train
-    if not tc.captions:
-        raise ValueError("train.captions is not set: pass --captions DIR (a `dermaflux caption` output folder)")
-    if not tc.out:
-        raise ValueError("train.out is not set: pass --out DIR")
     out = Path(tc.out).resolve()
-    if resume and latest_checkpoint(tc.storage_path or out / "ray") is None:
+    if tc.resume and latest_checkpoint(tc.storage_path or out / "ray") is None:
         raise ValueError(f"--resume: {out} holds no training checkpoint to continue (check --out)")
-    same_run = claim_output(out, "train", run_fingerprint(cfg))  # a different run's folder is refused here
+    same_run = claim_run(cfg, out, "train", run_fingerprint(cfg))  # a different run's folder is refused here
     stopped = same_run and latest_checkpoint(tc.storage_path or out / "ray") is not None
-    # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
-    resume = resume or stopped
-    save_effective_config(cfg, out)
-    init_ray(cfg.ray)
     started = time.time()
     summary: dict = {"out": str(out)}
 
     vae_dir = None
     if tc.vae_fit.enabled:
         if not is_done(out, "vae_fit"):
-            log.info("fitting the VAE (%d steps)", tc.vae_fit.steps)
-            _, metrics = run_vae_fit(cfg, out)
-            mark_done(out, "vae_fit", metrics)
+            mark_done(out, "vae_fit", _vae_fit(cfg, out))
         vae_dir = str(out / "vae")
-        summary["vae"] = {k: v for k, v in read_json(marker_path(out, "vae_fit")).items() if k != "done"}
-
-    cache_dir = out / "cache"
+        summary["vae"] = _marker(out, "vae_fit")
     if not is_done(out, "precompute"):
-        # Only the train split feeds the transformer; val/test stay for the evaluate stage.
-        info = run_precompute(cfg, cache_dir, vae_dir, max_images={"train": tc.max_images, "val": 0, "test": 0})
-        encode_validation_prompts(cfg, cache_dir, vae_dir)
-        mark_done(out, "precompute", info)
-    summary["precompute"] = {k: v for k, v in read_json(marker_path(out, "precompute")).items() if k != "done"}
-
+        mark_done(out, "precompute", _precompute(cfg, out / "cache", vae_dir))
+    summary["precompute"] = _marker(out, "precompute")
     if not _finished(out, tc.steps):
-        result = run_training(cfg, cache_dir, vae_dir, out, resume=resume)
-        if result.error is not None:
-            raise RuntimeError(f"training failed: {result.error}")
-        with result.checkpoint.as_directory() as ckpt:
-            ckpt = Path(ckpt)
-            with atomic_dir(out / "final") as staging:
-                shutil.copytree(ckpt / "adapter", staging, dirs_exist_ok=True)
-            for name in ("loss.csv", "loss.png"):
-                shutil.copy2(ckpt / name, out / name)
-            grids = sorted(ckpt.glob("validation-*.png"))
-            if grids:
-                shutil.copy2(grids[-1], out / "validation.png")
-        mark_done(out, "train", {"steps": result.metrics.get("step"), "loss": result.metrics.get("loss"),
-                                 "weights_checksum": result.metrics.get("weights_checksum"),
-                                 "checkpoint": str(result.checkpoint.path)})
-    summary["train"] = {k: v for k, v in read_json(marker_path(out, "train")).items() if k != "done"}
+        # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
+        mark_done(out, "train", _train(cfg, out, vae_dir, resume=tc.resume or stopped))
+    summary["train"] = _marker(out, "train")
+
     summary["final"] = str(out / "final")
     summary["wall_s"] = round(time.time() - started, 1)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _marker(out: Path, step: str) -> dict:
+    return {k: v for k, v in read_json(marker_path(out, step)).items() if k != "done"}
+
+
+def _vae_fit(cfg: DermaFluxConfig, out: Path) -> dict:
+    """Fit the tiny preset's random VAE to the corpus (Ray Train DDP) into <out>/vae, or reuse the one fitted
+    before on the same images and settings; returns its metrics (test PSNR, cache hit or stored)."""
+    from dermaflux.train.ray_vae_fit import cached_vae_fit
+
+    return cached_vae_fit(cfg, out)[1]
+
+
+def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> dict:
+    """Latents and text embeddings (Ray Data) plus the validation prompts' embeddings, into `cache_dir`."""
+    from dermaflux.train.ray_precompute import encode_validation_prompts, run_precompute
+
+    # Only the train split feeds the transformer; val/test stay for the evaluate stage.
+    info = run_precompute(cfg, cache_dir, vae_dir, max_images={"train": cfg.train.max_images, "val": 0, "test": 0})
+    encode_validation_prompts(cfg, cache_dir, vae_dir, info["text_tokens"]["length"])
+    return info
+
+
+def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool) -> dict:
+    """Ray Train + DeepSpeed on the cache, then the final adapter from the last checkpoint; returns the marker fields."""
+    from dermaflux.core.progress import bar
+    from dermaflux.train.ray_trainer import run_training
+
+    with bar("train", "train", cfg.train.steps, "steps"):
+        result = run_training(cfg, out / "cache", vae_dir, out, resume=resume)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    with result.checkpoint.as_directory() as ckpt:
+        _copy_final(Path(ckpt), out)
+    metrics = result.metrics
+    return {"steps": metrics.get("step"), "loss": metrics.get("loss"), "weights_checksum": metrics.get("weights_checksum"),
+            "checkpoint": str(result.checkpoint.path),
+            **{k: metrics.get(k) for k in ("micro_batch", "gradient_checkpointing", "compiled", "text_tokens")}}
+
+
+def _copy_final(ckpt: Path, out: Path) -> None:
+    """<out>/final (the adapter), loss.csv/png and the last validation grid, from a checkpoint folder."""
+    with atomic_dir(out / "final") as staging:
+        shutil.copytree(ckpt / "adapter", staging, dirs_exist_ok=True)
+    for name in ("loss.csv", "loss.png"):
+        shutil.copy2(ckpt / name, out / name)
+    grids = sorted(ckpt.glob("validation-*.png"))
+    if grids:
+        shutil.copy2(grids[-1], out / "validation.png")

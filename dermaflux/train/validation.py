@@ -10,13 +10,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dermaflux.artifacts import atomic_write_bytes
+from dermaflux.core.artifacts import atomic_write_bytes
 
 
 @torch.no_grad()
 def render_validation(transformer, vae, scheduler, validation: dict, seeds: list[int], resolution: int,
-                      steps: int, guidance_scale: float) -> list[Image.Image]:
-    """One image per (prompt, seed), row-major by prompt, through FluxPipeline with cached embeddings."""
+                      steps: int, guidance_scale: float, true_cfg_scale: float | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed), row-major by prompt, through FluxPipeline with cached embeddings.
+
+    `true_cfg_scale`: classifier-free guidance against the cached empty prompt (train.sampling_guidance
+    true_cfg), `guidance_scale` then being the guidance embedding's value."""
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -25,6 +28,12 @@ def render_validation(transformer, vae, scheduler, validation: dict, seeds: list
     param = next(transformer.parameters())
     was_training = transformer.training
     transformer.eval()
+    cfg = {}
+    if true_cfg_scale is not None:
+        cfg = {"true_cfg_scale": true_cfg_scale,
+               "negative_prompt_embeds": validation["empty_prompt_embeds"][None].to(param.device, param.dtype),
+               "negative_pooled_prompt_embeds": validation["empty_pooled_prompt_embeds"][None].to(param.device,
+                                                                                                  param.dtype)}
     images = []
     try:
         for i in range(len(validation["prompts"])):
@@ -33,6 +42,7 @@ def render_validation(transformer, vae, scheduler, validation: dict, seeds: list
                     prompt_embeds=validation["prompt_embeds"][i : i + 1].to(param.device, param.dtype),
                     pooled_prompt_embeds=validation["pooled_prompt_embeds"][i : i + 1].to(param.device, param.dtype),
                     height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    **cfg,
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
                 )
                 images.append(out.images[0])

@@ -7,20 +7,20 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from caption_corpus import ham_rows, write_corpus
-from dermaflux import artifacts
+from dermaflux.core import artifacts
 from dermaflux.caption.schema import CAPTION_SCHEMA
-from dermaflux.caption.template import caption_from_attributes
+from dermaflux.lesion.captions import caption_from_attributes
 from dermaflux.caption.writers import caption_seed
 from dermaflux.cli import main as cli_main
 from dermaflux.config import load_config
+from dermaflux.testing.ham10000 import corpus_rows, write_corpus
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def corpus(ham10000_dir, tmp_path_factory):
-    rows = ham_rows(ham10000_dir, per_label=2)  # 14 images, all 7 HAM labels
+    rows = corpus_rows(ham10000_dir, per_label=2)  # 14 images, all 7 HAM labels
     rows[3]["image"] = b"\xff\xd8 truncated jpeg"
     return write_corpus(rows, tmp_path_factory.mktemp("caption") / "corpus", shards=3), rows
 
@@ -103,4 +103,19 @@ def test_cli_llm_writer_on_an_actor_pool(corpus, tmp_path, ray_local, dermaflux_
 
 def test_cli_reports_a_missing_corpus(tmp_path, capsys):
     code = cli_main(["caption", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert code == 2 and "no *.parquet corpus shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "caption.corpus" in err and "nope does not exist" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_run_that_captions_nothing_exits_2_and_lists_why(ham10000_dir, tmp_path, ray_local, dermaflux_cache, capsys):
+    rows = corpus_rows(ham10000_dir, per_label=1)[:3]
+    for row in rows:
+        row["image"] = b"\xff\xd8 truncated jpeg"
+    corpus_dir = write_corpus(rows, tmp_path / "corpus", shards=1)
+    out = tmp_path / "captions"
+    code = cli_main(["caption", "--corpus", str(corpus_dir), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "none of 3 corpus images was captioned" in err and "uncaptioned.jsonl" in err
+    listed = [json.loads(line) for line in (out / "uncaptioned.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in listed) == sorted(r["id"] for r in rows)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from small_ham10000 import small_ham10000
+
+from dermaflux.testing.ham10000 import build_ham_folder
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def test_caption_and_train_jobs_survive_losing_the_worker_node(ray_two_nodes, ha
     from dermaflux.train.ray_trainer import latest_checkpoint
 
     client = JobSubmissionClient(ray_two_nodes.dashboard_url)
-    data = small_ham10000(ham10000_dir, tmp_path / "ham10000", per_class=IMAGES_PER_CLASS)
+    data = build_ham_folder(ham10000_dir, tmp_path / "ham10000", per_class=IMAGES_PER_CLASS)
     corpus, captions, run = tmp_path / "corpus", tmp_path / "captions", tmp_path / "train"
     config = write_config(tmp_path / "run.yaml", {
         "curate": {"sources": [f"ham10000={data}"], "out": f"file://{corpus}"},

@@ -10,12 +10,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from corpus_builders import build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes
-from dermaflux.artifacts import OutputConflict
+from dermaflux.core.artifacts import OutputConflict
 from dermaflux.cli import main
 from dermaflux.config import load_config
 from dermaflux.corpus import stage
 from dermaflux.corpus.schema import CORPUS_SCHEMA
+from dermaflux.testing.sources import build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +34,20 @@ def check_manifest_matches_shards(out: Path) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     rows, _ = read_corpus(out)
     rec = manifest["reconciliation"]
-    assert rec["balanced"] and rec["input_rows"] == rec["kept"] + rec["duplicates"] + rec["quarantined"]
+    assert rec["balanced"] and rec["input_rows"] == rec["kept"] + rec["duplicates"] + rec["test_overlap"] + rec["quarantined"]
     assert rec["kept"] == rec["shard_rows"] == len(rows) == len({r["id"] for r in rows})
     assert manifest["by_split"] == {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
-    assert manifest["by_label"] == dict(Counter(r["label"] for r in rows))
+    assert manifest["by_label"] == dict(Counter(r["label"] for r in rows if r["label"] is not None))
+    assert manifest["no_diagnosis"]["rows"] == sum(r["label"] is None for r in rows)
+    assert all(r["melanoma"] == (r["label"] == "mel") for r in rows if r["label"] is not None)
     with open(out / "quarantine.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == rec["quarantined"]
     with open(out / "duplicates.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == rec["duplicates"]
+    with open(out / "test_overlap.csv", newline="") as fh:
+        overlap = list(csv.DictReader(fh))
+    assert len(overlap) == manifest["test_overlap"]["pairs"]
+    assert len({r["test_id"] for r in overlap if r["action"] == "dropped"}) == rec["test_overlap"]
     return manifest
 
 

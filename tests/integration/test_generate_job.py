@@ -8,15 +8,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
+from dermaflux.testing.adapters import random_lora_adapter as make_lora_adapter
 
 pytestmark = pytest.mark.integration
 
 
 def test_generate_writes_exact_counts_and_resumes(ray_local, tiny_config, dermaflux_cache, tmp_path):
-    from dermaflux import artifacts
+    from dermaflux.core import artifacts
     from dermaflux.cli import main
-    from dermaflux.corpus import taxonomy
+    from dermaflux.lesion import taxonomy
     from dermaflux.synth import bulk
 
     lora = make_lora_adapter(tiny_config.model, tmp_path / "lora_a", seed=1)

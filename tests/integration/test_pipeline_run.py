@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from small_ham10000 import small_ham10000
+from dermaflux.testing.ham10000 import build_ham_folder
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 
 def test_pipeline_runs_resumes_and_points_to_its_summary(tmp_path, ham10000_dir, dermaflux_cache):
     data = tmp_path / "data"
-    small_ham10000(ham10000_dir, data / "ham10000-224", per_class=4)
+    build_ham_folder(ham10000_dir, data / "ham10000-224", per_class=4)
     (data / "notes").mkdir()  # not a dataset: skipped
     out = tmp_path / "run"
     first = run([CLI, "pipeline", "--preset", "tiny", "--data", str(data), "--out", str(out),

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from serve_service import tiny_service
+from dermaflux.testing.serve import tiny_service
 
 pytestmark = pytest.mark.integration
 
@@ -96,11 +96,11 @@ def test_reproducible_and_adapters_switch_without_touching_the_base(service):
 )
 def test_bad_input_gets_a_4xx_and_writes_nothing(service, path, body, status, says):
     if path == "/v1/augmentations":
-        body = {**body, "out": str(service.root / "bad" / body["job_id"])}
+        body = {**body, "out": f"bad/{body['job_id']}"}
     response = service.client.post(path, json=body)
     assert response.status_code == status, response.text
     assert says in response.text
-    assert not (service.root / "bad").exists()
+    assert not (service.root / "jobs" / "bad").exists()
 
 
 def test_malformed_json_and_unknown_job(service):
@@ -143,12 +143,12 @@ def synth_replicas() -> list[str]:
 def test_bulk_job_survives_a_killed_replica_and_never_duplicates(service):
     import ray
 
-    out = service.root / "jobs-out" / "kill1"
-    job = {"job_id": "kill1", "class_targets": {"mel": 6, "nv": 6, "bcc": 4}, "seed": 5, "out": str(out),
+    out = service.root / "jobs" / "jobs-out" / "kill1"  # `out` is relative to the service's jobs root
+    job = {"job_id": "kill1", "class_targets": {"mel": 6, "nv": 6, "bcc": 4}, "seed": 5, "out": "jobs-out/kill1",
            "adapter": "lora_b"}  # routed by adapter; the replacement replica loads it on demand
     response = service.client.post("/v1/augmentations", json=job)
     assert response.status_code == 202, response.text
-    assert response.json()["total"] == 16
+    assert response.json()["total"] == 16 and response.json()["out"] == "jobs-out/kill1"
 
     deadline = time.time() + 120
     while service.client.get("/v1/augmentations/kill1").json()["shards_done"] < 1:
@@ -181,6 +181,7 @@ def test_bulk_job_survives_a_killed_replica_and_never_duplicates(service):
 
     changed = service.client.post("/v1/augmentations", json={**job, "class_targets": {"mel": 7}})
     assert changed.status_code == 409  # same id, other spec: refused, not mixed
+    assert "other targets or settings" in changed.text and "--force" not in changed.text  # the API has no --force
 
 
 def test_bounded_load_zero_failures(service):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from serve_service import tiny_service
+from dermaflux.testing.serve import tiny_service
 
 pytestmark = pytest.mark.integration
 

@@ -1,15 +1,19 @@
-"""`dermaflux train` on a real local Ray: VAE fit, Ray Data pre-compute, Ray Train + DeepSpeed ZeRO-2 with
-two workers, the final weights loading into FluxPipeline, a killed worker, and --resume."""
+"""`dermaflux train` on a real local Ray: VAE fit, Ray Data pre-compute (dihedral views, T5 length from the
+captions), Ray Train + DeepSpeed ZeRO-2 with two workers on a cosine schedule, TensorBoard metrics, the final
+weights loading into FluxPipeline, a killed worker resuming schedule and stream, kept checkpoints, --resume."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from train_inputs import build_captions
+from dermaflux.testing.ham10000 import build_captioned_set
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +24,7 @@ def small_train_config(captions, out, **train):
     settings = {
         "captions": str(captions), "out": str(out), "steps": 4, "workers": 2, "zero_stage": 2, "mode": "full",
         "micro_batch": 4, "checkpoint_every": 2, "validate_every": 4, "log_every": 1, "warmup_steps": 0,
-        "lr": 1e-3, "validation_seeds": [0], "validation_steps": 2,
+        "lr": 1e-3, "lr_scheduler": "cosine", "validation_seeds": [0], "validation_steps": 2,
         "validation_prompts": ["dermoscopic image of a melanoma", "dermoscopic image of a melanocytic nevus"],
         "vae_fit": {"steps": 8, "batch_size": 8, "eval_images": 16},
         **train,
@@ -30,7 +34,7 @@ def small_train_config(captions, out, **train):
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory, ham10000_dir):
-    return build_captions(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=48, n_test=16)
+    return build_captioned_set(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=48, n_test=16)
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +45,64 @@ def first_run(ray_local, captions, tmp_path_factory, tiny_model_dir):
     return cfg, run(cfg)
 
 
+class ExitOnceAfterStep:
+    """Trainer hook: rank `rank` exits hard after `step`, once; the marker it leaves stops the restarted worker."""
+
+    def __init__(self, step: int, marker: Path, rank: int = 1):
+        self.step, self.marker, self.rank = step, Path(marker), rank
+
+    def __call__(self, trainer, step: int) -> None:
+        if trainer.rank == self.rank and step == self.step and not self.marker.exists():
+            self.marker.write_text(json.dumps({"step": step, "pid": os.getpid()}))
+            os._exit(1)
+
+
 def read_loss_csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
 
 
+def cosine_lrs(steps, lr=1e-3):
+    """diffusers' cosine schedule (no warm-up): the lr optimizer step k (from 1) runs at."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_cosine_schedule_with_warmup(opt, 0, steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_stage_outputs(first_run):
+    from dermaflux.train.ray_tracking import read_scalars
+
     cfg, summary = first_run
     out = cfg.train.out
     assert summary["train"]["steps"] == 4
     assert summary["vae"]["psnr_test"] > summary["vae"]["psnr_before"]
     assert summary["precompute"]["encoded"] == 48  # the train split only
-    assert [int(r["step"]) for r in read_loss_csv(f"{out}/loss.csv")] == [1, 2, 3, 4]
+    assert summary["precompute"]["views"] == 8  # dihedral augmentation by default
+    tokens = summary["precompute"]["text_tokens"]
+    assert tokens["length"] == 64 and tokens["max"] <= 64 < cfg.model.max_sequence_length  # short captions
+    assert summary["train"]["text_tokens"] == 64 and summary["train"]["micro_batch"] == 4
+    rows = read_loss_csv(f"{out}/loss.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(cosine_lrs(4))
     for name in ("loss.png", "validation.png", "config.yaml", "final/dermaflux_adapter.json", "final/vae/config.json"):
-        assert (cfg.train.out and __import__("pathlib").Path(out, name).exists()), name
+        assert Path(out, name).exists(), name
+    # the tracker: every reported step's loss in TensorBoard's event files
+    scalars = read_scalars(Path(out, "tensorboard"))
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
 
 
 def test_final_weights_load_and_change_output(first_run, tiny_config):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from dermaflux.model.adapters import load_pipeline_with_adapters
+    from dermaflux.testing.adapters import load_pipeline_with_adapters
     from dermaflux.model.loading import load_pipeline
 
     cfg, summary = first_run
@@ -86,31 +128,53 @@ def test_precompute_resumes_without_re_encoding(first_run):
     cfg, _ = first_run
     again = run_precompute(cfg, f"{cfg.train.out}/cache", f"{cfg.train.out}/vae",
                            max_images={"train": None, "val": 0, "test": 0})
-    assert again == {"rows": 48, "cached_before": 48, "encoded": 0}
+    assert {k: again[k] for k in ("rows", "cached_before", "encoded")} == {"rows": 48, "cached_before": 48, "encoded": 0}
+    assert again["text_tokens"]["length"] == 64
 
 
 def test_worker_killed_mid_run_resumes_to_exact_steps(first_run, tmp_path):
-    from dermaflux.train.ray_trainer import FAULT_MARKER, run_training
+    """Rank 1 dies after step 3; Ray restarts from the step-2 checkpoint: the redone steps see the same samples,
+    views, noise and learning rate, so the run ends as the uninterrupted first run did. One checkpoint kept."""
+    import ray.cloudpickle
+
+    from dermaflux.train.ray_trainer import run_training
 
     cfg, _ = first_run
     first_out = cfg.train.out
-    cfg = small_train_config(cfg.train.captions, tmp_path, steps=6, fault_at_step=3, max_failures=2,
-                             validate_every=100)
-    result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path)
+    cfg = small_train_config(cfg.train.captions, tmp_path, max_failures=2, validate_every=100, checkpoints_kept=1)
+    marker = tmp_path / "fault.json"
+    # Ray workers cannot import this test module: ship the hook's class by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path,
+                              hooks=[ExitOnceAfterStep(3, marker)])
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.error is None
-    fault = json.loads((tmp_path / FAULT_MARKER).read_text())
+    fault = json.loads(marker.read_text())
     assert fault["step"] == 3  # rank 1 really died after step 3 ...
-    assert result.metrics["step"] == 6  # ... and the run finished with exactly the configured steps
+    assert result.metrics["step"] == 4  # ... and the run finished with exactly the configured steps
     with result.checkpoint.as_directory() as ckpt:
-        steps = [int(r["step"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
+        rows = read_loss_csv(f"{ckpt}/loss.csv")
     # restarted from the step-2 checkpoint: step 3 was redone, none skipped or doubled
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # the cosine schedule continued from its saved position (a fresh scheduler would run step 3 at the full lr)
+    assert [float(r["lr"]) for r in rows] == pytest.approx(cosine_lrs(4))
+    # ... on the same augmented sample stream: the losses are the uninterrupted first run's
+    uninterrupted = [float(r["loss"]) for r in read_loss_csv(f"{first_out}/loss.csv")]
+    assert [float(r["loss"]) for r in rows] == pytest.approx(uninterrupted, rel=1e-5)
+    # train.checkpoints_kept=1: only the newest checkpoint is left
+    assert [p.name for p in sorted((tmp_path / "ray" / "train").glob("step-*"))] == ["step-000004"]
 
 
-def test_lora_with_gradient_checkpointing_and_optimizer_offload_trains_the_same(first_run, tmp_path):
+def test_lora_with_gradient_checkpointing_and_optimizer_offload_trains_the_same(first_run, tmp_path, tiny_model_dir):
     """flux-dev's settings (LoRA, gradient checkpointing) plus ZeRO optimizer offload, against the same
     run without them: checkpointing recomputes the same activations and offload moves the same
-    AdamW to the host, so the losses agree step by step (float32 CPU: to rounding)."""
+    AdamW to the host, so the losses agree step by step (float32 CPU: to rounding). The LoRA's
+    alpha (16, rank 4) is saved where diffusers reads it."""
+    from safetensors import safe_open
+
+    from dermaflux.model.adapters import LORA_FILE
     from dermaflux.train.ray_trainer import run_training
 
     cfg, _ = first_run
@@ -118,14 +182,32 @@ def test_lora_with_gradient_checkpointing_and_optimizer_offload_trains_the_same(
     losses = {}
     for name, extra in (("plain", {}), ("gc+offload", {"gradient_checkpointing": True, "offload_optimizer": True})):
         run_cfg = small_train_config(cfg.train.captions, tmp_path / name, mode="lora", steps=3, lr=5e-3,
-                                     checkpoint_every=3, validate_every=100, **extra)
+                                     checkpoint_every=3, validate_every=100, lora={"rank": 4, "alpha": 16}, **extra)
         result = run_training(run_cfg, f"{out}/cache", f"{out}/vae", tmp_path / name)
         assert result.error is None, result.error
         with result.checkpoint.as_directory() as ckpt:
             losses[name] = [float(r["loss"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
+            with safe_open(f"{ckpt}/adapter/{LORA_FILE}", "pt") as saved:
+                lora_config = json.loads(saved.metadata()["lora_adapter_metadata"])
+            assert (lora_config["transformer.r"], lora_config["transformer.lora_alpha"]) == (4, 16)
     assert len(losses["plain"]) == 3
     assert losses["plain"][0] != losses["plain"][2]  # the LoRA did train (its B starts at zero)
     assert losses["gc+offload"] == pytest.approx(losses["plain"], rel=1e-4), losses
+
+    # A LoRA checkpoint's DeepSpeed state holds the adapter and its optimizer, not the frozen base (24 GB for
+    # FLUX.1-dev), and resuming restores the adapter (the trainer checks it against the saved checksum).
+    [ckpt] = (tmp_path / "plain" / "ray" / "train").glob("step-*")
+    ds_bytes = sum(f.stat().st_size for f in (ckpt / "deepspeed").rglob("*") if f.is_file())
+    base_bytes = sum(f.stat().st_size for f in (tiny_model_dir / "transformer").glob("*.safetensors"))
+    assert ds_bytes < 0.5 * base_bytes, (ds_bytes, base_bytes)
+    run_cfg = small_train_config(cfg.train.captions, tmp_path / "plain", mode="lora", steps=4, lr=5e-3,
+                                 checkpoint_every=3, validate_every=100, lora={"rank": 4, "alpha": 16})
+    result = run_training(run_cfg, f"{out}/cache", f"{out}/vae", tmp_path / "plain", resume=True)
+    assert result.error is None, result.error
+    with result.checkpoint.as_directory() as ckpt:
+        rows = read_loss_csv(f"{ckpt}/loss.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [float(r["loss"]) for r in rows[:3]] == pytest.approx(losses["plain"], rel=1e-6)
 
 
 def test_resume_extends_a_stopped_run(first_run):
@@ -133,7 +215,7 @@ def test_resume_extends_a_stopped_run(first_run):
 
     cfg, _ = first_run
     with pytest.raises(ValueError, match="no training checkpoint"):
-        run(small_train_config(cfg.train.captions, f"{cfg.train.out}-elsewhere", steps=6), resume=True)
-    summary = run(small_train_config(cfg.train.captions, cfg.train.out, steps=6), resume=True)
+        run(small_train_config(cfg.train.captions, f"{cfg.train.out}-elsewhere", steps=6, resume=True))
+    summary = run(small_train_config(cfg.train.captions, cfg.train.out, steps=6, resume=True))
     assert summary["train"]["steps"] == 6
     assert [int(r["step"]) for r in read_loss_csv(f"{cfg.train.out}/loss.csv")] == [1, 2, 3, 4, 5, 6]

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from train_inputs import build_captions
+from dermaflux.testing.ham10000 import build_captioned_set
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def cache_dir(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
     from dermaflux.train.cache import CACHE_SCHEMA
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
 
-    captions = build_captions(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=32, n_test=0)
+    captions = build_captioned_set(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=32, n_test=0)
     table = pq.read_table(caption_shards(captions)[0], columns=CAPTION_COLUMNS)
     pipe = load_text_and_vae(tiny_config.model, None)
     rows = encode_rows(pipe, table.to_pydict(), 64, tiny_config.model.max_sequence_length)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dermaflux.caption.config import CaptionConfig
-from dermaflux.caption.template import LesionAttributes, caption_from_attributes
+from dermaflux.lesion.attributes import LesionAttributes
+from dermaflux.lesion.captions import caption_from_attributes
 from dermaflux.caption.validate import caption_problems
 from dermaflux.caption.writers import WRITERS, CaptionRequest, create_writer
 

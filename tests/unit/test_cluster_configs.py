@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dermaflux.config import load_config
-from dermaflux.validate import (capacity_from_kuberay, capacity_from_launcher, path_problems, ray_start_resources,
+from dermaflux.core.preflight import (capacity_from_kuberay, capacity_from_launcher, path_problems, ray_start_resources,
                                 resource_problems)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,8 +151,8 @@ def test_caption_rayjob_gpus_equal_writer_actors(flux_dev):
     assert gpus == flux_dev.caption.concurrency * flux_dev.caption.gpus_per_actor
 
 
-def test_serve_builder_turns_serve_args_into_the_config(tmp_path):
-    from dermaflux.serve_builder import config_from_args
+def test_serve_app_builder_turns_serve_args_into_the_config(tmp_path):
+    from dermaflux.synth.serve_app import config_from_args
 
     cfg = config_from_args({"preset": "flux-dev", "set": "synth.autoscaling.max_replicas=2"})
     assert cfg.preset == "flux-dev" and cfg.synth.autoscaling.max_replicas == 2 and cfg.model.cache_dir

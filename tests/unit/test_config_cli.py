@@ -1,13 +1,17 @@
-"""Typed config with presets and overrides; the CLI lists every stage whose module exists."""
+"""Typed config with presets and overrides; the CLI, the jobs and the pipeline come from the stage table."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from dermaflux.cli import STAGES, available_stages
-from dermaflux.config import ConfigError, available_presets, load_config, save_effective_config
+from dermaflux.config import ConfigError, load_config
+from dermaflux.core.config import available_presets, save_effective_config
+from dermaflux.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_presets_differ_only_in_numbers_and_ids():
@@ -47,14 +51,33 @@ def test_effective_config_round_trips(tmp_path):
     assert again == cfg
 
 
-def test_help_lists_every_available_stage():
+def test_help_lists_every_stage_and_each_has_a_job():
     out = subprocess.run([sys.executable, "-m", "dermaflux.cli", "--help"], capture_output=True, text=True, check=True)
-    for name in available_stages():
-        assert name in out.stdout
-    assert set(available_stages()) <= set(STAGES)
+    for spec in STAGES:
+        assert spec.name in out.stdout
+        assert (ROOT / "jobs" / f"{spec.name}.py").exists(), f"no Ray job entrypoint for {spec.name}"
+    assert "pipeline" in out.stdout
 
 
-def test_core_imports_no_ray():
-    code = "import sys, dermaflux.config, dermaflux.artifacts, dermaflux.model.tiny; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_every_stage_flag_sets_a_real_config_field():
+    """Each flag of the stage table names a field of the typed config (a typo would be a silent no-op)."""
+    from dermaflux.cli import PIPELINE_OPTIONS
+    from dermaflux.config import DermaFluxConfig
+
+    for option in [o for spec in STAGES for o in spec.options] + list(PIPELINE_OPTIONS):
+        assert option.help, f"{option.flag} has no help text"
+        for path in option.fields:
+            model = DermaFluxConfig
+            for part in path.split("."):
+                assert part in model.model_fields, f"{option.flag}: {path} is not a config field"
+                model = model.model_fields[part].annotation
+
+
+def test_set_errors_name_their_source(tmp_path):
+    user = tmp_path / "run.yaml"
+    user.write_text(yaml.safe_dump({"train": {"steps": 0}}))
+    with pytest.raises(ConfigError, match=r"train\.steps: .*from file") as err:
+        load_config("tiny", user)
+    with pytest.raises(ConfigError, match=r"train\.lr: .*from --set train\.lr=fast"):
+        load_config("tiny", user, ["train.lr=fast", "train.steps=4"])
+    assert "train.steps" not in str(err.value).split("from file")[1]

@@ -1,22 +1,20 @@
 """The pure core of curation: image checks, near-duplicates, grouped splits, the plan (no Ray)."""
 
 import random
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from corpus_builders import (
-    build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes, pick, reencode,
-    truncated_copy,
-)
 from dermaflux.config import load_config
 from dermaflux.corpus import dedup, splits
 from dermaflux.corpus.images import inspect_image, scan_image
 from dermaflux.corpus.plan import build_plan
 from dermaflux.corpus.sources import read_source
+from dermaflux.testing.ham10000 import pick
+from dermaflux.testing.sources import (
+    build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes, reencode, truncated_copy,
+)
 
 
 def test_truncated_and_garbage_images_fail_decoding(ham10000_dir, tmp_path):
@@ -149,13 +147,6 @@ def test_plan_reconciles_dedups_across_sources_and_never_leaks(sources):
     assert pad.loc[[f"pad-ufes-20:{i}" for i in sources["pad"]["same_patient"]], "split"].nunique() == 1
     assert plan.audit_final["groups_across_splits"] == 0 and plan.audit_final["near_duplicate_pairs_across_splits"] == 0
     assert kept["malignant"].tolist() == [lab in {"mel", "bcc", "akiec", "scc"} for lab in kept["label"]]
-
-
-def test_core_modules_import_no_ray():
-    code = ("import sys; import dermaflux.corpus.stage, dermaflux.corpus.plan, dermaflux.corpus.command, "
-            "dermaflux.corpus.sources; dermaflux.corpus.sources.readers(); print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
 def test_published_split_audit_finds_a_leak_and_resplit_replaces_it(ham10000_dir, tmp_path):

@@ -1,12 +1,15 @@
 """Source readers on their real layouts (built from real HAM10000 images) and on broken inputs."""
 
+import re
+
 import numpy as np
 import pytest
 
-from corpus_builders import (
-    build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes, pick, write_csv,
-)
 from dermaflux.corpus.sources import SourceError, SourceSpec, read_source, readers
+from dermaflux.testing.ham10000 import pick
+from dermaflux.testing.sources import (
+    build_dermamnist, build_generic_csv, build_ham_subset, build_isic, build_pad_ufes, write_csv,
+)
 
 
 def test_registry_and_spec_syntax():
@@ -52,6 +55,19 @@ def test_csv_missing_a_column_fails_the_source_naming_file_and_column(ham10000_d
         read_source(f"csv={path},id=image_id,label=diagnosis")
 
 
+def test_csv_that_is_not_utf8_fails_naming_file_and_line(tmp_path):
+    metadata = tmp_path / "HAM10000_metadata.csv"
+    metadata.write_bytes(b"lesion_id,image_id,dx,localization\nHAM_1,ISIC_1,nv,back\n"
+                         + "HAM_2,ISIC_2,nv,t\u00eate\n".encode("latin-1"))
+    expected = rf"^ham10000: {re.escape(str(metadata))} line 3: byte 18 of the line \(0xea\) is not UTF-8"
+    with pytest.raises(SourceError, match=expected):
+        read_source(f"ham10000={tmp_path}")
+    generic = tmp_path / "labels.csv"
+    generic.write_bytes(b"\xef\xbb\xbfimage,dx\n\xff,nv\n")  # a UTF-8 BOM is fine; 0xff is not
+    with pytest.raises(SourceError, match=rf"{re.escape(str(generic))} line 2: byte 1 of the line \(0xff\)"):
+        read_source(f"csv={generic},id=image,label=dx")
+
+
 def test_dermamnist_npz_official_splits(ham10000_dir, tmp_path):
     built = build_dermamnist(ham10000_dir, tmp_path / "dermamnist_64.npz")
     index = read_source(f"dermamnist={tmp_path},size=64")
@@ -75,7 +91,9 @@ def test_isic_one_hot_and_metadata(ham10000_dir, tmp_path):
     assert "unknown label UNK" in reasons[built["unknown_id"]]
     assert "exactly one" in reasons[built["ambiguous_id"]]
     record = index.records[0]
-    assert record.lesion_id.startswith("IL_") and record.official_split == "train" and record.site
+    # split=train is the spec's (every row to train), applied by the plan; the publisher gave none.
+    assert index.spec.fixed_split == "train" and record.official_split is None
+    assert record.lesion_id.startswith("IL_") and record.site
 
 
 def test_pad_ufes_groups_and_clinical_fields(ham10000_dir, tmp_path):

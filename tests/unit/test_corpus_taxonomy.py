@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 
 
 def test_codes_names_and_malignancy():

@@ -1,25 +1,31 @@
 """Data assembly for the grid: synthetic images only ever join training; inputs are checked."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from dermaflux.evaluate.config import EvaluateConfig
+from dermaflux.evaluate import controls
 from dermaflux.evaluate.data import (
     assemble_cell,
+    find_test_sets,
     read_corpus,
     read_synthetic,
     sample_synthetic,
     stratified_subsample,
+    targets,
 )
 from dermaflux.evaluate.grid import build_cells
-from evaluate_inputs import build_corpus, build_stand_in_synthetic
+from dermaflux.testing.ham10000 import build_split_corpus, build_stand_in_synthetic
 
 
 @pytest.fixture(scope="module")
 def small_inputs(ham10000_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate-data")
-    corpus = build_corpus(ham10000_dir, root / "corpus", per_class=12)
+    corpus = build_split_corpus(ham10000_dir, root / "corpus", per_class=12)
     synthetic = build_stand_in_synthetic(corpus, root / "synthetic", per_image=2.0)
     return corpus, synthetic, read_corpus(corpus, 32), read_synthetic(synthetic, 32)
 
@@ -37,7 +43,7 @@ def test_no_synthetic_image_enters_val_or_test_in_any_cell(small_inputs):
         data = assemble_cell(real, synthetic, cell.task, cell.real_size, cell.ratio, cell.seed,
                              synthetic_only=cell.synthetic_only)
         assert {real_split[i] for i in data.val_ids} == {"val"}
-        assert {real_split[i] for i in data.test_ids} == {"test"}
+        assert {real_split[i] for i in data.test_ids} == {"test"} and list(data.tests) == ["internal"]
         assert not (set(data.val_ids) | set(data.test_ids)) & synthetic_ids
         train_syn = {i for i, s in zip(data.train_ids, data.train_is_synthetic) if s}
         train_real = [i for i, s in zip(data.train_ids, data.train_is_synthetic) if not s]
@@ -48,8 +54,8 @@ def test_no_synthetic_image_enters_val_or_test_in_any_cell(small_inputs):
         else:
             # ratio x adds x synthetic images per real one (the pool here holds 2 per real train image)
             expected = round(cell.ratio * len(train_real))
-            assert len(train_syn) == min(expected, len(synthetic_ids))
-            assert abs(len(train_real) - cell.real_size) <= len(set(real.labels))  # rounding per class
+            assert len(train_syn) == min(expected, len(synthetic_ids)) and data.synthetic_wanted == expected
+            assert len(train_real) == cell.real_size  # exactly the size asked for
         assert len(data.train_x) == len(data.train_y) == len(data.train_ids)
         test_sets.add(tuple(data.test_ids))
     assert len(test_sets) == 1  # every cell is scored on the same real test images
@@ -93,8 +99,103 @@ def test_subsampling_keeps_rare_classes_and_matches_the_synthetic_mix():
     labels = np.array(["nv"] * 90 + ["mel"] * 8 + ["df"] * 2)
     picked = stratified_subsample(labels, 20, rng)
     counts = {c: int((labels[picked] == c).sum()) for c in ("nv", "mel", "df")}
-    assert counts == {"nv": 18, "mel": 2, "df": 1}
+    assert counts == {"nv": 17, "mel": 2, "df": 1}  # exactly 20: largest remainders, df keeps its one image
+    for count in (3, 7, 33, 99):
+        assert len(stratified_subsample(labels, count, rng)) == count
     syn_labels = np.array(["nv"] * 50 + ["mel"] * 50)
     chosen = sample_synthetic(labels[picked], syn_labels, 40, rng)
     assert len(chosen) == len(set(chosen.tolist())) == 40
     assert (syn_labels[chosen] == "mel").sum() >= 4  # mel share of the real subset, no df in the pool
+
+
+def test_sizes_give_exactly_n_real_images_for_every_seed(small_inputs):
+    _, _, real, _ = small_inputs
+    n_train = int((real.split == "train").sum())
+    for size in (7, 20, 31, n_train):
+        for seed in range(3):
+            data = assemble_cell(real, None, "multiclass", size, 0.0, seed)
+            assert len(data.train_ids) == len(set(data.train_ids)) == size
+
+
+def _with_external_source(corpus_dir: Path, out: Path) -> Path:
+    """The corpus plus an external, test-only source ("clinic") read from a 0/1 melanoma column: 1 is
+    label mel, 0 has no diagnosis (label and malignant null), as the curate side writes after issue 13."""
+    import pyarrow as pa
+
+    from dermaflux.corpus.schema import CORPUS_SCHEMA
+
+    rows = pq.read_table(sorted((corpus_dir / "shards").glob("*.parquet"))).to_pylist()
+    external = []
+    for i, r in enumerate([r for r in rows if r["split"] == "val"][:12]):
+        is_mel = r["label"] == "mel"
+        external.append({**r, "id": f"clinic:{i}", "source": "clinic", "split": "test",
+                         "label": "mel" if is_mel else None, "malignant": True if is_mel else None, "melanoma": is_mel})
+    for r in rows:
+        r["melanoma"] = r["label"] == "mel"
+    (out / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows + external, schema=CORPUS_SCHEMA), out / "shards" / "part-00000.parquet")
+    return out
+
+
+def test_each_test_source_is_scored_apart_and_rows_without_a_diagnosis_are_counted(small_inputs, tmp_path):
+    corpus_dir, _, _, _ = small_inputs
+    real = read_corpus(_with_external_source(corpus_dir, tmp_path / "corpus"), 32)
+    sets = find_test_sets(real)
+    assert list(sets) == ["internal", "clinic"] and len(sets["clinic"]) == 12
+    assert set(real.source[sets["internal"]].tolist()) == {"ham10000"}
+    positives = int(sum(real.labels[sets["clinic"]] == "mel"))
+    assert 0 < positives < 12
+    multiclass = assemble_cell(real, None, "multiclass", 20, 0.0, 0)
+    clinic = multiclass.tests["clinic"]  # only the melanomas have a diagnosis; the rest are counted out
+    assert len(clinic.y) == positives and clinic.left_out == 12 - positives
+    melanoma = assemble_cell(real, None, "melanoma", 20, 0.0, 0)
+    assert len(melanoma.tests["clinic"].y) == 12 and melanoma.tests["clinic"].left_out == 0
+    assert melanoma.tests["clinic"].y.sum() == positives
+    binary = assemble_cell(real, None, "binary", 20, 0.0, 0)
+    assert binary.tests["clinic"].left_out == 12 - positives  # malignant unknown for "not melanoma"
+    mel = targets(real, "melanoma", ("other", "melanoma"))
+    known = np.array([lab is not None for lab in real.labels])
+    assert (mel[real.labels == "mel"] == 1).all() and (mel[(real.labels != "mel") & known] == 0).all()
+    # An older corpus without the melanoma column gets it from the label.
+    old = read_corpus(corpus_dir, 32)
+    assert [m for m, lab in zip(old.melanoma, old.labels) if lab == "mel"] and all(
+        m == (lab == "mel") for m, lab in zip(old.melanoma, old.labels))
+
+
+def test_a_train_row_without_a_diagnosis_is_refused(small_inputs, tmp_path):
+    corpus_dir, _, _, _ = small_inputs
+    folder = _with_external_source(corpus_dir, tmp_path / "corpus")
+    shard = folder / "shards" / "part-00000.parquet"
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    first_train = next(i for i, r in enumerate(rows) if r["split"] == "train")
+    rows[first_train]["label"] = None
+    pq.write_table(type(table).from_pylist(rows, schema=table.schema), shard)
+    with pytest.raises(ValueError, match=rf"row {first_train} .*a train row needs a label"):
+        read_corpus(folder, 32)
+
+
+def test_controls_never_give_a_cell_its_own_real_images_and_read_back_as_a_synthetic_set(small_inputs, tmp_path):
+    corpus_dir, _, real, _ = small_inputs
+    sets = controls.build_controls(real)
+    extra = controls.control_table(real, sets["real-extra"])
+    shuffled = controls.control_table(real, sets["shuffled"])
+    assert (shuffled.origin == extra.origin).all() and sorted(shuffled.labels) == sorted(extra.labels)
+    assert (shuffled.labels != extra.labels).mean() > 0.3  # permuted, same class mix
+    n_train = int((real.split == "train").sum())
+    for seed in range(3):
+        data = assemble_cell(real, extra, "multiclass", n_train // 3, 1.0, seed)
+        real_ids = {i for i, s in zip(data.train_ids, data.train_is_synthetic) if not s}
+        made_from = {i.split(":", 2)[2] for i, s in zip(data.train_ids, data.train_is_synthetic) if s}
+        assert len(made_from) == n_train // 3 and not made_from & real_ids
+        baseline = assemble_cell(real, None, "multiclass", n_train // 3, 0.0, seed)
+        assert set(baseline.train_ids) == real_ids  # the control pairs with the same real subset
+    # The whole train split as real subset leaves nothing to add: a shortfall, not a leak.
+    full = assemble_cell(real, extra, "binary", n_train, 1.0, 0)
+    assert full.synthetic_shortfall == n_train and not full.train_is_synthetic.any()
+    folder = controls.write_control_set(tmp_path / "shuffled", corpus_dir, real, sets["shuffled"])
+    back = controls.with_origin(read_synthetic(folder, 32), json.loads((folder / "manifest.json").read_text()))
+    assert set(back.split) == {"synthetic"} and sorted(back.ids) == sorted(shuffled.ids)
+    order = np.argsort(back.ids)
+    assert (back.origin[order] == shuffled.origin[np.argsort(shuffled.ids)]).all()
+    assert (back.labels[order] == shuffled.labels[np.argsort(shuffled.ids)]).all()

@@ -6,13 +6,13 @@ import pytest
 from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.data import read_corpus, read_synthetic
 from dermaflux.evaluate.quality import nearest_neighbours
-from evaluate_inputs import build_corpus, build_stand_in_synthetic
+from dermaflux.testing.ham10000 import build_split_corpus, build_stand_in_synthetic
 
 
 @pytest.fixture(scope="module")
 def planted(ham10000_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate-memorisation")
-    corpus = build_corpus(ham10000_dir, root / "corpus", per_class=15, seed=1)
+    corpus = build_split_corpus(ham10000_dir, root / "corpus", per_class=15, seed=1)
     real = read_corpus(corpus, 32)
     train_ids = real.ids[real.split == "train"].tolist()
     copies = {train_ids[0]: "exact", train_ids[7]: "resized_jpeg", train_ids[-1]: "resized_jpeg"}

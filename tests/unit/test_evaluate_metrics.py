@@ -59,20 +59,46 @@ def test_metrics_with_a_class_missing_from_the_test_labels():
     assert np.isnan(binary_auroc(np.zeros(5, bool), np.arange(5.0)))
 
 
-def test_summary_mean_std_over_seeds_and_gain_over_real_only():
-    def cell(ratio, seed, bacc):
-        m = {"accuracy": bacc, "balanced_accuracy": bacc, "macro_f1": bacc, "macro_auroc": bacc,
-             "per_class_recall": {"benign": bacc, "malignant": bacc}}
-        return {"task": "binary", "model": "resnet18", "real_size": 100, "ratio": ratio, "seed": seed,
-                "synthetic_only": False, "train_real": 100, "train_synthetic": int(100 * ratio), "metrics": m}
+def test_summary_mean_std_over_seeds_per_test_set_and_no_spread_for_one_seed():
+    def cell(ratio, seed, auroc, external=None):
+        def scored(value):
+            m = {"auroc": value, "balanced_accuracy": value, "sensitivity": value, "specificity": value,
+                 "accuracy": value, "macro_f1": value, "per_class_recall": {"benign": value, "malignant": value}}
+            return {"images": 50, "left_out": 0, "metrics": m}
 
-    rows = summarise([cell(0.0, 0, 0.60), cell(0.0, 1, 0.70), cell(1.0, 0, 0.75), cell(1.0, 1, 0.85)])
-    base, aug = rows
-    assert base["ratio"] == 0 and aug["ratio"] == 1
-    assert base["balanced_accuracy_mean"] == pytest.approx(0.65)
-    assert base["balanced_accuracy_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
-    assert aug["balanced_accuracy_gain"] == pytest.approx(0.15)
-    assert base["balanced_accuracy_gain"] == pytest.approx(0.0)
+        sets = {"internal": scored(auroc), **({"isic": scored(external)} if external is not None else {})}
+        return {"task": "binary", "model": "resnet18", "real_size": 100, "ratio": ratio, "seed": seed,
+                "synthetic_only": False, "arm": "synthetic", "train_real": 100, "train_synthetic": int(100 * ratio),
+                "synthetic_wanted": int(100 * ratio), "train_real_label_counts": {"nv": 80, "mel": 20},
+                "train_synthetic_label_counts": {"mel": int(100 * ratio)}, "test_sets": sets,
+                "training": {"optimizer_steps": 200}}
+
+    rows = summarise([cell(0.0, 0, 0.60, 0.5), cell(0.0, 1, 0.70, 0.6), cell(1.0, 0, 0.75, 0.7)])
+    by = {(r["ratio"], r["test_set"]): r for r in rows}
+    assert [r["test_set"] for r in rows] == ["internal", "internal", "isic", "isic"]  # internal first
+    base = by[(0.0, "internal")]
+    assert base["auroc_mean"] == pytest.approx(0.65) and base["auroc_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    assert by[(0.0, "isic")]["auroc_mean"] == pytest.approx(0.55)
+    one = by[(1.0, "internal")]
+    assert one["seeds"] == 1 and one["auroc_std"] is None  # no spread estimate, not 0
+    assert one["real_class_mix"] == {"mel": 0.2, "nv": 0.8} and one["synthetic_class_mix"] == {"mel": 1.0}
+    assert one["optimizer_steps"] == [200]
+
+
+def test_threshold_is_chosen_on_validation_and_applied_to_test():
+    from dermaflux.evaluate.metrics import binary_metrics_at, choose_threshold, score_test_set
+
+    val_y = np.array([0, 0, 0, 0, 1, 1])
+    val_score = np.array([0.05, 0.1, 0.2, 0.3, 0.25, 0.4])  # argmax (0.5) would call every image benign
+    threshold = choose_threshold(val_y, val_score)
+    assert threshold == pytest.approx(0.25)  # J = 1 + 0.75 - 1, the only maximum
+    at = binary_metrics_at(np.array([0, 1, 1, 0]), np.array([0.1, 0.26, 0.9, 0.5]), threshold)
+    assert at["sensitivity"] == 1.0 and at["specificity"] == 0.5 and at["balanced_accuracy"] == 0.75
+    probs = np.column_stack([1 - np.array([0.1, 0.26, 0.9, 0.5]), [0.1, 0.26, 0.9, 0.5]])
+    scored = score_test_set(np.array([0, 1, 1, 0]), probs, ("benign", "malignant"), threshold)
+    assert scored["balanced_accuracy"] == 0.75 and scored["balanced_accuracy_argmax"] == 0.75
+    assert scored["auroc"] == pytest.approx(skm.roc_auc_score([0, 1, 1, 0], [0.1, 0.26, 0.9, 0.5]))
+    assert choose_threshold(np.zeros(4), np.arange(4.0)) == 0.5  # val without positives
 
 
 def test_frechet_distance_matches_the_sqrtm_formula():
@@ -112,14 +138,3 @@ def test_hamming_matrix_counts_bits():
     assert hamming_matrix(a, b).tolist() == [[0, 1], [8, 7], [64, 63]]
     words = np.array([[1, 0, 0, 3], [0, 0, 0, 0]], dtype=np.uint64)  # 256-bit hashes as 4 words
     assert hamming_matrix(words, words[1:]).tolist() == [[3], [0]]
-
-
-def test_evaluate_core_imports_no_ray():
-    import subprocess
-    import sys
-
-    modules = ["data", "metrics", "classifier", "quality", "assess", "grid", "report", "stage", "command", "config"]
-    code = ("import sys\n" + "".join(f"import dermaflux.evaluate.{m}\n" for m in modules)
-            + "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

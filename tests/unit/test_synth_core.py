@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from dermaflux.model.adapters import random_lora_adapter as make_lora_adapter
+from dermaflux.testing.adapters import random_lora_adapter as make_lora_adapter
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def synth_cfg(tiny_config, adapters):
 @pytest.fixture(scope="module")
 def pipe(synth_cfg):
     """An AdapterPool; adapters load on first use and stay (the offline job's mode)."""
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     return AdapterPool.from_config(synth_cfg)
 
@@ -66,7 +64,7 @@ def request(prompt="a dermoscopic image of a melanoma", seed=0, adapter=None, si
 
 
 def test_image_request_expands_with_preset_defaults_and_template_caption(synth_cfg, tokenizer):
-    from dermaflux.caption.template import caption_from_attributes
+    from dermaflux.lesion.captions import caption_from_attributes
     from dermaflux.synth.requests import ImageRequest, expand_image_request
 
     body = ImageRequest(attributes={"diagnosis": "mel", "colours": ["black", "dark_brown"]}, count=3, seed=7)
@@ -167,7 +165,7 @@ def torch_equal(a, b) -> bool:
 
 def test_unload_then_reload_gives_the_same_images_and_frees_the_lora(synth_cfg):
     """What Serve's multiplexer does on eviction: delete the LoRA, later load it again."""
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     pool = AdapterPool.from_config(synth_cfg, preload=["lora_a"])
     first = pixels(generate(pool, [request(seed=9, adapter="lora_a")])[0])
@@ -184,7 +182,7 @@ def test_unload_then_reload_gives_the_same_images_and_frees_the_lora(synth_cfg):
 
 def test_an_adapter_loaded_for_one_call_is_unloaded_after_it(synth_cfg):
     """The replica's safety net: an adapter evicted between routing and sampling is loaded just for the call."""
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     pool = AdapterPool.from_config(synth_cfg, preload=["lora_b"])
     images = generate(pool, [request(seed=1, adapter="lora_a"), request(seed=1, adapter="lora_b")], keep_loaded=False)
@@ -204,7 +202,7 @@ def spec_for(targets, shard_size=2, job_id="job1", seed=0):
 
 
 def test_plan_is_deterministic_and_labelled():
-    from dermaflux.caption.template import LesionAttributes
+    from dermaflux.lesion.attributes import LesionAttributes
     from dermaflux.synth.bulk import plan_items, plan_shards
 
     spec = spec_for({"mel": 3, "nv": 2})
@@ -219,7 +217,7 @@ def test_plan_is_deterministic_and_labelled():
 
 
 def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
-    from dermaflux.artifacts import OutputConflict
+    from dermaflux.core.artifacts import OutputConflict
     from dermaflux.synth import bulk
     from dermaflux.synth.sampling import encode_png
 
@@ -256,17 +254,8 @@ def test_bulk_job_resumes_after_a_crash_without_duplicates(pipe, tmp_path):
         bulk.prepare_job(out, spec_for({"mel": 4}))
 
 
-def test_core_modules_import_no_ray():
-    code = (
-        "import sys; import dermaflux.synth.sampling, dermaflux.synth.requests, dermaflux.synth.bulk, "
-        "dermaflux.synth.adapters, dermaflux.synth.stage; print('ray' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 def test_a_fused_lora_samples_like_the_unfused_one_and_nothing_else(synth_cfg):
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     pool = AdapterPool.from_config(synth_cfg, preload=["lora_a", "lora_b"])
     asks = [request(seed=s, adapter="lora_a") for s in (2, 3)]
@@ -292,7 +281,7 @@ def test_a_full_fine_tune_is_served_under_its_name_beside_the_base(synth_cfg, tm
     from dermaflux.config import load_config
     from dermaflux.model.adapters import save_adapter
     from dermaflux.model.loading import resolve_pretrained
-    from dermaflux.synth.adapters import AdapterPool
+    from dermaflux.synth.adapter_pool import AdapterPool
 
     transformer = FluxTransformer2DModel.from_pretrained(resolve_pretrained(synth_cfg.model), subfolder="transformer")
     with torch.no_grad():
@@ -314,28 +303,28 @@ def test_a_full_fine_tune_is_served_under_its_name_beside_the_base(synth_cfg, tm
 
 
 def test_cli_flags_map_onto_the_synth_section(tmp_path):
-    from dermaflux.cli import build_parser
+    from dermaflux.cli import build_parser, flag_settings
     from dermaflux.config import load_config
-    from dermaflux.synth import generate_command, serve_command
 
     parser = build_parser()
     args = parser.parse_args(["serve", "--preset", "flux-dev", "--host", "0.0.0.0", "--port", "9000", "--replicas", "2",
-                              "--max-adapters", "2"])
-    cfg = load_config(args.preset, extra=serve_command.config_overrides(args))
+                              "--max-adapters", "2", "--jobs-root", str(tmp_path), "--token-file", "/run/token"])
+    cfg = load_config(args.preset, extra=flag_settings(args))
+    assert (cfg.synth.jobs_root, cfg.synth.auth.token_file) == (str(tmp_path), "/run/token")
     assert cfg.synth.max_adapters_per_replica == 2
     assert (cfg.synth.host, cfg.synth.port, cfg.model.resolution, cfg.model.num_inference_steps) == ("0.0.0.0", 9000, 512, 20)
     assert cfg.synth.autoscaling.min_replicas == cfg.synth.autoscaling.max_replicas == 2
     args = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--lora", "a=/x", "--lora", "/y"])
-    cfg = load_config(args.preset, extra=generate_command.config_overrides(args))
+    cfg = load_config(args.preset, extra=flag_settings(args))
     assert cfg.synth.fuse_lora is False
     fused = parser.parse_args(["generate", "--per-class", "3", "--out", str(tmp_path), "--fuse-lora"])
-    assert load_config(fused.preset, extra=generate_command.config_overrides(fused)).synth.fuse_lora is True
+    assert load_config(fused.preset, extra=flag_settings(fused)).synth.fuse_lora is True
     assert (cfg.synth.per_class, cfg.synth.out, cfg.synth.adapters) == (3, str(tmp_path), ["a=/x", "/y"])
 
 
 def test_generate_targets_from_the_config(tmp_path):
     from dermaflux.config import load_config
-    from dermaflux.corpus import taxonomy
+    from dermaflux.lesion import taxonomy
     from dermaflux.synth.stage import class_targets
 
     cfg = load_config("tiny", extra={"synth": {"per_class": 2, "class_targets": {"mel": 5}}})
@@ -347,11 +336,10 @@ def test_generate_targets_from_the_config(tmp_path):
 
 
 def test_bring_every_class_to_n_counts_the_train_split(ham10000_dir, tmp_path):
-    from synth_corpus import build_small_corpus
-
     from dermaflux.synth.bulk import bring_to_targets, corpus_class_counts
+    from dermaflux.testing.ham10000 import build_class_corpus
 
-    corpus = build_small_corpus(ham10000_dir, tmp_path / "corpus", {"nv": 6, "mel": 3, "df": 1})
+    corpus = build_class_corpus(ham10000_dir, tmp_path / "corpus", {"nv": 6, "mel": 3, "df": 1})
     assert corpus_class_counts(corpus) == {"nv": 6, "mel": 3, "df": 1}  # test rows are not counted
     assert bring_to_targets(corpus, 5) == {"df": 4, "mel": 2, "nv": 0}
     with pytest.raises(FileNotFoundError, match="not a corpus folder"):

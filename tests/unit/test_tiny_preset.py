@@ -46,3 +46,17 @@ def test_tokenizers_know_the_caption_vocabulary(tiny_model_dir):
     assert pipe.tokenizer.unk_token_id not in clip_ids[1:-1]
     assert pipe.tokenizer_2.unk_token_id not in t5_ids
     assert pipe.tokenizer.decode(clip_ids, skip_special_tokens=True).replace(" ", "") == text.lower().replace(" ", "")
+
+
+def test_every_build_gives_the_same_token_ids():
+    """Two nodes building builtin:tiny must agree on token ids, or an adapter trained on one reads other
+    embedding rows on the other (the trainers break ties in hash-map order)."""
+    from dermaflux.model.config import TinyFluxSpec
+    from dermaflux.model.tiny import _build_clip_tokenizer, _build_t5_tokenizer
+
+    spec = TinyFluxSpec()
+    builds = [(_build_clip_tokenizer(spec).get_vocab(), _build_t5_tokenizer(spec).get_vocab()) for _ in range(3)]
+    assert builds[0] == builds[1] == builds[2]
+    clip, t5 = builds[0]
+    assert (clip["<|startoftext|>"], clip["<|endoftext|>"]) == (0, 1)
+    assert (t5["<pad>"], t5["</s>"], t5["<unk>"]) == (0, 1, 2)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dermaflux.cli import build_parser
+from dermaflux.cli import build_parser, flag_settings
 from dermaflux.config import ConfigError, load_config
-from dermaflux.train.command import config_overrides
 
 
 def test_flags_map_to_config():
@@ -14,10 +13,11 @@ def test_flags_map_to_config():
         ["train", "--preset", "tiny", "--captions", "c", "--out", "o", "--steps", "7", "--workers", "2",
          "--zero-stage", "3", "--resume"]
     )
-    cfg = load_config(args.preset, args.config, args.overrides, extra=config_overrides(args))
+    cfg = load_config(args.preset, args.config, args.overrides, extra=flag_settings(args))
     assert (cfg.train.captions, cfg.train.out, cfg.train.steps, cfg.train.workers, cfg.train.zero_stage) == (
         "c", "o", 7, 2, 3)
-    assert args.resume is True
+    assert cfg.train.resume is True
+    assert load_config("tiny").train.resume is False
 
 
 def test_presets():

@@ -48,13 +48,23 @@ def test_vae_fit_improves_psnr_and_sets_factors(tiny_model_dir, lesion_images):
     assert abs(float(latents.mean())) < 0.05 and abs(float(latents.std()) - 1.0) < 0.05
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_tensor_bytes_round_trip(dtype):
-    from dermaflux.train.cache import dtype_name
+    from dermaflux.model.loading import dtype_name, torch_dtype
 
+    assert torch_dtype(dtype_name(dtype)) is dtype
     t = torch.randn(3, 5, 7).to(dtype)
     back = bytes_to_tensor(tensor_to_bytes(t), list(t.shape), dtype_name(dtype))
     assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_dtype_names_outside_the_table_are_refused():
+    from dermaflux.model.loading import dtype_name, torch_dtype
+
+    with pytest.raises(ValueError, match="'float64'.*float32, bfloat16, float16"):
+        torch_dtype("float64")
+    with pytest.raises(ValueError, match="torch.int8"):
+        dtype_name(torch.int8)
 
 
 def test_sample_stream_is_epochwise_and_resumable():
@@ -80,7 +90,8 @@ def _write_cache_shard(path, rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dermaflux.train.cache import CACHE_SCHEMA, dtype_name
+    from dermaflux.model.loading import dtype_name
+    from dermaflux.train.cache import CACHE_SCHEMA
 
     def cols(t):
         return tensor_to_bytes(t), list(t.shape)

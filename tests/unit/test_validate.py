@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dermaflux.config import ConfigError, load_config
-from dermaflux.validate import Capacity, check_config, resource_problems
+from dermaflux.core.preflight import Capacity, check_config, resource_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -35,7 +35,15 @@ def read_source(spec: SourceSpec | str) -> SourceIndex:
     known = readers()
     if spec.reader not in known:
         raise SourceError(f"source {spec.reader!r}: unknown reader; known: {', '.join(sorted(known))}")
-    return known[spec.reader](spec)
+    index = known[spec.reader](spec)
+    undiagnosed = [r for r in index.records if r.label is None]
+    if undiagnosed and spec.fixed_split != "test":
+        first = undiagnosed[0]
+        raise SourceError(
+            f"source {spec.name}: {len(undiagnosed)} rows have no diagnosis (a binary label column, e.g. {first.file} "
+            f"row {first.row}: {first.source_label!r}); rows without a diagnosis can only be test rows: add split=test "
+            "to the source")
+    return index
 
 
 __all__ = ["Reject", "SourceError", "SourceIndex", "SourceRecord", "SourceSpec", "read_source", "readers", "register"]

@@ -7,16 +7,25 @@ use (unknown label, missing image, bad field) become `Reject`s with the file and
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MISSING = {"", "na", "nan", "none", "null", "unknown"}
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# `positive=` of a binary label column: what its 1 means. "mel": 1 is melanoma, 0 is "not
+# melanoma" (no diagnosis); "malignant": 1 is malignant, 0 is benign (no diagnosis either way).
+POSITIVES = {"mel": "mel", "melanoma": "mel", "malignant": "malignant"}
+TRUE_WORDS = {"1", "1.0", "true", "yes", "y", "t"}
+FALSE_WORDS = {"0", "0.0", "false", "no", "n", "f"}
 
 
 class SourceError(ValueError):
@@ -36,6 +45,20 @@ class SourceSpec:
         """The source's name in the corpus (ids are `<name>:<original_id>`); `name=` renames it."""
         return self.options.get("name", self.reader)
 
+    @property
+    def fixed_split(self) -> str | None:
+        """`split=train|val|test`: every row of the source goes to that split (any reader)."""
+        return SPLIT_WORDS.get(self.options.get("split", "").strip().lower())
+
+    @property
+    def split_column(self) -> str | None:
+        """`split_col=COL` (csv): the column holding each row's split. A csv's `split=` that is not a
+        split word is read as a column too (the older spelling)."""
+        if "split_col" in self.options:
+            return self.options["split_col"]
+        legacy = self.options.get("split")
+        return legacy if legacy and self.fixed_split is None and self.reader == "csv" else None
+
     @classmethod
     def parse(cls, text: str) -> "SourceSpec":
         head, *rest = [part.strip() for part in str(text).split(",")]
@@ -48,7 +71,13 @@ class SourceSpec:
                 raise ValueError(f"source {text!r}: option {part!r} is not key=value")
             key, value = (s.strip() for s in part.split("=", 1))
             options[key] = value
-        return cls(reader, path, options)
+        spec = cls(reader, path, options)
+        if "split" in options and spec.fixed_split is None and reader != "csv":
+            raise ValueError(f"source {text!r}: split={options['split']!r}: expected train, val or test")
+        if "split_col" in options and "split" in options:
+            raise ValueError(f"source {text!r}: give split=train|val|test (one split for every row) or "
+                             "split_col=COLUMN (a split per row), not both")
+        return spec
 
 
 @dataclass
@@ -61,7 +90,7 @@ class SourceRecord:
     row: int  # 1-based line in that CSV (header = 1) or index in the .npz array
     image_path: str  # a file path, or `<npz>::<array>::<index>` for array sources
     source_label: str
-    label: str
+    label: str | None  # None: the source gives no diagnosis (a binary column's negatives); test rows only
     group_namespace: str  # lesion/patient ids are compared within one namespace
     lesion_id: str | None = None
     patient_id: str | None = None
@@ -73,6 +102,12 @@ class SourceRecord:
     diagnosis_method: str | None = None
     mm_per_pixel: float | None = None
     metadata_json: str = "{}"
+    malignant: bool | None = None  # given for rows without a diagnosis; else derived from the label
+    melanoma: bool | None = None
+
+    def __post_init__(self):
+        if self.label is not None:
+            self.malignant, self.melanoma = taxonomy.is_malignant(self.label), self.label == "mel"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,11 +140,25 @@ class SourceIndex:
 # --- helpers -------------------------------------------------------------------------------
 
 
+def decode_utf8(path: Path, what: str) -> str:
+    """The file's text; bytes that are not UTF-8 fail naming the file, the line and the byte in it."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # (not utf-8-sig: its error offsets skip the BOM)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise SourceError(
+            f"{what}: {path} line {line}: byte {err.start - line_start + 1} of the line (0x{raw[err.start]:02x}) is "
+            "not UTF-8; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def read_csv(path: Path, required: list[str], what: str) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) pairs; a missing required column fails the whole source up front."""
     if not path.is_file():
         raise SourceError(f"{what}: {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with io.StringIO(decode_utf8(path, what), newline="") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in required if c not in columns]
@@ -170,6 +219,39 @@ def number(value: object) -> float | None:
     except ValueError:
         return None
     return out if math.isfinite(out) else None
+
+
+def binary_value(value: object, true_words: tuple[str, ...] = (), false_words: tuple[str, ...] = ()) -> bool | None:
+    """A 0/1 cell (also 0.0/1.0, true/false, yes/no, and the given words) as a bool; None when it is
+    none of them."""
+    raw = (text(value) or "").lower()
+    if raw in TRUE_WORDS or raw in true_words:
+        return True
+    if raw in FALSE_WORDS or raw in false_words:
+        return False
+    return None
+
+
+def binary_record_fields(positive: str, flag: bool) -> dict:
+    """SourceRecord fields for one binary cell: `positive` "mel" or "malignant", `flag` its value.
+
+    mel 1 -> label mel; mel 0 -> no diagnosis, melanoma False (malignancy unknown: it may be a bcc);
+    malignant 1 -> no diagnosis, malignant True (melanoma unknown); malignant 0 -> no diagnosis,
+    benign, so not a melanoma either.
+    """
+    if positive == "mel":
+        return {"label": "mel"} if flag else {"label": None, "melanoma": False}
+    return {"label": None, "malignant": True} if flag else {"label": None, "malignant": False, "melanoma": False}
+
+
+# Grouping ids that are placeholders, not ids: a run of zeros after a prefix (ISIC metadata's
+# `IL_0000000`, `0`, `HAM_0000000`), punctuation alone (`-`, `?`) or `n/a`. Used as keys they would
+# join unrelated images into one group (one split); blanks are already None (`text`).
+PLACEHOLDER_ID = re.compile(r"^[a-z]*[_\-]?0+$|^[\W_]+$|^n/?a$", re.IGNORECASE)
+
+
+def is_placeholder_id(value: str | None) -> bool:
+    return value is not None and bool(PLACEHOLDER_ID.match(value.strip()))
 
 
 def site_words(value: object) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import Reject, SourceError, SourceIndex, SourceRecord, SourceSpec
 

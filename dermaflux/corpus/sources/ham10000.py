@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
     RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, index_images, number, read_csv, sex_word,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dermaflux.corpus import taxonomy
+from dermaflux.lesion import taxonomy
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
     RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, fitzpatrick, index_images, number, read_csv,

@@ -1,0 +1,1 @@
+"""Cross-cutting core: configuration machinery, artifacts, Ray runtime, storage, preflight, the entry path."""

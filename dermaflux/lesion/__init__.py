@@ -1,0 +1,1 @@
+"""Domain knowledge every stage shares: the diagnosis taxonomy, lesion attributes and the caption template."""

@@ -1,0 +1,130 @@
+"""What stands before the HTTP API: the bearer token and the request-body cap.
+
+`RequestGuard` is an ASGI middleware: it answers 401 to a `/v1/...` request without the right
+`Authorization: Bearer <token>` and 413 to a body over the cap, before FastAPI reads a byte of
+it (a declared Content-Length is refused at once; a chunked body is counted as it streams).
+`/healthz`, `/readyz` and the OpenAPI pages stay open. Tokens are compared in constant time.
+No Ray here: the Serve app passes a callable that returns the replica's `Guard`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from dermaflux.core.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIN_TOKEN_CHARS = 16
+PROTECTED_PREFIX = "/v1/"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def auth_required(auth, host: str | None) -> bool:
+    """`synth.auth.required`, or by default: required unless the service binds to loopback only
+    (`host` None: the bind address is the cluster's choice, as in a RayService, so required)."""
+    if auth.required is not None:
+        return auth.required
+    return host is None or not is_loopback(host)
+
+
+def read_token(auth, required: bool) -> str | None:
+    """The token from `synth.auth.token_file`, else `$<synth.auth.token_env>`; ConfigError when
+    `required` and there is none, or when the one given is too short to be a secret."""
+    if auth.token_file:
+        path = Path(auth.token_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"synth.auth.token_file: {path} does not exist")
+        token, source = path.read_text().strip(), f"synth.auth.token_file ({path})"
+    else:
+        token, source = os.environ.get(auth.token_env, "").strip(), f"${auth.token_env} (synth.auth.token_env)"
+    if not token:
+        if required:
+            raise ConfigError(
+                f"the API needs a bearer token when it binds beyond loopback: set {source} to a secret of at "
+                f"least {MIN_TOKEN_CHARS} characters, or name a file holding one in synth.auth.token_file"
+            )
+        return None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{source}: the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
+    return token
+
+
+@dataclass(frozen=True)
+class Guard:
+    token: str | None  # None: no authentication (loopback without a token set)
+    max_body_bytes: int
+
+    def protects(self, scope) -> bool:
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # Serve may mount the app under a route prefix
+            path = path[len(root):]
+        return self.token is not None and path.startswith(PROTECTED_PREFIX)
+
+    def authorised(self, header: str | None) -> bool:
+        scheme, _, given = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` while a chunked body streams past the cap; FastAPI re-raises HTTP
+    errors from body reading as they are, so the client gets this 413 and not a 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, [{"loc": ["body"], "msg": f"request body exceeds {limit} bytes "
+                                "(synth.limits.max_body_bytes)"}])
+
+
+def _refusal(status: int, field: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": [field], "msg": message}]}, status_code=status, headers=headers)
+
+
+class RequestGuard:
+    def __init__(self, app, guard: Callable[[], Guard]):
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        guard = self.guard()
+        headers = Headers(scope=scope)
+        if guard.protects(scope) and not guard.authorised(headers.get("authorization")):
+            response = _refusal(401, "authorization", "expected the header `Authorization: Bearer <token>` with the "
+                                "service's token", {"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > guard.max_body_bytes):
+            response = _refusal(413, "body", f"request body of {declared} bytes exceeds the limit of "
+                                f"{guard.max_body_bytes} (synth.limits.max_body_bytes)", {"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > guard.max_body_bytes:
+                raise BodyTooLarge(guard.max_body_bytes)
+            return message
+
+        await self.app(scope, capped_receive, send)

@@ -1,0 +1,79 @@
+"""The built-in controls on real HAM10000 through `dermaflux evaluate --controls`: the grid sees the gain
+of adding real images (real-extra) and no gain from the same images with shuffled labels.
+
+This is the evidence that "no detectable effect" of a synthetic set means something: at this size,
+seed count and test set, an effect of the real-extra size would have been seen. Small on purpose (a
+300-image real subset, 32 px, a small timm CNN, a fixed step budget, 3 seeds) to fit a few minutes
+on two cores; the CLI run at a more convincing size is in the issue's closing note."""
+
+import json
+
+import pytest
+
+from dermaflux.cli import main
+from dermaflux.testing.ham10000 import build_split_corpus
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# Measured here (3 seeds, resnet10t, 150 steps, 897 internal test images): real-extra ΔAUROC +0.072
+# [+0.046, +0.099], shuffled -0.111 [-0.149, -0.069]. At 300 real + 1:2 and 100 steps the gain of
+# real-extra was +0.004 [-0.011, +0.020]: at a fixed step budget, extra data helps once the real
+# subset is small enough to be seen many times over.
+SIZE, RATIO, SEEDS, STEPS = 100, 4, 3, 150
+
+
+@pytest.fixture(scope="module")
+def controlled(ham10000_dir, tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("evaluate-controls")
+    corpus = build_split_corpus(ham10000_dir, root / "corpus", per_class=None, seed=0)
+    out = root / "report"
+    code = main(["evaluate", "--corpus", str(corpus), "--out", str(out), "--controls", "--sizes", str(SIZE),
+                 "--ratios", f"0,{RATIO}", "--seeds", str(SEEDS), "--model", "resnet10t", "--steps", str(STEPS),
+                 "--parallel", "2", "--set", "evaluate.validations=2", "--set", "evaluate.bootstrap=1000"])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _comparison(results: dict, arm: str) -> dict:
+    (found,) = [c for c in results["comparisons"] if c["arm"] == arm and c["test_set"] == "internal"]
+    return found
+
+
+def test_both_controls_are_written_as_synthetic_sets_and_run_beside_the_baseline(controlled):
+    out, results = controlled
+    for arm in ("real-extra", "shuffled"):
+        manifest = json.loads((out / "controls" / arm / "manifest.json").read_text())
+        assert manifest["control"] == arm and manifest["stand_in"] is True
+        assert sorted((out / "controls" / arm / "shards").glob("*.parquet"))
+    cells = results["cells"]
+    assert len(cells) == SEEDS * 3 and {c["arm"] for c in cells} == {"synthetic", "real-extra", "shuffled"}
+    for c in cells:
+        assert c["train_real"] == SIZE and c["training"]["optimizer_steps"] == STEPS
+        assert c["train_synthetic"] == (0 if c["ratio"] == 0 else RATIO * SIZE)
+    assert results["verdicts"] == []  # no synthetic set: nothing to judge, only the controls
+
+
+def test_real_extra_gives_a_positive_paired_difference(controlled):
+    _, results = controlled
+    extra = _comparison(results, "real-extra")["auroc"]
+    assert extra["seeds"] == SEEDS and extra["ci"][0] > 0, extra
+    check = [c for c in results["control_checks"] if c["arm"] == "real-extra" and c["test_set"] == "internal"]
+    assert check[0]["detected"] == 1 and check[0]["as_expected"]
+
+
+def test_shuffled_labels_give_no_gain(controlled):
+    _, results = controlled
+    shuffled = _comparison(results, "shuffled")["auroc"]
+    assert shuffled["delta"] < _comparison(results, "real-extra")["auroc"]["delta"]
+    assert not (shuffled["ci"][0] > 0), shuffled
+    check = [c for c in results["control_checks"] if c["arm"] == "shuffled" and c["test_set"] == "internal"]
+    assert check[0]["detected"] <= 0 and check[0]["as_expected"]
+
+
+def test_the_report_states_the_controls_and_the_resolvable_difference(controlled):
+    out, results = controlled
+    md = (out / "report.md").read_text()
+    assert "positive control (real-extra)" in md and "negative control (shuffled)" in md
+    assert "as expected" in md and "NOT as expected" not in md
+    resolvable = _comparison(results, "real-extra")["auroc"]["resolvable"]
+    assert 0 < resolvable < 0.2 and f"±{resolvable:.3f}" in md

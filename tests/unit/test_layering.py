@@ -1,0 +1,91 @@
+"""Layering rules checked on the code itself: the pure core imports no Ray (the lesion domain and the
+attribute extractor no torch either), the product never imports the test support, and nothing
+outside tests/ imports from tests/."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NO_RAY = ("ray",)
+NO_RAY_OR_TORCH = ("ray", "torch")
+# Ray lives in the modules that say so (`ray_*.py`, `synth/serve_app.py`); these import without it.
+LIGHT_MODULES = {
+    "entry": (NO_RAY, ["config", "stages", "cli", "pipeline", "core.config", "core.artifacts", "core.runtime",
+                       "core.storage", "core.preflight", "core.entry"]),
+    "lesion": (NO_RAY_OR_TORCH, ["lesion.taxonomy", "lesion.attributes", "lesion.captions", "caption.extract"]),
+    "model": (NO_RAY, ["model.config", "model.tiny", "model.loading", "model.adapters", "model.random_weights"]),
+    "corpus": (NO_RAY, ["corpus.stage", "corpus.plan", "corpus.dedup", "corpus.splits", "corpus.images",
+                        "corpus.sources", "corpus.sources.ham10000", "corpus.sources.dermamnist",
+                        "corpus.sources.isic", "corpus.sources.pad_ufes_20", "corpus.sources.generic_csv"]),
+    "caption": (NO_RAY, ["caption.stage", "caption.batch", "caption.writers", "caption.validate"]),
+    "train": (NO_RAY, ["train.flow", "train.model_setup", "train.cache", "train.encode", "train.vae_fit",
+                       "train.precompute", "train.validation", "train.ds_config", "train.augment", "train.text_length",
+                       "train.memory", "train.compile"]),
+    "synth": (NO_RAY, ["synth.sampling", "synth.requests", "synth.bulk", "synth.adapter_pool", "synth.stage", "synth.jobs",
+                       "synth.guard"]),
+    "evaluate": (NO_RAY, ["evaluate.config", "evaluate.data", "evaluate.metrics", "evaluate.classifier",
+                          "evaluate.quality", "evaluate.assess", "evaluate.grid", "evaluate.report", "evaluate.stage"]),
+    "testing": (NO_RAY, ["testing", "testing.ham10000", "testing.sources", "testing.adapters", "testing.serve",
+                         "testing.html_render", "testing.ray_cluster"]),
+}
+
+# Imports each module in turn; prints, per module, the forbidden packages loaded once it is imported.
+_PROBE = """
+import importlib, json, sys
+forbidden, modules = json.loads(sys.argv[1])
+loaded = {}
+for name in modules:
+    importlib.import_module(name)
+    loaded[name] = sorted({m.split(".")[0] for m in sys.modules} & set(forbidden))
+print(json.dumps(loaded))
+"""
+
+
+@pytest.mark.parametrize("group", sorted(LIGHT_MODULES))
+def test_light_modules_import_no_ray(group):
+    forbidden, modules = LIGHT_MODULES[group]
+    names = [f"dermaflux.{m}" for m in modules]
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps([forbidden, names])],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout)
+    culprit = next((name for name in names if loaded[name]), None)
+    assert culprit is None, f"importing {culprit} loads {loaded[culprit]}"
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted name) of everything a Python file imports (`from a import b` gives `a.b`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def imports_under(files: list[Path], package: str) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{line}: imports {name}" for path in files
+            for line, name in imports_of(path) if name == package or name.startswith(package + ".")]
+
+
+def test_nothing_outside_tests_imports_from_tests():
+    # Top-level modules of tests/ were importable by bare name while conftest put tests/ on sys.path.
+    test_packages = ["tests", "conftest", *(p.stem for p in (ROOT / "tests").glob("*.py"))]
+    files = [*(ROOT / "dermaflux").rglob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "jobs").glob("*.py")]
+    assert len(files) > 50
+    assert [found for package in test_packages for found in imports_under(files, package)] == []
+
+
+def test_the_product_does_not_import_the_test_support():
+    testing = ROOT / "dermaflux" / "testing"
+    product = [p for p in (ROOT / "dermaflux").rglob("*.py") if testing not in p.parents]
+    assert imports_under(product, "dermaflux.testing") == []
