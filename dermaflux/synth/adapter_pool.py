@@ -49,6 +49,7 @@ def adapter_folders(entries: list[str]) -> dict[str, str]:
 class _Loaded:
     kind: str  # lora | full
     pipe: object  # the pipeline that samples this adapter (the base, or a view sharing its modules)
+    meta: dict  # how it was trained (the adapter file's meta), read once when loaded
 
 
 class AdapterPool:
@@ -112,7 +113,7 @@ class AdapterPool:
             if own:
                 pipe = FluxPipeline(**{**self.base.components, **own})
                 pipe.set_progress_bar_config(disable=True)
-            self._loaded[name] = _Loaded(info.kind, pipe)
+            self._loaded[name] = _Loaded(info.kind, pipe, info.meta)
             self.loads[name] = self.loads.get(name, 0) + 1
 
     def unload(self, name: str) -> None:
@@ -171,6 +172,10 @@ class AdapterPool:
         elif self._lora_names():
             self.base.disable_lora()
         return loaded.pipe
+
+    def meta(self, adapter: str | None) -> dict:
+        """The recorded training meta of loaded `adapter` ({} for the base); call after `pipeline_for`."""
+        return {} if adapter is None else self._loaded[adapter].meta
 
     def _lora_names(self) -> list[str]:
         return [n for n, item in self._loaded.items() if item.kind == "lora"]

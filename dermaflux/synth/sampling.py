@@ -47,7 +47,7 @@ def generate_images(
             for batch in group_by_settings(requests, max_batch_size):
                 settings = requests[batch[0]].settings
                 pipe = pool.pipeline_for(settings.adapter)
-                trained = trained_for(pool, settings.adapter)
+                trained = trained_for(pool.meta(settings.adapter))
                 # CPU generators: the same latents on any device, so a seed means one image everywhere.
                 generators = [torch.Generator("cpu").manual_seed(requests[i].seed) for i in batch]
                 with torch.inference_mode():
@@ -70,12 +70,9 @@ def generate_images(
     return images
 
 
-def trained_for(pool, adapter: str | None) -> dict:
-    """How `adapter` was trained, as its adapter file records it: `caption_style` (train/prompts.py),
-    `sampling_guidance` (embedding or true_cfg) and `train_guidance`; the base model: captions, embedding."""
-    from dermaflux.model.adapters import read_adapter
-
-    meta = read_adapter(pool.folders[adapter]).meta if adapter is not None else {}
+def trained_for(meta: dict) -> dict:
+    """How an adapter was trained, from the meta its adapter file records: `caption_style` (train/prompts.py),
+    `sampling_guidance` (embedding or true_cfg) and `train_guidance`; the base model (meta {}): captions, embedding."""
     return {"caption_style": meta.get("caption_style", "caption"),
             "sampling_guidance": meta.get("sampling_guidance", "embedding"),
             "train_guidance": float(meta.get("train_guidance", 1.0))}
