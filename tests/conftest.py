@@ -59,20 +59,23 @@ def tiny_model_dir(tiny_config) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray instance shared by one test module."""
+    """A real local Ray instance shared by one test module, on loopback as the product starts its own."""
     import ray
+
+    from dermaflux.core.runtime import loopback_node
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    with loopback_node():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def ray_two_nodes():
-    """A real two-node Ray cluster on loopback (head + one worker node), stopped afterwards."""
+    """A real two-node Ray cluster on 127.0.0.2 (head + one worker node), stopped afterwards."""
     from dermaflux.testing.ray_cluster import LocalRayCluster
 
     # Ray 2.60 turns token authentication on by default: the dashboard then answers 401 to the

@@ -17,6 +17,7 @@ dashboard process) is kept, or the cleaner would warn every second that it canno
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -54,8 +55,29 @@ def _with_env_vars(runtime_env: dict | None, env_vars: dict) -> dict:
     return runtime_env
 
 
+@contextlib.contextmanager
+def loopback_node():
+    """Ray's own switch for a one-machine instance, held while it starts: its node address is then 127.0.0.1,
+    and Ray binds the GCS, raylet and workers to loopback alone. Without it Ray takes the machine's routable
+    address (also for an explicit `_node_ip_address="127.0.0.1"`) and its gRPC servers listen on every
+    interface: a demo on a laptop opened Ray's code-running API to its network."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by services.get_node_ip_address, for this process
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def _start_local(ray, options: dict) -> None:
-    """`ray.init(address="local")` on a GCS port picked here; its workers' RAY_ADDRESS names this instance."""
+    """`ray.init(address="local")` on loopback, on a GCS port picked here; its workers' RAY_ADDRESS names it."""
+    with loopback_node():
+        _start_local_instance(ray, options)
+
+
+def _start_local_instance(ray, options: dict) -> None:
     port = free_port()
     own_address = f"{ray.util.get_node_ip_address()}:{port}"
     # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train turns print() on its workers into a logger call that also

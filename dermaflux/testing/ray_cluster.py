@@ -2,6 +2,13 @@
 
 Each node is its own process group, so a test can kill one node (a lost worker machine) and
 stopping the cluster never touches Ray instances of other processes (no global `ray stop`).
+
+Nodes take the address 127.0.0.2. `ray start` replaces 127.0.0.1 (and `localhost`) with the machine's
+routable address, for `--node-ip-address` and `--address` alike, so a cluster "on 127.0.0.1" really ran on
+the machine's network address, with its dashboard and runtime-env agents listening there. Any other
+127.x address is loopback too and is taken as given. What remains: Ray 2.60 binds its gRPC servers (GCS,
+raylets, workers) to all interfaces unless the node address is exactly 127.0.0.1, which it allows only for a
+single-node instance (`core.runtime` starts those on loopback alone), and it has no setting for the bind address.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 from dermaflux.core.runtime import free_port
 
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
+NODE_IP = "127.0.0.2"
 
 
 class LocalRayCluster:
@@ -26,7 +34,11 @@ class LocalRayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
         self.port = free_port()
         self.dashboard_port = free_port()
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        # A stopped node drains first (30 s by default): nothing here needs its tasks moved elsewhere.
+        # A killed node is declared dead after 3 missed 1 s health checks (default 5 x 3 s).
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1",
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                    **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: dict[str, subprocess.Popen] = {}
         self._start("head", [
@@ -38,7 +50,7 @@ class LocalRayCluster:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{NODE_IP}:{self.port}"
 
     @property
     def dashboard_url(self) -> str:
@@ -49,7 +61,7 @@ class LocalRayCluster:
         self.nodes[name] = subprocess.Popen(
             # Every node its own agent HTTP port: the default (52365) is shared by all Ray nodes on the
             # machine, so a second node's agent fails to bind and the Jobs API finds no agent.
-            [RAY_BIN, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+            [RAY_BIN, "start", "--block", f"--node-ip-address={NODE_IP}", "--disable-usage-stats",
              f"--dashboard-agent-listen-port={free_port()}", *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -97,10 +109,7 @@ class LocalRayCluster:
     def kill_node(self, name: str) -> None:
         """SIGKILL the node's whole process group: the machine is gone."""
         proc = self.nodes.pop(name)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _signal_group(proc, signal.SIGKILL)
         proc.wait(timeout=30)
 
     def log(self, name: str) -> str:
@@ -108,16 +117,23 @@ class LocalRayCluster:
         return path.read_text()[-3000:] if path.exists() else ""
 
     def shutdown(self) -> None:
-        for name in [n for n in self.nodes if n != "head"] + ["head"]:
-            proc = self.nodes.pop(name, None)
-            if proc is None:
-                continue
+        """SIGTERM every node at once, then SIGKILL the process groups of those still up after 20 s."""
+        procs = list(self.nodes.values())
+        self.nodes.clear()
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.time() + 20
+        for proc in procs:
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # stragglers a node left in its group
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
