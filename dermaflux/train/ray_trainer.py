@@ -123,7 +123,7 @@ class Trainer:
         self._build_engine()
         self.step, self.history = self._resume(loop_cfg.get("resume_from"))
 
-    def _resolve_batch(self, tc):
+    def _resolve_batch(self, tc: TrainConfig) -> TrainConfig:
         """`train.micro_batch: auto`: micro-batch and gradient checkpointing from the free GPU memory (before the
         transformer moves there) and this cache's tokens per sample; without CUDA, 1 and the configured value."""
         from dermaflux.train.memory import pick_micro_batch, size_class
