@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dermaflux.config import ConfigError, DermaFluxConfig
 from dermaflux.core.artifacts import atomic_write_json, claim_run, fingerprint, is_done, mark_done, marker_path, read_json
-from dermaflux.core.config import deep_merge
+from dermaflux.core.config import ConfigModel, deep_merge
 from dermaflux.core.preflight import capacity_from_ray, check_config, check_stages_in_order
 from dermaflux.core.progress import announce, shown
 from dermaflux.stages import PIPELINE, StageSpec, get_stage
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 REPORT_NAMES = ("report.html", "report.md")
 
 
-def data_dir(cfg) -> Path:
+def data_dir(cfg: DermaFluxConfig) -> Path:
     return Path(cfg.pipeline.data or os.environ.get("DERMAFLUX_DATA") or "../shared/data").expanduser()
 
 
@@ -47,7 +47,7 @@ def discover_sources(data: Path) -> list[str]:
     return specs
 
 
-def plan(cfg) -> tuple[DermaFluxConfig, list[str], dict[str, str]]:
+def plan(cfg: DermaFluxConfig) -> tuple[DermaFluxConfig, list[str], dict[str, str]]:
     """The config each stage runs with, the stages to run, and why the others will not run."""
     out = Path(cfg.pipeline.out).expanduser().resolve()
     data = deep_merge(cfg.model_dump(mode="json"), cfg.pipeline.stage_settings)
@@ -87,7 +87,7 @@ def _runnable(stages: list[str], data: dict) -> tuple[list[str], dict[str, str]]
     return runnable, skipped
 
 
-def _discovered_sources(cfg) -> list[str]:
+def _discovered_sources(cfg: DermaFluxConfig) -> list[str]:
     folder = data_dir(cfg)
     if not folder.is_dir():
         raise ConfigError(f"pipeline.data: {folder} is not a folder (give --data DIR holding the datasets)")
@@ -97,19 +97,19 @@ def _discovered_sources(cfg) -> list[str]:
     return sources
 
 
-def _source_paths(stage_cfg) -> list[str]:
+def _source_paths(stage_cfg: DermaFluxConfig) -> list[str]:
     """The datasets curate reads: the run folder may not be, contain or lie inside one of them."""
     from dermaflux.corpus.sources.base import SourceSpec
 
     return [SourceSpec.parse(text).path for text in stage_cfg.curate.sources]
 
 
-def _settings(section) -> dict:
+def _settings(section: ConfigModel) -> dict:
     # Defaults left out: a field added to a stage later does not make a finished stage look changed.
     return section.model_dump(mode="json", exclude_defaults=True)
 
 
-def stage_fingerprint(stage_cfg, spec: StageSpec) -> str:
+def stage_fingerprint(stage_cfg: DermaFluxConfig, spec: StageSpec) -> str:
     return fingerprint(_settings(stage_cfg.model), _settings(spec.section_of(stage_cfg)))
 
 
@@ -127,7 +127,7 @@ def _banner(text: str) -> None:
     announce(f"\n=== {text} ===")
 
 
-def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
+def run_pipeline(cfg: DermaFluxConfig, *, capacity_check: bool = True) -> dict:
     """Run the planned stages; returns the summary also written to <out>/pipeline.json."""
     from dermaflux.core.runtime import init_ray
 
@@ -156,7 +156,7 @@ def run_pipeline(cfg, *, capacity_check: bool = True) -> dict:
     return _write_summary(out, results, stage_cfg)
 
 
-def _run_one(spec: StageSpec, stage_cfg, out: Path, progress: str) -> dict:
+def _run_one(spec: StageSpec, stage_cfg: DermaFluxConfig, out: Path, progress: str) -> dict:
     """One stage: skipped when its marker holds the same settings, else run (it resumes itself)."""
     from dermaflux.core.entry import execute
 
@@ -178,7 +178,7 @@ def _run_one(spec: StageSpec, stage_cfg, out: Path, progress: str) -> dict:
     return {**summary, "status": "succeeded", "seconds": seconds}
 
 
-def _write_summary(out: Path, results: dict, stage_cfg) -> dict:
+def _write_summary(out: Path, results: dict, stage_cfg: DermaFluxConfig) -> dict:
     report = None
     if "evaluate" in results and results["evaluate"].get("status") in ("succeeded", "done earlier"):
         report = find_report(Path(stage_cfg.evaluate.out), results["evaluate"])

@@ -12,7 +12,16 @@ from __future__ import annotations
 import argparse
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # the root config imports this table: no runtime import back
+    from dermaflux.caption.config import CaptionConfig
+    from dermaflux.config import DermaFluxConfig
+    from dermaflux.core.config import ConfigModel
+    from dermaflux.corpus.config import CurateConfig
+    from dermaflux.evaluate.config import EvaluateConfig
+    from dermaflux.synth.config import SynthConfig
+    from dermaflux.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ class StageSpec:
     folder: str | None = None  # subfolder of a pipeline run (None: not a pipeline stage)
     headline: str | None = None  # a line printed after the summary, formatted with it
 
-    def section_of(self, cfg):
+    def section_of(self, cfg: DermaFluxConfig) -> ConfigModel:
         return getattr(cfg, self.section)
 
     def run_function(self) -> Callable[[Any], dict]:
@@ -102,33 +111,33 @@ def _bundle(cpus: float, gpus: float = 0.0) -> dict[str, float]:
     return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
 
 
-def _curate_demands(s) -> list[Demand]:
+def _curate_demands(s: CurateConfig) -> list[Demand]:
     return [Demand("curate per-image task", _bundle(s.cpus_per_worker))]
 
 
-def _caption_demands(s) -> list[Demand]:
+def _caption_demands(s: CaptionConfig) -> list[Demand]:
     writer = _bundle(s.cpus_per_actor, s.gpus_per_actor)
     return [Demand(f"caption writer actor {writer}", writer, s.concurrency, gang=False),
             Demand("caption extraction task", _bundle(s.extract_cpus))]
 
 
-def _train_demands(s) -> list[Demand]:
+def _train_demands(s: TrainConfig) -> list[Demand]:
     bundle = _bundle(s.cpus_per_worker, 1.0 if s.use_gpu else 0.0)
     return [Demand(f"train.workers={s.workers} x {bundle}", bundle, s.workers)]
 
 
-def _generate_demands(s) -> list[Demand]:
+def _generate_demands(s: SynthConfig) -> list[Demand]:
     # The offline job's actors run side by side, but Ray Data starts with what fits.
     bundle = _bundle(s.cpus_per_replica, s.gpus_per_replica)
     return [Demand(f"synth.generate_actors={s.generate_actors} x {bundle}", bundle)]
 
 
-def _serve_demands(s) -> list[Demand]:
+def _serve_demands(s: SynthConfig) -> list[Demand]:
     bundle = _bundle(s.cpus_per_replica, s.gpus_per_replica)
     return [Demand(f"synthesis replica {bundle}", bundle, max(s.autoscaling.min_replicas, 1), gang=False)]
 
 
-def _evaluate_demands(s) -> list[Demand]:
+def _evaluate_demands(s: EvaluateConfig) -> list[Demand]:
     return [Demand(f"evaluate cell {_bundle(s.cpus_per_cell, s.gpus_per_cell)}", _bundle(s.cpus_per_cell, s.gpus_per_cell))]
 
 

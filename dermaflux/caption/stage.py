@@ -106,7 +106,7 @@ def attribute_summary(out: Path) -> dict:
     return {"per_label": per_label, "writers": dict(Counter(frame["caption_writer"])), "flags": dict(flags)}
 
 
-def finalize(out: Path, shards: list[Path], cfg) -> dict:
+def finalize(out: Path, shards: list[Path], cfg: DermaFluxConfig) -> dict:
     lines = []
     for shard in shards:
         path = out / "uncaptioned" / f"{shard.stem}.jsonl"

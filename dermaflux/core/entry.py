@@ -14,9 +14,14 @@ import logging
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from dermaflux.core.artifacts import OutputConflict
 from dermaflux.core.config import ConfigError
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
+    from dermaflux.stages import StageSpec
 
 log = logging.getLogger("dermaflux")
 
@@ -33,7 +38,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bo
                         help="override one field, e.g. --set train.steps=300 (repeatable)")
 
 
-def run_stage(name: str, cfg, *, capacity_check: bool = True) -> dict:
+def run_stage(name: str, cfg: DermaFluxConfig, *, capacity_check: bool = True) -> dict:
     """Preflight, Ray, then the stage; returns its summary (with the output as the user named it)."""
     from dermaflux.core.preflight import capacity_from_ray, check_config
     from dermaflux.core.runtime import init_ray
@@ -52,7 +57,7 @@ def run_stage(name: str, cfg, *, capacity_check: bool = True) -> dict:
     return execute(spec, cfg)
 
 
-def execute(spec, cfg) -> dict:
+def execute(spec: StageSpec, cfg: DermaFluxConfig) -> dict:
     """The stage's run function with cloud URIs staged through local folders (see core.storage)."""
     from dermaflux.core.storage import staged_section
 
@@ -65,7 +70,7 @@ def execute(spec, cfg) -> dict:
     return summary
 
 
-def run(name: str, cfg, *, capacity_check: bool = True) -> dict:
+def run(name: str, cfg: DermaFluxConfig, *, capacity_check: bool = True) -> dict:
     """A stage by name, or the whole pipeline."""
     if name == "pipeline":
         from dermaflux.pipeline import run_pipeline

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+from dermaflux.core.config import ConfigModel
+
 log = logging.getLogger(__name__)
 
 
@@ -102,7 +104,7 @@ def _staging_root() -> Path:
 
 
 @contextlib.contextmanager
-def staged_section(section, inputs: tuple[str, ...], output: str = "out") -> Iterator[dict]:
+def staged_section(section: ConfigModel, inputs: tuple[str, ...], output: str = "out") -> Iterator[dict]:
     """Point a stage's config section at local copies of its remote paths for the block.
 
     Yields {field: original value} of what was rewritten; on success a remote output is copied up.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from dermaflux.core import artifacts
+from dermaflux.corpus.config import CurateConfig
 from dermaflux.corpus import manifest as manifest_mod
 from dermaflux.corpus.images import clean_scan
 from dermaflux.corpus.plan import BUCKETS, build_plan
@@ -95,7 +96,7 @@ def _earlier_scan(out: Path) -> dict[str, tuple[str, dict]]:
     return earlier
 
 
-def _scan(indexes: list[SourceIndex], out: Path, cfg) -> list[dict]:
+def _scan(indexes: list[SourceIndex], out: Path, cfg: DermaFluxConfig) -> list[dict]:
     """Scan results in index order; on a re-run only images whose file changed (or is new) are read."""
     locators = [r.image_path for index in indexes for r in index.records]
     stamps = image_stamps(locators)
@@ -139,7 +140,7 @@ def input_paths(indexes: list[SourceIndex]) -> list[str]:
     return list(paths)
 
 
-def run_fingerprint_of(section, indexes: list[SourceIndex]) -> str:
+def run_fingerprint_of(section: CurateConfig, indexes: list[SourceIndex]) -> str:
     identity = {k: v for k, v in section.model_dump(mode="json").items() if k not in EXECUTION_FIELDS
                 and not (k in LATER_FIELDS and v == type(section).model_fields[k].default)}
     return artifacts.fingerprint(identity, [_file_stamp(f) for index in indexes for f in index.files])

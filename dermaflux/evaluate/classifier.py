@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
+from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class TrainSettings:
     validations: int = 4  # steps mode: evenly spaced val checks
 
     @classmethod
-    def from_config(cls, cfg, model: str) -> "TrainSettings":
+    def from_config(cls, cfg: EvaluateConfig, model: str) -> TrainSettings:
         return cls(
             model=model, epochs=cfg.epochs, patience=cfg.patience, image_size=cfg.image_size,
             batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, balancing=cfg.balancing,

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dermaflux.evaluate.classifier import TrainSettings, predict_proba, train_classifier
+from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.controls import ARMS as CONTROL_ARMS
 from dermaflux.evaluate.data import CellData, ImageTable, assemble_cell
 from dermaflux.evaluate.metrics import choose_threshold, score_test_set
@@ -45,7 +46,7 @@ class Cell:
         return f"{self.task}__{self.model}__n{self.real_size}__{kind}__s{self.seed}"
 
 
-def grid_sizes(cfg, n_train: int) -> list[tuple[int, float]]:
+def grid_sizes(cfg: EvaluateConfig, n_train: int) -> list[tuple[int, float]]:
     """(real images, fraction of the train split) per grid size."""
     if cfg.sizes:
         too_big = [s for s in cfg.sizes if s > n_train]
@@ -58,12 +59,12 @@ def grid_sizes(cfg, n_train: int) -> list[tuple[int, float]]:
     return [(max(1, int(round(f * n_train))), f) for f in cfg.fractions]
 
 
-def control_ratios(cfg) -> list[float]:
+def control_ratios(cfg: EvaluateConfig) -> list[float]:
     """The controls run at the grid's non-zero ratios (1:1 when it has none)."""
     return [r for r in cfg.ratios if r > 0] or [1.0]
 
 
-def build_cells(cfg, n_train: int, has_synthetic: bool) -> list[Cell]:
+def build_cells(cfg: EvaluateConfig, n_train: int, has_synthetic: bool) -> list[Cell]:
     """Every cell of the grid in `cfg` (an EvaluateConfig) for a corpus with `n_train` train images."""
     ratios = cfg.ratios if has_synthetic else [r for r in cfg.ratios if r == 0] or [0.0]
     if 0.0 not in ratios and cfg.controls:
@@ -83,7 +84,7 @@ def build_cells(cfg, n_train: int, has_synthetic: bool) -> list[Cell]:
     return cells
 
 
-def run_cell(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg) -> dict:
+def run_cell(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg: EvaluateConfig) -> dict:
     """Train one classifier for `cell` and score it on every real test set. `synthetic` is the
     table of the cell's arm (the synthetic set or a control). The result holds "predictions"
     (columns of per-image scores on val and every test set) for the caller to save apart."""

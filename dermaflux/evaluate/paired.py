@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dermaflux.evaluate import stats
+from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.data import INTERNAL
 
 METRICS = ("auroc", "balanced_accuracy")
@@ -57,7 +58,7 @@ def _balanced_accuracy(targets, predicted, weights):
     return stats.weighted_balanced_accuracy(targets, predicted, weights)
 
 
-def compare_pair(baseline: list[Arm], treatment: list[Arm], cfg) -> dict:
+def compare_pair(baseline: list[Arm], treatment: list[Arm], cfg: EvaluateConfig) -> dict:
     """ΔAUROC and Δbalanced accuracy of one comparison (lists aligned by seed)."""
     targets = baseline[0].targets
     for arm in baseline + treatment:
@@ -90,7 +91,7 @@ def _pairs(cells: list[dict]) -> dict[tuple, list[tuple[dict, dict]]]:
     return groups
 
 
-def compare_grid(cells: list[dict], predictions: dict[str, dict], cfg) -> list[dict]:
+def compare_grid(cells: list[dict], predictions: dict[str, dict], cfg: EvaluateConfig) -> list[dict]:
     """Every comparison of the grid, p-values adjusted, each with its resolvable difference."""
     comparisons = []
     for (task, model, size, arm, ratio), pairs in sorted(_pairs(cells).items(), key=lambda kv: str(kv[0])):
@@ -132,7 +133,7 @@ def _size_key(c: dict) -> tuple:
     return (c["task"], c["model"], c["test_set"], c["real_size"])
 
 
-def resolvable(comparisons: list[dict], cfg) -> None:
+def resolvable(comparisons: list[dict], cfg: EvaluateConfig) -> None:
     """Each comparison's metric gets `resolvable`: the smallest difference the median standard error
     of its (task, model, test set, size) group - controls and synthetic arms, all seeds - would
     detect at level alpha with the configured power (unadjusted)."""

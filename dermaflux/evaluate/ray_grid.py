@@ -9,19 +9,20 @@ import logging
 from typing import Callable
 
 from dermaflux.core.progress import bar as progress_bar
+from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.data import ImageTable
 from dermaflux.evaluate.grid import Cell
 
 log = logging.getLogger(__name__)
 
 
-def _run_cell_task(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg) -> dict:
+def _run_cell_task(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg: EvaluateConfig) -> dict:
     from dermaflux.evaluate.grid import run_cell
 
     return run_cell(cell, real, synthetic, cfg)
 
 
-def _assess_task(real: ImageTable, synthetic: ImageTable, cfg, synthetic_images: dict[str, bytes] | None) -> dict:
+def _assess_task(real: ImageTable, synthetic: ImageTable, cfg: EvaluateConfig, synthetic_images: dict[str, bytes] | None) -> dict:
     from dermaflux.evaluate.assess import assess_synthetic
 
     return assess_synthetic(real, synthetic, cfg, synthetic_images)
@@ -31,7 +32,7 @@ def run_grid(
     cells: list[Cell],
     real: ImageTable,
     synthetic: ImageTable | None,
-    cfg,
+    cfg: EvaluateConfig,
     on_cell: Callable[[Cell, dict], None],
     assess: bool = False,
     on_assessment: Callable[[dict], None] | None = None,

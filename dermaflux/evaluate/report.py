@@ -11,6 +11,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import numpy as np
@@ -20,6 +21,9 @@ from dermaflux.core.artifacts import atomic_path, atomic_write_text
 from dermaflux.evaluate.adherence import ATTRIBUTES as ADHERENCE_ATTRIBUTES
 from dermaflux.evaluate.data import LABEL_ORDER, TASK_NAMES, ImageTable, read_image_bytes
 from dermaflux.lesion import taxonomy
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 THUMB = 112
 MAX_NEAR_COPIES_SHOWN = 48
@@ -336,7 +340,7 @@ def _adapter_words(manifest: dict) -> str:
     return f"{info.kind} adapter {manifest.get('adapter')!r} ({trained}{', fitted VAE' if info.has_vae else ''})"
 
 
-def run_facts(cfg, manifest: dict, cells: list[dict], synthetic_images: int) -> dict:
+def run_facts(cfg: DermaFluxConfig, manifest: dict, cells: list[dict], synthetic_images: int) -> dict:
     """The facts the report states first: preset and scale, classifier training, the generator."""
     ev = cfg.evaluate
     pretrained = sorted({c["training"].get("pretrained") for c in cells})

@@ -209,7 +209,7 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def collect_results(out: Path, work: Work, inputs: Inputs, cfg, failed: list[str]) -> dict:
+def collect_results(out: Path, work: Work, inputs: Inputs, cfg: DermaFluxConfig, failed: list[str]) -> dict:
     """results.json: every finished cell of the configured grid (this run's and earlier ones'),
     summarised per test set, compared pairwise, with the verdicts and the run's facts."""
     ev = cfg.evaluate

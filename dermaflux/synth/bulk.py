@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dermaflux.core import artifacts
 from dermaflux.lesion.attributes import ABCD_COLOURS, LesionAttributes
@@ -34,6 +34,9 @@ from dermaflux.synth.requests import (
     resolve_settings,
 )
 from dermaflux.synth.schema import SYNTHETIC_SCHEMA
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +344,7 @@ def run_job(
     return {**write_progress(out, {**status, "state": "done"}), "out": str(out)}
 
 
-def job_spec(cfg, request: AugmentationRequest, adapters: dict[str, str]) -> JobSpec:
+def job_spec(cfg: DermaFluxConfig, request: AugmentationRequest, adapters: dict[str, str]) -> JobSpec:
     """The one JobSpec builder: POST /v1/augmentations passes its body, `dermaflux generate` a
     request made from its config. Settings, targets and the per-job limit are checked here."""
     settings = resolve_settings(request, cfg, sorted(adapters))

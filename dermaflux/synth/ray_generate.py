@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dermaflux.core.progress import bar
 from dermaflux.synth import bulk
 from dermaflux.synth.requests import SampleRequest, Settings
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def _collect(out: Path, spec: bulk.JobSpec, by_shard: dict, collected: dict[int,
             log.debug("generate %s: shard %d written", out, int(shard))
 
 
-def run_generate_job(cfg, out: Path, spec: bulk.JobSpec) -> dict:
+def run_generate_job(cfg: DermaFluxConfig, out: Path, spec: bulk.JobSpec) -> dict:
     """Generate every pending shard of `spec` into `out` on the current Ray cluster."""
     import ray
 

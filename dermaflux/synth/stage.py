@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def class_targets(cfg) -> dict[str, int]:
+def class_targets(cfg: DermaFluxConfig) -> dict[str, int]:
     """synth.class_targets, else per_class for every class of synth.corpus' train split (every taxonomy
     class when no corpus is given), else bring_to over synth.corpus. With a corpus, a class it lacks is an error."""
     synth = cfg.synth
@@ -44,7 +44,7 @@ def class_targets(cfg) -> dict[str, int]:
     return targets
 
 
-def job_spec(cfg) -> bulk.JobSpec:
+def job_spec(cfg: DermaFluxConfig) -> bulk.JobSpec:
     """The job `synth` describes, built by the same `bulk.job_spec` as the service's bulk jobs."""
     from dermaflux.synth.adapter_pool import adapter_folders
 

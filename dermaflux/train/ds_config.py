@@ -3,14 +3,16 @@ our training leaves unbuilt."""
 
 from __future__ import annotations
 
+from dermaflux.train.config import TrainConfig
 
-def use_bf16(train_cfg) -> bool:
+
+def use_bf16(train_cfg: TrainConfig) -> bool:
     if train_cfg.precision == "auto":
         return train_cfg.use_gpu  # bf16 on GPU; CPU runs stay fp32 (bf16 CPU matmuls are slow and lossy)
     return train_cfg.precision == "bf16"
 
 
-def deepspeed_config(train_cfg) -> dict:
+def deepspeed_config(train_cfg: TrainConfig) -> dict:
     zero: dict = {"stage": train_cfg.zero_stage}
     if train_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train_cfg.use_gpu}

@@ -13,6 +13,9 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from dermaflux.model.config import ModelConfig
+from dermaflux.train.config import TrainConfig
+
 
 @dataclass
 class FlowBatch:
@@ -44,7 +47,7 @@ def text_ids_for(prompt_embeds: torch.Tensor) -> torch.Tensor:
     return torch.zeros(prompt_embeds.shape[1], 3, device=prompt_embeds.device, dtype=prompt_embeds.dtype)
 
 
-def sample_sigmas(train_cfg, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_sigmas(train_cfg: TrainConfig, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Timesteps t in (0, 1) from the density named in the config (logit-normal, mode, uniform)."""
     return compute_density_for_timestep_sampling(
         weighting_scheme=train_cfg.timestep_sampling,
@@ -59,7 +62,7 @@ def sample_sigmas(train_cfg, batch_size: int, generator: torch.Generator | None 
 def flow_matching_loss(
     transformer,
     batch: FlowBatch,
-    train_cfg,
+    train_cfg: TrainConfig,
     guidance: float | None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -94,6 +97,6 @@ def flow_matching_loss(
     return per_sample.mean()
 
 
-def train_guidance_for(transformer_config, model_cfg) -> float | None:
+def train_guidance_for(transformer_config, model_cfg: ModelConfig) -> float | None:
     """FLUX.1-dev is guidance-distilled: its LoRAs train with guidance 1.0 (3.5 is for inference)."""
     return float(model_cfg.train_guidance) if transformer_config.guidance_embeds else None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from dermaflux.train.config import TrainConfig
 
-def prepare_transformer(transformer, train_cfg):
+
+def prepare_transformer(transformer, train_cfg: TrainConfig):
     """Set requires_grad, add the LoRA adapter when mode is lora; returns the trainable parameters."""
     if train_cfg.mode == "lora":
         from peft import LoraConfig
@@ -32,7 +34,7 @@ def prepare_transformer(transformer, train_cfg):
     return params
 
 
-def trainable_state_dict(transformer, train_cfg) -> dict[str, torch.Tensor]:
+def trainable_state_dict(transformer, train_cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Detached CPU copies of what the run trains (LoRA layers in peft naming, or the full state dict)."""
     if train_cfg.mode == "lora":
         from peft.utils import get_peft_model_state_dict
@@ -48,7 +50,7 @@ def state_checksum(state: dict[str, torch.Tensor]) -> float:
     return float(sum(t.double().abs().sum().item() for t in state.values()))
 
 
-def lr_scheduler(optimizer, train_cfg):
+def lr_scheduler(optimizer, train_cfg: TrainConfig):
     """diffusers' schedule `train.lr_scheduler` over `train.steps` optimizer steps (a LambdaLR: DeepSpeed saves
     and restores its position with the engine state).
 

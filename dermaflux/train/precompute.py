@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from dermaflux.core.artifacts import parquet_shards
+from dermaflux.model.config import ModelConfig
 from dermaflux.model.loading import dtype_name
 from dermaflux.train.augment import VIEWS, dihedral
 from dermaflux.train.cache import tensor_to_bytes
@@ -20,7 +21,7 @@ def caption_shards(captions_dir: str | Path) -> list[Path]:
     return parquet_shards(captions_dir, CAPTION_COLUMNS, "caption", "dermaflux caption")
 
 
-def load_text_and_vae(model_cfg, vae_dir: str | None):
+def load_text_and_vae(model_cfg: ModelConfig, vae_dir: str | None):
     """The pipeline without its transformer (not needed to encode), with the fitted VAE when there is one."""
     from diffusers import AutoencoderKL
 

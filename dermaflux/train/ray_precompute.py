@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,8 +17,12 @@ import torch
 from dermaflux.core.artifacts import atomic_path, atomic_write_json
 from dermaflux.train.augment import VIEWS
 from dermaflux.train.cache import CACHE_SCHEMA, cache_shards
+from dermaflux.train.config import TrainConfig
 from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae, styled_captions
 from dermaflux.train.prompts import sampling_prompt
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ def _existing_ids(cache_dir: Path) -> set[str]:
     return ids
 
 
-def text_token_plan(cfg, table: pa.Table) -> dict:
+def text_token_plan(cfg: DermaFluxConfig, table: pa.Table) -> dict:
     """The T5 length this run encodes at (train.text_tokens), from the token counts of every caption in `table`
     and of the validation prompts, in train.caption_style; an error naming the ids of captions that do not fit."""
     from transformers import AutoTokenizer
@@ -82,7 +87,8 @@ def _check_cached_length(cache_dir: Path, text_tokens: int) -> None:
                          "(the captions changed?): remove the cache folder to re-encode")
 
 
-def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: dict | None = None) -> dict:
+def run_precompute(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | None,
+                   max_images: dict | None = None) -> dict:
     """Encode the rows of cfg.train.captions not yet in `cache_dir`. `max_images`: split -> limit (quick runs)."""
     import ray
 
@@ -134,12 +140,13 @@ def run_precompute(cfg, cache_dir: str | Path, vae_dir: str | None, max_images: 
     return summary
 
 
-def validation_prompts(train_cfg) -> list[str]:
+def validation_prompts(train_cfg: TrainConfig) -> list[str]:
     """train.validation_prompts in train.caption_style, as sampling would style them."""
     return [sampling_prompt(p, train_cfg.caption_style) for p in train_cfg.validation_prompts]
 
 
-def encode_validation_prompts(cfg, cache_dir: str | Path, vae_dir: str | None, text_tokens: int | None = None) -> Path:
+def encode_validation_prompts(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | None,
+                              text_tokens: int | None = None) -> Path:
     """The validation prompts' embeddings (at `text_tokens`, default model.max_sequence_length), so training
     workers render without text encoders; and the empty prompt's, which caption dropout trains on."""
     from dermaflux.core.artifacts import atomic_path

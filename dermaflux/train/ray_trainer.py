@@ -15,15 +15,21 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from dermaflux.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "state"
 
 
-def _inference_transformer(base_dir: str, train_cfg, state: dict, dtype):
+def _inference_transformer(base_dir: str, train_cfg: TrainConfig, state: dict, dtype):
     """A plain (un-wrapped) transformer holding the trained weights, for saving and validation renders."""
     from diffusers import FluxTransformer2DModel
 
@@ -67,7 +73,7 @@ def _rank_state_mb(engine, optimizer) -> float:
     return held / 2**20
 
 
-def _gather_trainable(engine, transformer, train_cfg) -> dict:
+def _gather_trainable(engine, transformer, train_cfg: TrainConfig) -> dict:
     """Trained weights as full CPU tensors on every rank (ZeRO-3 shards are empty until gathered)."""
     import deepspeed
 
@@ -117,7 +123,7 @@ class Trainer:
         self._build_engine()
         self.step, self.history = self._resume(loop_cfg.get("resume_from"))
 
-    def _resolve_batch(self, tc):
+    def _resolve_batch(self, tc: TrainConfig) -> TrainConfig:
         """`train.micro_batch: auto`: micro-batch and gradient checkpointing from the free GPU memory (before the
         transformer moves there) and this cache's tokens per sample; without CUDA, 1 and the configured value."""
         from dermaflux.train.memory import pick_micro_batch, size_class
@@ -383,7 +389,7 @@ def latest_checkpoint(storage_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
-def _flat_params(cfg) -> dict[str, str]:
+def _flat_params(cfg: DermaFluxConfig) -> dict[str, str]:
     """The model and train sections as flat `section.key` strings (a tracker's run parameters)."""
     flat: dict[str, str] = {}
 
@@ -399,8 +405,8 @@ def _flat_params(cfg) -> dict[str, str]:
     return flat
 
 
-def run_training(cfg, cache_dir: str | Path, vae_dir: str | None, run_dir: str | Path, resume: bool = False,
-                 hooks: Sequence[Callable[[Trainer, int], None]] = ()):
+def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | None, run_dir: str | Path,
+                 resume: bool = False, hooks: Sequence[Callable[[Trainer, int], None]] = ()):
     """Start the TorchTrainer; returns the Ray Train result. Checkpoints land in <run_dir>/ray/train/step-*.
 
     `hooks` (picklable; Ray ships them to the workers) run after every step, see `Trainer`.

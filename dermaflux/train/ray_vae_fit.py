@@ -7,10 +7,16 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from dermaflux.train.config import VaeFitConfig
+
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +97,7 @@ def vae_worker(loop_cfg: dict) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
-def run_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
+def run_vae_fit(cfg: DermaFluxConfig, run_dir: str | Path) -> tuple[Path, dict]:
     """Fit the VAE; returns (<run_dir>/vae, metrics incl. test PSNR before/after)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -118,7 +124,7 @@ def run_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
 VAE_FIT_VERSION = 1
 
 
-def data_identity(captions_dir, vae_fit_cfg) -> str:
+def data_identity(captions_dir, vae_fit_cfg: VaeFitConfig) -> str:
     """The images the fit trains on and the PSNR is measured on: their ids and bytes."""
     digest = hashlib.sha256()
     for split, limit in (("train", vae_fit_cfg.max_images), ("test", vae_fit_cfg.eval_images)):
@@ -129,7 +135,7 @@ def data_identity(captions_dir, vae_fit_cfg) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(cfg) -> str:
+def cache_key(cfg: DermaFluxConfig) -> str:
     """What the fitted VAE depends on: the starting VAE, the fit settings and seed, the images."""
     from dermaflux.core.artifacts import fingerprint
     from dermaflux.model.loading import BUILTIN_TINY
@@ -142,7 +148,7 @@ def cache_key(cfg) -> str:
     return fingerprint(VAE_FIT_VERSION, start, fit, cfg.train.seed, images)
 
 
-def cached_vae_fit(cfg, run_dir: str | Path) -> tuple[Path, dict]:
+def cached_vae_fit(cfg: DermaFluxConfig, run_dir: str | Path) -> tuple[Path, dict]:
     """`run_vae_fit`, or the VAE a run on the same data and settings fitted before, from
     $DERMAFLUX_CACHE/vae-fit/<key>; the metrics say which (`cache`: "hit" or "stored")."""
     import json

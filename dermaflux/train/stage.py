@@ -26,7 +26,7 @@ _RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", 
                      "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile"}
 
 
-def run_fingerprint(cfg) -> str:
+def run_fingerprint(cfg: DermaFluxConfig) -> str:
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RESUMABLE_FIELDS}
     return fingerprint(cfg.model.model_dump(mode="json"), train)
 
