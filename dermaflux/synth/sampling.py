@@ -4,8 +4,10 @@ Requests with equal settings (size, steps, guidance, adapter) go through one pip
 each with its own CPU `torch.Generator` seeded from the request, so an image depends only on
 (prompt, seed, adapter, settings), not on what it was batched with. Prompts are styled and guidance is
 applied as the adapter was trained (`train.caption_style`, `train.sampling_guidance`, both recorded in
-the adapter). The `AdapterPool` (synth/adapters.py) gives the pipeline for each adapter; the base is
-never reloaded.
+the adapter). T5 encodes each prompt at the length its adapter was trained at (`text_tokens`, recorded
+in the adapter; the base model: model.max_sequence_length), or, for a prompt longer than that, at the
+smallest length that holds it: never cut, and the length depends on the prompt and adapter alone. The
+`AdapterPool` (synth/adapter_pool.py) gives the pipeline for each adapter; the base is never reloaded.
 Pure torch + diffusers: no Ray.
 """
 
@@ -15,6 +17,7 @@ import io
 
 from dermaflux.synth.requests import SampleRequest, Settings
 from dermaflux.train.prompts import sampling_prompt
+from dermaflux.train.text_length import TEXT_TOKEN_BUCKETS, token_counts
 
 
 def group_by_settings(requests: list[SampleRequest], max_batch_size: int) -> list[list[int]]:
@@ -31,15 +34,13 @@ def group_by_settings(requests: list[SampleRequest], max_batch_size: int) -> lis
 def generate_images(
     pool, requests: list[SampleRequest], *, max_sequence_length: int, max_batch_size: int = 4, keep_loaded: bool = True
 ):
-    """PIL images for `requests`, in order, from an `adapters.AdapterPool`.
+    """PIL images for `requests`, in order, from an `adapter_pool.AdapterPool`.
 
-    `max_sequence_length` (model.max_sequence_length) is required: T5 pads every prompt to it, so it
-    sets the transformer's text tokens and thereby the cost (512 vs 128 is 4x at the tiny size).
-    An adapter the pool has not loaded is loaded for the call; with `keep_loaded=False` (the
-    Serve replica, whose multiplexer owns what stays loaded) it is unloaded again afterwards.
+    `max_sequence_length` (model.max_sequence_length) is the longest T5 encoding allowed; each prompt is
+    encoded at `text_length` of its adapter, which sets the transformer's text tokens and so the cost
+    (512 vs 128 is 4x at the tiny size). An adapter the pool has not loaded is loaded for the call; with
+    `keep_loaded=False` (the Serve replica, whose multiplexer owns what stays loaded) it is unloaded again.
     """
-    import torch
-
     images: list = [None] * len(requests)
     with pool.lock:
         before = set(pool.loaded())
@@ -48,21 +49,14 @@ def generate_images(
                 settings = requests[batch[0]].settings
                 pipe = pool.pipeline_for(settings.adapter)
                 trained = trained_for(pool.meta(settings.adapter))
-                # CPU generators: the same latents on any device, so a seed means one image everywhere.
-                generators = [torch.Generator("cpu").manual_seed(requests[i].seed) for i in batch]
-                with torch.inference_mode():
-                    result = pipe(
-                        prompt=[sampling_prompt(requests[i].prompt, trained["caption_style"]) for i in batch],
-                        width=settings.width,
-                        height=settings.height,
-                        num_inference_steps=settings.num_inference_steps,
-                        **guidance_arguments(trained, settings.guidance_scale, len(batch)),
-                        generator=generators,
-                        max_sequence_length=max_sequence_length,
-                        output_type="pil",
-                    )
-                for i, image in zip(batch, result.images):
-                    images[i] = image
+                prompts = [sampling_prompt(requests[i].prompt, trained["caption_style"]) for i in batch]
+                lengths = text_lengths(pipe.tokenizer_2, prompts, trained["text_tokens"], max_sequence_length)
+                for length in sorted(set(lengths)):
+                    part = [k for k, n in enumerate(lengths) if n == length]
+                    out = _sample(pipe, [prompts[k] for k in part], [requests[batch[k]].seed for k in part],
+                                  settings, trained, length)
+                    for k, image in zip(part, out):
+                        images[batch[k]] = image
         finally:
             if not keep_loaded:
                 for name in set(pool.loaded()) - before:
@@ -70,12 +64,38 @@ def generate_images(
     return images
 
 
+def _sample(pipe, prompts: list[str], seeds: list[int], settings: Settings, trained: dict, length: int) -> list:
+    import torch
+
+    # CPU generators: the same latents on any device, so a seed means one image everywhere.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    with torch.inference_mode():
+        return pipe(
+            prompt=prompts, width=settings.width, height=settings.height,
+            num_inference_steps=settings.num_inference_steps,
+            **guidance_arguments(trained, settings.guidance_scale, len(prompts)),
+            generator=generators, max_sequence_length=length, output_type="pil",
+        ).images
+
+
+def text_lengths(tokenizer, prompts: list[str], trained_tokens: int | None, limit: int) -> list[int]:
+    """The T5 length each prompt is encoded at: the adapter's training length (`limit` for the base) when the
+    prompt fits, else the smallest of TEXT_TOKEN_BUCKETS (or `limit`) that holds it. A prompt over `limit`
+    is left to the request checks (synth/requests.check_token_budget), which refuse it before sampling."""
+    usual = min(trained_tokens or limit, limit)
+    return [usual if n <= usual else next((b for b in TEXT_TOKEN_BUCKETS if n <= b < limit), limit)
+            for n in token_counts(tokenizer, prompts)]
+
+
 def trained_for(meta: dict) -> dict:
     """How an adapter was trained, from the meta its adapter file records: `caption_style` (train/prompts.py),
-    `sampling_guidance` (embedding or true_cfg) and `train_guidance`; the base model (meta {}): captions, embedding."""
+    `sampling_guidance` (embedding or true_cfg), `train_guidance` and `text_tokens` (its T5 length); the base
+    model (meta {}): captions, embedding, no length of its own."""
+    tokens = meta.get("text_tokens")
     return {"caption_style": meta.get("caption_style", "caption"),
             "sampling_guidance": meta.get("sampling_guidance", "embedding"),
-            "train_guidance": float(meta.get("train_guidance", 1.0))}
+            "train_guidance": float(meta.get("train_guidance", 1.0)),
+            "text_tokens": int(tokens) if tokens else None}
 
 
 def guidance_arguments(trained: dict, guidance_scale: float, count: int) -> dict:

@@ -44,11 +44,12 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out"]
 
 
 def random_lora_adapter(model_cfg: ModelConfig, out: str | os.PathLike, seed: int, rank: int = 4, scale: float = 0.3,
-                        transformer=None) -> Path:
+                        transformer=None, meta: dict | None = None) -> Path:
     """A LoRA adapter folder with random non-zero weights, for tests and benchmarks.
 
     An untrained LoRA's B matrix is zero (no effect), so both matrices are drawn from N(0, scale).
     `transformer` defaults to the base of `model_cfg`; pass one to skip loading it (full-size bench).
+    `meta` adds training facts as a trained adapter records them (e.g. `text_tokens`).
     """
     import torch
     from peft import LoraConfig
@@ -71,4 +72,4 @@ def random_lora_adapter(model_cfg: ModelConfig, out: str | os.PathLike, seed: in
         state[key] = noise.to(value.dtype).to(value.device)
     transformer.delete_adapters(name)
     return save_adapter(out, transformer, kind="lora", base=model_cfg.pretrained, lora_state_dict=state,
-                        meta={"random_seed": seed})
+                        meta={"random_seed": seed, **(meta or {})})

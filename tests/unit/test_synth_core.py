@@ -191,6 +191,37 @@ def test_an_adapter_loaded_for_one_call_is_unloaded_after_it(synth_cfg):
     assert pool.loads == {"lora_a": 1, "lora_b": 1} and pool.unloads == {"lora_a": 1}
 
 
+def test_prompts_are_encoded_at_the_adapters_training_length_and_never_cut(synth_cfg, tmp_path, tokenizer):
+    """An adapter trained at 64 T5 tokens samples at 64 (as plain diffusers does when told so), not at
+    model.max_sequence_length (128); a prompt longer than 64 tokens is encoded whole, at 128."""
+    from dermaflux.config import load_config
+    from dermaflux.synth.adapter_pool import AdapterPool
+    from dermaflux.synth.sampling import text_lengths
+
+    short = make_lora_adapter(synth_cfg.model, tmp_path / "short", seed=1, meta={"text_tokens": 64})
+    pool = AdapterPool.from_config(load_config("tiny", extra={"synth": {"adapters": [str(short)]}}))
+    long_prompt = "a dermoscopic image of a melanoma with " + ", ".join(f"blue-white veil area {i}" for i in range(9))
+    n_long = len(tokenizer(long_prompt).input_ids)
+    assert 64 < n_long <= 128
+    assert text_lengths(tokenizer, ["a nevus", long_prompt], 64, 128) == [64, 128]
+    assert text_lengths(tokenizer, ["a nevus"], None, 128) == [128]  # the base model: its configured length
+
+    def direct(prompt: str, length: int):
+        import torch
+
+        pipe = pool.pipeline_for("short")
+        with torch.inference_mode():
+            out = pipe(prompt=[prompt], width=64, height=64, num_inference_steps=4, guidance_scale=3.5,
+                       generator=[torch.Generator("cpu").manual_seed(4)], max_sequence_length=length)
+        return pixels(out.images[0])
+
+    sampled = [pixels(im) for im in generate(pool, [request(seed=4, adapter="short"),
+                                                    request(long_prompt, seed=4, adapter="short")])]
+    assert np.array_equal(sampled[0], direct("a dermoscopic image of a melanoma", 64))
+    assert np.abs(sampled[0] - direct("a dermoscopic image of a melanoma", 128)).mean() > 0.5
+    assert np.array_equal(sampled[1], direct(long_prompt, 128))
+
+
 # --- bulk jobs ------------------------------------------------------------------------------------
 
 
