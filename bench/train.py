@@ -288,7 +288,7 @@ def plain_loops(args, product: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from dermaflux.config import load_config
-    from dermaflux.train.compile import compile_blocks
+    from dermaflux.model.compile import compile_blocks
     from dermaflux.train.model_setup import prepare_transformer
 
     torch.backends.cuda.enable_cudnn_sdp(False)  # its SDPA backward failed on Flux's joint attention (H200)

@@ -248,6 +248,8 @@ STAGES: tuple[StageSpec, ...] = (
             Option("--actors", ("synth.generate_actors",), "pipeline copies in the actor pool", type=int, metavar="N"),
             Option("--fuse-lora", ("synth.fuse_lora",), "merge the LoRA into the base weights (faster; equal to the "
                    "service's images within rounding)", action="store_true"),
+            Option("--compile", ("synth.compile",), "torch.compile the transformer's blocks (with --fuse-lora or no "
+                   "adapter; eager, with one warning, if it fails)", action="store_true"),
         ),
         inputs=(Input("adapters", made_by="train", subpath="final", many=True, path_of=adapter_path),
                 Input("corpus", made_by="curate")),
@@ -271,6 +273,10 @@ STAGES: tuple[StageSpec, ...] = (
             Option("--jobs-root", ("synth.jobs_root",), "the folder bulk jobs write under (default: "
                    "<cache>/synth-jobs)", metavar="DIR"),
             Option("--token-file", ("synth.auth.token_file",), "file holding the API's bearer token", metavar="FILE"),
+            Option("--fuse-lora", ("synth.fuse_lora",), "merge the one --lora into the base weights (faster); the "
+                   "service then samples only that adapter", action="store_true"),
+            Option("--compile", ("synth.compile",), "torch.compile the transformer's blocks (with --fuse-lora or no "
+                   "adapter; eager, with one warning, if it fails)", action="store_true"),
         ),
         inputs=(Input("adapters", many=True, path_of=adapter_path),),
         output=None,

@@ -97,8 +97,13 @@ class SynthConfig(ConfigModel):
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch: wait this long to fill a batch")
     generate_actors: int = Field(1, ge=1, description="`generate`: Ray Data actor pool size (pipeline copies)")
     fuse_lora: bool = Field(
-        False, description="`generate`: merge the sampled LoRA into the base weights (faster; images equal the "
-        "service's within rounding, not bit for bit)"
+        False, description="merge the sampled LoRA into the base weights (faster; images equal the unfused ones "
+        "within rounding, not bit for bit): `generate`, and `serve` with exactly one adapter, which then samples "
+        "only that adapter"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the transformer's repeated blocks where the pipeline never switches "
+        "adapters (fused to one, or the base alone); eager, with one warning, if compiling fails"
     )
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)

@@ -35,13 +35,17 @@ class PipelineActor:
         self.cfg = DermaFluxConfig.model_validate(cfg_dict)
         # Adapters load on first use and stay: one job samples one adapter.
         self.pool = AdapterPool.from_config(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
+        self.compiled: bool | None = None  # synth.compile: tried once, at the first batch's settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from dermaflux.synth.sampling import encode_png, generate_images
+        from dermaflux.synth.sampling import compile_for, encode_png, generate_images
 
         settings = Settings(**self.settings_of(batch))
         if self.cfg.synth.fuse_lora and settings.adapter:
             self.pool.fuse(settings.adapter)  # once per actor: the job samples one adapter
+        if self.cfg.synth.compile and self.compiled is None:
+            self.compiled = compile_for(self.pool, settings, batch_size=self.cfg.synth.batch_size,
+                                        max_sequence_length=self.cfg.model.max_sequence_length)
         samples = [SampleRequest(str(p), int(s), settings) for p, s in zip(batch["prompt"], batch["seed"])]
         images = generate_images(
             self.pool, samples, max_batch_size=self.cfg.synth.batch_size,

@@ -139,6 +139,9 @@ def resolve_settings(body: ImageRequest | AugmentationRequest, cfg: DermaFluxCon
     if body.adapter is not None and body.adapter not in adapters:
         known = ", ".join(adapters) or "none (only the base model is served)"
         raise RequestError("adapter", f"unknown adapter {body.adapter!r}; served: {known}", status=404)
+    if body.adapter is None and adapters and cfg.synth.fuse_lora:  # the base weights now hold the adapter
+        raise RequestError("adapter", f"this service samples only adapter {adapters[0]!r}, fused into the base "
+                           "(synth.fuse_lora); name it")
     return Settings(width, height, int(steps), float(guidance), body.adapter)
 
 

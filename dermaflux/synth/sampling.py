@@ -14,10 +14,13 @@ Pure torch + diffusers: no Ray.
 from __future__ import annotations
 
 import io
+import logging
 
 from dermaflux.synth.requests import SampleRequest, Settings
 from dermaflux.train.prompts import sampling_prompt
 from dermaflux.train.text_length import TEXT_TOKEN_BUCKETS, token_counts
+
+log = logging.getLogger(__name__)
 
 
 def group_by_settings(requests: list[SampleRequest], max_batch_size: int) -> list[list[int]]:
@@ -85,6 +88,25 @@ def text_lengths(tokenizer, prompts: list[str], trained_tokens: int | None, limi
     usual = min(trained_tokens or limit, limit)
     return [usual if n <= usual else next((b for b in TEXT_TOKEN_BUCKETS if n <= b < limit), limit)
             for n in token_counts(tokenizer, prompts)]
+
+
+def compile_for(pool, settings: Settings, *, batch_size: int, max_sequence_length: int, **options) -> bool:
+    """`synth.compile`: compile the transformer that samples `settings.adapter`, probed by one batch at these
+    settings. Only where the pipeline never switches adapters (the pool fused to one, or the base alone):
+    each LoRA switch changes the modules and would recompile. False (eager) when skipped or failed."""
+    from dermaflux.model.compile import compile_blocks
+
+    if pool.fused is None and pool.folders:
+        log.warning("synth.compile: skipped, this pipeline switches between adapters (each switch would "
+                    "recompile); set synth.fuse_lora to sample one adapter compiled")
+        return False
+    with pool.lock:
+        transformer = pool.pipeline_for(settings.adapter).transformer
+    probe = [SampleRequest("a dermoscopic image", 0, settings)] * batch_size
+    return compile_blocks(
+        transformer, lambda: generate_images(pool, probe, max_sequence_length=max_sequence_length,
+                                             max_batch_size=batch_size),
+        setting="synth.compile", work="sampling", **options)
 
 
 def trained_for(meta: dict) -> dict:

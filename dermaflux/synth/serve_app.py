@@ -98,6 +98,7 @@ class SynthesisModel:
 
         self.cfg = _config(cfg_dict)
         self.pool = AdapterPool.from_config(self.cfg, pipeline_device(self.cfg.synth.gpus_per_replica))
+        self._fuse_and_compile()
         # Serve model multiplexing: adapters load on first use, at most N per replica, LRU-evicted,
         # and Serve routes a request to a replica that already holds its adapter. Wired here
         # because N comes from the config (Ray detects init-time multiplexed attributes).
@@ -108,6 +109,21 @@ class SynthesisModel:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.synth.max_adapters_per_replica)(lease)
         self.generate_batch.set_max_batch_size(self.cfg.synth.batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.cfg.synth.batch_wait_timeout_s)
+
+    def _fuse_and_compile(self) -> None:
+        """synth.fuse_lora: the one adapter merged into the base (service_config checked there is one); then
+        synth.compile, probed at the preset's default settings and batch size."""
+        from dermaflux.synth.requests import ImageRequest, resolve_settings
+        from dermaflux.synth.sampling import compile_for
+
+        synth = self.cfg.synth
+        if synth.fuse_lora:
+            self.pool.fuse(self.pool.names[0])
+        if synth.compile:
+            body = ImageRequest(prompt="probe", adapter=self.pool.fused)
+            settings = resolve_settings(body, self.cfg, self.pool.names)
+            compile_for(self.pool, settings, batch_size=synth.batch_size,
+                        max_sequence_length=self.cfg.model.max_sequence_length)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def generate_batch(self, requests: list[dict]) -> list[dict]:
@@ -489,7 +505,9 @@ def service_config(cfg: "DermaFluxConfig", bind_host: str | None):
     if not synth.auth.required and bind_host is not None and not is_loopback(bind_host):
         log.warning("synth.auth.required is false and the service binds to %s: anyone who reaches it may use it",
                     bind_host)
-    adapter_folders(synth.adapters)
+    folders = adapter_folders(synth.adapters)
+    if synth.fuse_lora and len(folders) != 1:
+        raise ConfigError(f"synth.fuse_lora: a service fuses exactly one adapter, synth.adapters names {len(folders)}")
     resolve_pretrained(cfg.model)
     return cfg
 

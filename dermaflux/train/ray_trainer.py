@@ -165,7 +165,7 @@ class Trainer:
     def _compile(self) -> bool:
         """Compile the repeated blocks, probed by one forward + backward at the training shape before DeepSpeed
         hooks the gradients (so the probe leaves no state); False (eager, one warning) when that fails."""
-        from dermaflux.train.compile import compile_blocks
+        from dermaflux.model.compile import compile_blocks
         from dermaflux.train.flow import flow_matching_loss
 
         if self.tc.zero_stage == 3:
@@ -361,7 +361,7 @@ class Trainer:
         """`validation-<step>.png`: one row per validation prompt, one column per seed (rank 0)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from dermaflux.train.compile import eager
+        from dermaflux.model.compile import eager
         from dermaflux.train.validation import image_grid, render_validation, save_png
 
         tc, model_cfg = self.tc, self.cfg.model

@@ -117,8 +117,10 @@ def test_sampling_follows_what_the_adapter_records(conditioned_run):
     sampled = np.asarray(generate_images(pool, [SampleRequest(prompt, 3, settings)], max_sequence_length=128)[0])
     pipe = pool.pipeline_for("final")
 
+    assert meta["text_tokens"] == 64  # the captions' bucket (train.text_tokens auto): sampled at it, not at 128
+
     def render(prompt_text: str, **guidance) -> np.ndarray:
-        return pipe(prompt=[prompt_text], height=64, width=64, num_inference_steps=2, max_sequence_length=128,
+        return pipe(prompt=[prompt_text], height=64, width=64, num_inference_steps=2, max_sequence_length=64,
                     generator=[torch.Generator().manual_seed(3)], output_type="pil", **guidance).images[0]
 
     expected = render("melanoma", guidance_scale=1.0, true_cfg_scale=4.0, negative_prompt=[""])

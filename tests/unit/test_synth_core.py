@@ -305,6 +305,53 @@ def test_a_fused_lora_samples_like_the_unfused_one_and_nothing_else(synth_cfg):
         pool.unload("lora_a")
 
 
+@pytest.fixture
+def default_stance():
+    import torch
+
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()
+
+
+def test_synth_compile_only_where_adapters_never_switch_and_samples_the_same(synth_cfg, default_stance, caplog):
+    """synth.compile: skipped (one warning) on a pool that switches adapters; on a fused pool the compiled
+    blocks (Dynamo's capture of the real Flux blocks, run by the `eager` backend: Inductor is left to the GPU
+    tests) sample what the eager ones did; a compiler that fails leaves sampling eager, with one warning."""
+    import logging
+
+    import torch
+
+    from dermaflux.synth.adapter_pool import AdapterPool
+    from dermaflux.synth.sampling import compile_for
+
+    pool = AdapterPool.from_config(synth_cfg)
+    ask = request(seed=6, adapter="lora_a")
+    options = {"batch_size": 2, "max_sequence_length": 128}
+    with caplog.at_level(logging.WARNING, logger="dermaflux.synth.sampling"):
+        assert compile_for(pool, ask.settings, **options) is False
+    assert "switches between adapters" in caplog.text and not pool.loaded()  # nothing was probed
+
+    pool.fuse("lora_a")
+    eager = pixels(generate(pool, [ask])[0])
+    assert compile_for(pool, ask.settings, backend="eager", **options) is True
+    blocks = pool.base.transformer.transformer_blocks
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in blocks)
+    assert np.abs(pixels(generate(pool, [ask])[0]) - eager).max() <= 1
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("forced: no compiler here")
+
+    torch._dynamo.reset()
+    broken = AdapterPool.from_config(synth_cfg)
+    broken.fuse("lora_a")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dermaflux.model.compile"):
+        assert compile_for(broken, ask.settings, backend=failing_backend, **options) is False
+    assert "synth.compile" in caplog.text and "sampling runs eager" in caplog.text
+    assert np.abs(pixels(generate(broken, [ask])[0]) - eager).max() <= 1
+
+
 def test_a_full_fine_tune_is_served_under_its_name_beside_the_base(synth_cfg, tmp_path):
     import torch
     from diffusers import FluxTransformer2DModel

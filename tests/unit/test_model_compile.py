@@ -1,5 +1,6 @@
-"""train.compile falls back to eager, with one warning, when compilation fails (a real torch.compile whose
-backend fails; compiling the Flux blocks themselves is left to the GPU tests: too slow here)."""
+"""Compiling the transformer blocks (train.compile, synth.compile) falls back to eager, with one warning,
+when compilation fails (a real torch.compile whose backend fails; compiling the Flux blocks with Inductor
+is left to the GPU tests: too slow here)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from dermaflux.train.compile import compile_blocks
+from dermaflux.model.compile import compile_blocks
 
 
 class Blocks(torch.nn.Module):
@@ -46,7 +47,7 @@ def test_failed_compilation_runs_eager_with_one_warning(default_stance, caplog):
         model(x).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    with caplog.at_level(logging.WARNING, logger="dermaflux.train.compile"):
+    with caplog.at_level(logging.WARNING, logger="dermaflux.model.compile"):
         assert compile_blocks(model, probe, backend=failing_backend) is False
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "forced" in warnings[0].getMessage() and "eager" in warnings[0].getMessage()
@@ -59,6 +60,6 @@ def test_failed_compilation_runs_eager_with_one_warning(default_stance, caplog):
 
 
 def test_a_model_without_blocks_is_refused_as_a_failure(default_stance, caplog):
-    with caplog.at_level(logging.WARNING, logger="dermaflux.train.compile"):
+    with caplog.at_level(logging.WARNING, logger="dermaflux.model.compile"):
         assert compile_blocks(torch.nn.Linear(2, 2), lambda: None) is False
     assert "no transformer_blocks" in caplog.text

@@ -1,4 +1,5 @@
-"""torch.compile of the transformer's repeated blocks, falling back to eager with one warning (pure torch).
+"""torch.compile of the transformer's repeated blocks, falling back to eager with one warning (pure torch);
+used by training (`train.compile`) and sampling (`synth.compile`).
 
 Regional compilation (diffusers' `compile_repeated_blocks`: FluxTransformerBlock and
 FluxSingleTransformerBlock) compiles one block of each kind and reuses it 19 + 38 times: a rank-16
@@ -34,10 +35,12 @@ def _compile_in_place(transformer, **options) -> str:
     return "per-block torch.compile"
 
 
-def compile_blocks(transformer, probe: Callable[[], None], **options) -> bool:
+def compile_blocks(transformer, probe: Callable[[], None], setting: str = "train.compile", work: str = "training",
+                   **options) -> bool:
     """Compile `transformer`'s repeated blocks and run `probe` (which must leave no state behind, e.g. a
     forward + backward whose gradients it clears). True when compiled; False, after one warning, when
-    compiling or the probe failed and this process runs eager from now on."""
+    compiling or the probe failed and this process runs eager from now on. `setting` and `work` name the
+    config field and what runs eager in that warning; `options` go to torch.compile."""
     try:
         how = _compile_in_place(transformer, **options)
         probe()
@@ -47,10 +50,10 @@ def compile_blocks(transformer, probe: Callable[[], None], **options) -> bool:
         while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
             root = inner  # Dynamo wraps the backend's own error (BackendCompilerFailed.inner_exception)
         first_line = (str(root).strip().splitlines() or [""])[0][:300]
-        log.warning("train.compile: compiling the transformer failed (%s: %s); training runs eager",
-                    type(root).__name__, first_line)
+        log.warning("%s: compiling the transformer failed (%s: %s); %s runs eager",
+                    setting, type(root).__name__, first_line, work)
         return False
-    log.info("train.compile: %s", how)
+    log.info("%s: %s", setting, how)
     return True
 
 
