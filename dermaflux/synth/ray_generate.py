@@ -108,5 +108,6 @@ def run_generate_job(cfg: DermaFluxConfig, out: Path, spec: bulk.JobSpec) -> dic
                 shown.update(len(batch["png"]))
                 _collect(out, spec, by_shard, collected, batch)
     if not (out / bulk.MANIFEST_FILE).exists():
-        bulk.write_manifest(out, spec, {"written_by": "dermaflux generate", "fuse_lora": cfg.synth.fuse_lora})
+        bulk.write_manifest(out, spec, {"written_by": "dermaflux generate", "fuse_lora": cfg.synth.fuse_lora,
+                                         "compile_requested": cfg.synth.compile})  # per actor: see its log
     return bulk.job_status(out)

@@ -84,8 +84,9 @@ class _AdapterLease:
         self.pool, self.name, self.released = pool, name, False
 
     def __del__(self):
-        # Called by Serve on LRU eviction (in an executor thread), and again by the GC: once is enough.
-        if not self.released:
+        # Called by Serve on LRU eviction (in an executor thread), and again by the GC: once is enough. A fused
+        # adapter is the replica's weights now (synth.fuse_lora): it stays.
+        if not self.released and self.name != self.pool.fused:
             self.released = True
             self.pool.unload(self.name)
 
