@@ -32,7 +32,9 @@ SMALL = {  # the demo's pipeline (tiny preset), shortened to minutes
     "pipeline.stage_settings.train.steps": 6, "pipeline.stage_settings.train.checkpoint_every": 3,
     "pipeline.stage_settings.train.validate_every": 6, "pipeline.stage_settings.train.log_every": 1,
     "pipeline.stage_settings.train.vae_fit.steps": 6, "pipeline.stage_settings.synth.per_class": 2,
-    "pipeline.stage_settings.evaluate.steps": 10,
+    "pipeline.stage_settings.evaluate.steps": 10, "pipeline.stage_settings.evaluate.sizes": "null",
+    "pipeline.stage_settings.evaluate.fractions": "[0.5]", "pipeline.stage_settings.evaluate.seeds": 1,
+    "pipeline.stage_settings.evaluate.ratios": "[0,1]",
 }
 PROGRESS = re.compile(r"^(\d\d):(\d\d):(\d\d) (?P<what>[\w :-]+?): \d+/\d+ \w+ (\(\d+%\)|in )")
 # Deprecations our own code caused before (and the source file of any other warning of ours).
