@@ -50,22 +50,18 @@ PROMPTS = [
 ]
 
 
-def start_bench_service(cfg, **synth) -> str:
-    """Start the service with `cfg` and the `synth` settings (dotted names as keyword paths: limits__x) on a
-    free loopback port; return its URL once /readyz answers."""
+def start_bench_service(cfg, synth: dict) -> str:
+    """Start the service with `cfg` and the `synth` section settings (nested, merged and validated as the
+    pipeline merges its stage settings) on a free loopback port; return its URL once /readyz answers."""
     import httpx
 
+    from dermaflux.config import DermaFluxConfig
+    from dermaflux.core.config import deep_merge
     from dermaflux.core.runtime import free_port
     from dermaflux.synth.serve_app import start_service
 
-    run_cfg = cfg.model_copy(deep=True)
-    run_cfg.synth.port = free_port()
-    for name, value in synth.items():
-        *parents, leaf = name.split("__")
-        target = run_cfg.synth
-        for parent in parents:
-            target = getattr(target, parent)
-        setattr(target, leaf, value)
+    run_cfg = DermaFluxConfig.model_validate(
+        deep_merge(cfg.model_dump(mode="json"), {"synth": {**synth, "port": free_port()}}))
     start_service(run_cfg, access_log=False)
     url = f"http://127.0.0.1:{run_cfg.synth.port}"
     with httpx.Client(base_url=url, timeout=300) as client:
@@ -108,8 +104,8 @@ def serve_run(cfg, n: int, batch_size: int, replicas: int, clients: int, adapter
     import numpy as np
     from ray import serve
 
-    url = start_bench_service(cfg, batch_size=batch_size, autoscaling__max_replicas=replicas,
-                              autoscaling__min_replicas=replicas, max_adapters_per_replica=max_adapters)
+    url = start_bench_service(cfg, {"batch_size": batch_size, "max_adapters_per_replica": max_adapters,
+                                    "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}})
     requests = requests_for(n, cfg)
 
     def one(i: int) -> tuple[int, float]:
@@ -141,7 +137,7 @@ def flood_run(cfg, n: int, clients: int, limit: int, batch_size: int, honour_ret
     import numpy as np
     from ray import serve
 
-    url = start_bench_service(cfg, batch_size=batch_size, limits__max_queued_images=limit)
+    url = start_bench_service(cfg, {"batch_size": batch_size, "limits": {"max_queued_images": limit}})
     requests = requests_for(n, cfg)
     # One keep-alive connection per client thread, made outside the timed call: building an httpx
     # client costs tens of ms of CPU (its SSL context), which a burst of 16 turns into false latency.

@@ -17,8 +17,8 @@ import io
 import logging
 
 from dermaflux.synth.requests import SampleRequest, Settings
-from dermaflux.train.prompts import sampling_prompt
-from dermaflux.train.text_length import TEXT_TOKEN_BUCKETS, token_counts
+from dermaflux.train.prompts import guidance_arguments, sampling_prompt
+from dermaflux.train.text_length import bucket_for, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,12 @@ def _sample(pipe, prompts: list[str], seeds: list[int], settings: Settings, trai
 
 def text_lengths(tokenizer, prompts: list[str], trained_tokens: int | None, limit: int) -> list[int]:
     """The T5 length each prompt is encoded at: the adapter's training length (`limit` for the base) when the
-    prompt fits, else the smallest of TEXT_TOKEN_BUCKETS (or `limit`) that holds it. A prompt over `limit`
-    is left to the request checks (synth/requests.check_token_budget), which refuse it before sampling."""
+    prompt fits, else the training buckets' length that holds it (`text_length.bucket_for`). A prompt over
+    `limit` is left to the request checks (synth/requests.check_token_budget), which refuse it before sampling."""
     usual = min(trained_tokens or limit, limit)
-    return [usual if n <= usual else next((b for b in TEXT_TOKEN_BUCKETS if n <= b < limit), limit)
-            for n in token_counts(tokenizer, prompts)]
+    if usual == limit:  # the base, or an adapter trained at the limit: no prompt needs counting
+        return [limit] * len(prompts)
+    return [usual if n <= usual else bucket_for(n, limit) for n in token_counts(tokenizer, prompts)]
 
 
 def compile_for(pool, settings: Settings, *, batch_size: int, max_sequence_length: int, **options) -> bool:
@@ -118,16 +119,6 @@ def trained_for(meta: dict) -> dict:
             "sampling_guidance": meta.get("sampling_guidance", "embedding"),
             "train_guidance": float(meta.get("train_guidance", 1.0)),
             "text_tokens": int(tokens) if tokens else None}
-
-
-def guidance_arguments(trained: dict, guidance_scale: float, count: int) -> dict:
-    """FluxPipeline arguments applying `guidance_scale` as the model was trained for (see `trained_for`):
-    into the guidance embedding, or as classifier-free guidance against the empty prompt (the negative prompt
-    FluxPipeline's true CFG contrasts with), the embedding then held at the training value."""
-    if trained["sampling_guidance"] == "true_cfg":
-        return {"guidance_scale": trained["train_guidance"], "true_cfg_scale": guidance_scale,
-                "negative_prompt": [""] * count}
-    return {"guidance_scale": guidance_scale}
 
 
 def encode_png(image) -> bytes:

@@ -7,6 +7,9 @@
   class-distinct pooled vectors, the global conditioning every Flux block is modulated by
   (bench/conditioning.py measures both).
 
+`guidance_arguments` is how sampling, and the trainer's validation renders, apply guidance to what a run
+trained (`train.sampling_guidance`).
+
 Training styles a caption row (its text and its label); sampling styles a request's prompt with the
 same table, reading the diagnosis from the text, so a model is sampled with prompts in the style it was
 trained on whatever wording the request uses. A prompt that names no diagnosis becomes the empty
@@ -64,3 +67,14 @@ def sampling_prompt(prompt: str, style: str) -> str:
     if style == "diagnosis":
         return diagnosis_prompt(diagnosis_in(prompt))
     raise ValueError(f"caption style {style!r}: expected one of {', '.join(CAPTION_STYLES)}")
+
+
+def guidance_arguments(trained: dict, guidance_scale: float, count: int) -> dict:
+    """FluxPipeline arguments applying `guidance_scale` as the model was trained for (`trained`: its
+    `sampling_guidance` and `train_guidance`, see synth/sampling.trained_for): into the guidance embedding, or
+    as classifier-free guidance against the empty prompt (the negative prompt FluxPipeline's true CFG contrasts
+    with), the embedding then held at the training value."""
+    if trained["sampling_guidance"] == "true_cfg":
+        return {"guidance_scale": trained["train_guidance"], "true_cfg_scale": guidance_scale,
+                "negative_prompt": [""] * count}
+    return {"guidance_scale": guidance_scale}

@@ -362,18 +362,18 @@ class Trainer:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from dermaflux.model.compile import eager
+        from dermaflux.train.prompts import guidance_arguments
         from dermaflux.train.validation import image_grid, render_validation, save_png
 
         tc, model_cfg = self.tc, self.cfg.model
         sched = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base_dir, subfolder="scheduler")
-        # As sampling applies guidance to this run's adapter (train.sampling_guidance, synth/sampling.py).
-        guidance, true_cfg = model_cfg.guidance_scale, None
-        if tc.sampling_guidance == "true_cfg":
-            guidance, true_cfg = model_cfg.train_guidance, model_cfg.guidance_scale
+        # As sampling applies guidance to this run's adapter (the negative prompt: the cached empty one).
+        guidance = guidance_arguments({"sampling_guidance": tc.sampling_guidance,
+                                       "train_guidance": model_cfg.train_guidance}, model_cfg.guidance_scale, 1)
         with eager():  # other shapes than training's: no recompilation of compiled blocks
             images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds,
                                        model_cfg.resolution, tc.validation_steps or model_cfg.num_inference_steps,
-                                       guidance, true_cfg)
+                                       guidance["guidance_scale"], guidance.get("true_cfg_scale"))
         save_png(image_grid(images, cols=len(tc.validation_seeds)), ckpt_dir / f"validation-{self.step:06d}.png")
 
 

@@ -25,6 +25,11 @@ def token_counts(tokenizer, texts: list[str]) -> list[int]:
     return [len(ids) for ids in encoded["input_ids"]]
 
 
+def bucket_for(tokens: int, limit: int, buckets: tuple[int, ...] = TEXT_TOKEN_BUCKETS) -> int:
+    """The smallest of `buckets` that holds `tokens`, at most `limit` (model.max_sequence_length); else `limit`."""
+    return next((b for b in sorted(buckets) if tokens <= b <= limit), limit)
+
+
 def pick_text_tokens(counts: Iterable[tuple[str, int]], limit: int, setting: int | str = "auto",
                      buckets: tuple[int, ...] = TEXT_TOKEN_BUCKETS) -> dict:
     """{"length", "max", "p99", "texts"} for `counts` (pairs of (text id, tokens)).
@@ -48,7 +53,7 @@ def pick_text_tokens(counts: Iterable[tuple[str, int]], limit: int, setting: int
         raise ValueError(f"{len(too_long)} caption(s) longer than the T5 budget of {budget} tokens ({field}): "
                          f"{named}{more}; shorten them or raise {field}")
     if setting == "auto":
-        length = next((b for b in sorted(buckets) if longest <= b <= limit), limit)
+        length = bucket_for(longest, limit, buckets)
     else:
         length = int(setting)
     counts_only = np.asarray([n for _, n in pairs])
