@@ -262,7 +262,7 @@ def template_captions(data: Path, out: Path, n: int) -> Path:
 def product_run(args, work: Path) -> dict:
     """`dermaflux train` through the stage entry (preflight, Ray, the stage) on the flux-dev preset."""
     from dermaflux.config import load_config
-    from dermaflux.core.entry import run
+    from dermaflux.commands import run
 
     captions = template_captions(Path(args.data), work / "captions", args.images)
     cfg = load_config("flux-dev", overrides=[f"model.pretrained={args.model}"], extra={"train": {

@@ -1,8 +1,9 @@
-"""`dermaflux <stage>`: one subcommand per stage of the stage table, plus `pipeline`.
+"""`dermaflux <command>`: one subcommand per row of the command table (each stage, and `pipeline`).
 
-Each subcommand takes the shared `--preset/--config/--set`, its stage's flags (each one a
-config field, see `dermaflux.stages`), loads the config and calls `core.entry.run`: the same
-path as the Ray jobs. `dermaflux model random` is a tool, not a stage: no config, no Ray.
+Each subcommand takes the shared `--preset/--config/--set` and its row's flags (each one a config
+field, see `dermaflux.stages`), loads the config and calls the row's `run`. `jobs/<command>.py`
+call this `main` with `job=True`: the same parser and path, `--config` required, one JSON result
+line for the Ray job's log. `dermaflux model random` is a tool, not a command: no config, no Ray.
 """
 
 from __future__ import annotations
@@ -11,18 +12,12 @@ import argparse
 import json
 import logging
 import sys
+import time
+import traceback
 
-from dermaflux.stages import STAGES, Option
+from dermaflux.commands import COMMANDS, USER_ERRORS, Command, get_command
 
-PIPELINE_HELP = "run every stage in order on one Ray instance (curate, caption, train, generate, evaluate); resumable"
-PIPELINE_EXAMPLE = "dermaflux pipeline --preset tiny --data ../shared/data --out runs/demo"
-PIPELINE_OPTIONS = (
-    Option("--data", ("pipeline.data",), "folder of datasets to curate, one subfolder each "
-           "(default: $DERMAFLUX_DATA or ../shared/data)", metavar="DIR"),
-    Option("--out", ("pipeline.out",), "run folder (re-run the same command to resume)", metavar="DIR"),
-    Option("--stages", ("pipeline.stages",), "comma-separated subset, e.g. curate,caption (default: all)",
-           type=lambda text: [s.strip() for s in text.split(",") if s.strip()], metavar="LIST"),
-)
+log = logging.getLogger("dermaflux")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -32,11 +27,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         import textwrap
 
         return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
-
-
-def _subcommands() -> list[tuple[str, str, str, tuple[Option, ...]]]:
-    rows = [(spec.name, spec.help, spec.example, spec.options) for spec in STAGES]
-    return rows + [("pipeline", PIPELINE_HELP, PIPELINE_EXAMPLE, PIPELINE_OPTIONS)]
 
 
 MODEL_RANDOM_HELP = ("write a Flux pipeline with seeded random weights in the Hugging Face layout, "
@@ -73,7 +63,6 @@ def _add_model_tool(sub) -> None:
 
 
 def _run_model_tool(args: argparse.Namespace) -> int:
-    from dermaflux.core.entry import USER_ERRORS
     from dermaflux.model.random_weights import format_plan, plan_random_model, write_random_model
 
     try:
@@ -90,24 +79,42 @@ def _run_model_tool(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = False) -> None:
+    """`--preset`, `--config`, `--set`: how every entry point picks its configuration."""
+    parser.add_argument("--preset", default=None, help="named preset: tiny (CPU, the default) or flux-dev")
+    parser.add_argument("--config", default=None, required=config_required, metavar="YAML",
+                        help="config file (sections as in the preset; overrides it)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field, e.g. --set train.steps=300 (repeatable)")
+
+
+def _add_command(sub, command: Command, job: bool) -> None:
+    kwargs = {"prog": f"jobs/{command.name}.py"} if job else {}
+    parser = sub.add_parser(command.name, help=command.help, formatter_class=_HelpFormatter,
+                            description=f"{command.help}\n\nexample:\n  {command.example}", **kwargs)
+    add_config_arguments(parser, config_required=job)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything on the console: Ray's and the libraries' output, debug logging "
+                             "(otherwise it goes to the run's log file, whose path is printed)")
+    if job:
+        parser.add_argument("--skip-resource-check", action="store_true",
+                            help="do not compare the stage's CPU/GPU requests with the cluster's nodes")
+    for option in command.options:
+        option.add_to(parser)
+    parser.set_defaults(_options=command.options)
+
+
+def build_parser(*, job: bool = False) -> argparse.ArgumentParser:
+    """One subcommand per command; `job`: the Ray job entrypoints' variant (`--config` required)."""
     from dermaflux import __version__
-    from dermaflux.core.entry import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="dermaflux", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dermaflux {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name, help_text, example, options in _subcommands():
-        stage = sub.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
-                               formatter_class=_HelpFormatter)
-        add_config_arguments(stage)
-        stage.add_argument("-v", "--verbose", action="store_true",
-                           help="show everything on the console: Ray's and the libraries' output, debug logging "
-                                "(otherwise it goes to the run's log file, whose path is printed)")
-        for option in options:
-            option.add_to(stage)
-        stage.set_defaults(_options=options)
-    _add_model_tool(sub)
+    for command in COMMANDS:
+        _add_command(sub, command, job)
+    if not job:
+        _add_model_tool(sub)
     return parser
 
 
@@ -121,55 +128,66 @@ def flag_settings(args: argparse.Namespace) -> dict:
     return nested_settings(settings)
 
 
-def _print_result(name: str, summary: dict) -> None:
-    from dermaflux.stages import BY_NAME
-
-    if name == "pipeline":
-        from dermaflux.pipeline import format_summary
-
-        print(format_summary(summary), flush=True)
-        return
-    print(json.dumps(summary, indent=2, default=str), flush=True)
-    headline = BY_NAME[name].headline
-    if headline:
-        print(headline.format(**summary), flush=True)
-
-
-def _failed(name: str, summary: dict) -> bool:
-    if name == "pipeline":
-        return any(str(info.get("status")).startswith("failed") for info in summary["stages"].values())
-    return bool(summary.get("failed"))
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, job: bool = False) -> int:
+    """`dermaflux ...`, and (`job=True`) `jobs/<command>.py`; returns the exit code."""
     from dermaflux.core.progress import session
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(job=job).parse_args(argv)
     if args.stage == "model":
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return _run_model_tool(args)
+    command = get_command(args.stage)
+    if job:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return _run_job(command, args)
     with session(verbose=args.verbose):
-        return _run(args)
+        return _run(command, args)
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Load the config, run the stage (or pipeline), print its result; the exit code."""
+def _load_and_run(command: Command, args: argparse.Namespace, capacity_check: bool = True) -> dict:
     from dermaflux.config import load_config
-    from dermaflux.core.entry import USER_ERRORS, run
+
+    cfg = load_config(args.preset, args.config, args.overrides, extra=flag_settings(args))
+    return command.run(cfg, capacity_check=capacity_check)
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
+    """Load the config, run the command, print its result; the exit code."""
     from dermaflux.core.progress import announce
 
     try:
-        cfg = load_config(args.preset, args.config, args.overrides, extra=flag_settings(args))
-        summary = run(args.stage, cfg)
+        summary = _load_and_run(command, args)
     except USER_ERRORS as err:
-        announce(f"dermaflux {args.stage}: error: {err}")
+        announce(f"dermaflux {command.name}: error: {err}")
         return 2
     except Exception:  # the stage failed: the traceback on the console and in the run log
-        logging.getLogger("dermaflux").exception("dermaflux %s failed", args.stage)
+        log.exception("dermaflux %s failed", command.name)
         return 1
-    _print_result(args.stage, summary)
-    return 1 if _failed(args.stage, summary) else 0
+    print(command.show(summary), flush=True)
+    return 1 if command.failed(summary) else 0
+
+
+def _run_job(command: Command, args: argparse.Namespace) -> int:
+    """A Ray job: the summary on stderr, then one JSON line (`{"stage": ...}`) that is the job's result."""
+    started = time.time()
+    try:
+        summary = _load_and_run(command, args, capacity_check=not args.skip_resource_check)
+    except USER_ERRORS as err:
+        return _job_failed(command.name, str(err), 2)
+    except Exception as err:  # the stage failed: keep the traceback in the job log
+        traceback.print_exc()
+        return _job_failed(command.name, f"{type(err).__name__}: {err}", 1)
+    print(command.show(summary), file=sys.stderr, flush=True)
+    result = {"stage": command.name, "status": "succeeded", "seconds": round(time.time() - started, 1), **summary}
+    print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+def _job_failed(name: str, message: str, code: int) -> int:
+    print(f"dermaflux job {name}: error: {message}", file=sys.stderr, flush=True)
+    print(json.dumps({"stage": name, "status": "failed", "error": message}), flush=True)
+    return code
 
 
 if __name__ == "__main__":

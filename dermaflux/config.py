@@ -1,5 +1,8 @@
 """The configuration: one typed root model of every section, and `load_config`.
 
+A leaf: it imports the section models and `core.config`, nothing of DermaFlux above them (what
+depends on the stage table, such as the pipeline's stage names, is checked by the planner).
+
 Each section is a class in its stage's package (`corpus/config.py`, ...); the defaults are the
 tiny preset. `presets/tiny.yaml` holds the demo's pipeline sizes and `presets/flux-dev.yaml`
 what differs for FLUX.1-dev: a preset is data, in one place.
@@ -19,42 +22,37 @@ from dermaflux.core.runtime import RayConfig
 from dermaflux.corpus.config import CurateConfig
 from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.model.config import ModelConfig
-from dermaflux.stages import PIPELINE, pipeline_names
 from dermaflux.synth.config import SynthConfig
 from dermaflux.train.config import TrainConfig
 
-__all__ = ["ConfigError", "DermaFluxConfig", "PipelineConfig", "load_config"]
+__all__ = ["ConfigError", "DermaFluxConfig", "PipelineConfig", "load_config", "stage_sections"]
+
+# Sections every stage reads; each other section belongs to the stage(s) that the stage table names.
+SHARED_SECTIONS = ("model", "ray")
 
 
 class PipelineConfig(ConfigModel):
-    """`dermaflux pipeline`: which stages run, on which data, into which run folder, at what size."""
+    """`dermaflux pipeline`: which stages run, on which data, into which run folder, at what size.
+
+    The stage names and their order are the stage table's (`dermaflux.stages`): the pipeline's
+    planner checks `stages` against it, so this model imports nothing above the configuration.
+    """
 
     data: str | None = Field(
         None, description="folder holding the datasets to curate (one subfolder each); default $DERMAFLUX_DATA or ../shared/data"
     )
     out: str | None = Field(None, description="run folder: one subfolder per stage, the pipeline's markers and summary")
-    stages: list[str] = Field(default_factory=pipeline_names, description="stages to run, in pipeline order")
+    stages: list[str] | None = Field(None, description="stages to run, in pipeline order (default: every pipeline stage)")
     stage_settings: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-section settings merged over the stage sections for a pipeline run only "
         "(the tiny preset's demo sizes, e.g. train: {steps: 120})",
     )
 
-    @field_validator("stages")
-    @classmethod
-    def _in_pipeline_order(cls, value: list[str]) -> list[str]:
-        order = pipeline_names()
-        unknown = [name for name in value if name not in order]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; pipeline stages: {', '.join(order)}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"stages listed twice: {value}")
-        return sorted(value, key=order.index)
-
     @field_validator("stage_settings")
     @classmethod
     def _known_sections(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        sections = sorted({spec.section for spec in PIPELINE})
+        sections = stage_sections()
         unknown = sorted(set(value) - set(sections))
         if unknown:
             raise ValueError(f"unknown sections {unknown}; expected some of {sections}")
@@ -73,6 +71,11 @@ class DermaFluxConfig(ConfigModel):
     synth: SynthConfig = Field(default_factory=SynthConfig, description="synthesis: the `generate` and `serve` stages")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+def stage_sections() -> list[str]:
+    """The sections a stage owns (what `pipeline.stage_settings` may tune): all but the shared ones."""
+    return sorted(set(DermaFluxConfig.model_fields) - {"preset", "pipeline", *SHARED_SECTIONS})
 
 
 def load_config(

@@ -1,7 +1,9 @@
 """`dermaflux pipeline`: the pipeline stages of the stage table in order on one Ray instance, resumable.
 
 <out>/corpus -> <out>/captions -> <out>/train (adapter in train/final) -> <out>/synthetic ->
-<out>/report (each stage's `folder` in `dermaflux.stages`). A stage that finished leaves a marker
+<out>/report (each stage's `folder` in `dermaflux.stages`). `plan` works out the steps once (each
+stage's config section, output folder and fingerprint); `run_pipeline` checks their paths once,
+starts Ray once and runs each step. A stage that finished leaves a marker
 in <out>/.done and is skipped on a re-run; a stage that stopped half-way resumes through its own
 markers. A stage whose required input is made by a stage left out of the run is reported as blocked.
 """
@@ -11,14 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from dermaflux.checks import check_resources, check_stages_in_order
 from dermaflux.config import ConfigError, DermaFluxConfig
 from dermaflux.core.artifacts import atomic_write_json, claim_run, fingerprint, is_done, mark_done, marker_path, read_json
 from dermaflux.core.config import ConfigModel, deep_merge
-from dermaflux.core.preflight import capacity_from_ray, check_config, check_stages_in_order
+from dermaflux.core.preflight import capacity_from_ray
 from dermaflux.core.progress import announce, shown
-from dermaflux.stages import PIPELINE, StageSpec, get_stage
+from dermaflux.core.runtime import init_ray
+from dermaflux.corpus.config import SourceSpec
+from dermaflux.stages import PIPELINE, StageSpec, get_stage, pipeline_names
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +53,36 @@ def discover_sources(data: Path) -> list[str]:
     return specs
 
 
-def plan(cfg: DermaFluxConfig) -> tuple[DermaFluxConfig, list[str], dict[str, str]]:
-    """The config each stage runs with, the stages to run, and why the others will not run."""
+@dataclass(frozen=True)
+class Step:
+    """One stage of a planned run: its config section, its output folder and its settings' fingerprint."""
+
+    spec: StageSpec
+    section: ConfigModel
+    out: str
+    fingerprint: str  # a finished stage whose marker holds the same fingerprint is skipped
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: DermaFluxConfig  # the config every step runs with (stage settings and run-folder paths merged in)
+    out: Path  # the run folder
+    steps: tuple[Step, ...]  # in pipeline order
+    skipped: dict[str, str]  # requested stages that will not run, and why
+
+    @property
+    def stages(self) -> list[str]:
+        return [step.spec.name for step in self.steps]
+
+
+def plan(cfg: DermaFluxConfig) -> Plan:
+    """The steps to run, each with the config it runs with, and why the other requested stages will not run."""
+    if not cfg.pipeline.out:
+        raise ConfigError("pipeline.out: not set; give --out DIR")
     out = Path(cfg.pipeline.out).expanduser().resolve()
     data = deep_merge(cfg.model_dump(mode="json"), cfg.pipeline.stage_settings)
-    runnable, skipped = _runnable(cfg.pipeline.stages, data)
+    data["pipeline"]["stages"] = requested = requested_stages(cfg.pipeline.stages)
+    runnable, skipped = _runnable(requested, data)
     for name in runnable:
         # A path the user set stays; otherwise the standard layout (inputs only when made in this run).
         spec = get_stage(name)
@@ -68,7 +99,26 @@ def plan(cfg: DermaFluxConfig) -> tuple[DermaFluxConfig, list[str], dict[str, st
         stage_cfg = DermaFluxConfig.model_validate(data)
     except Exception as err:  # pydantic names the field the stage settings got wrong
         raise ConfigError(f"pipeline.stage_settings do not fit the stage sections: {err}") from None
-    return stage_cfg, runnable, skipped
+    steps = tuple(_step(get_stage(name), stage_cfg) for name in runnable)
+    return Plan(stage_cfg, out, steps, skipped)
+
+
+def _step(spec: StageSpec, stage_cfg: DermaFluxConfig) -> Step:
+    section = spec.section_of(stage_cfg)
+    return Step(spec, section, getattr(section, spec.output), stage_fingerprint(stage_cfg, spec))
+
+
+def requested_stages(stages: list[str] | None) -> list[str]:
+    """`pipeline.stages` checked against the stage table, in pipeline order (None: every pipeline stage)."""
+    order = pipeline_names()
+    if stages is None:
+        return order
+    unknown = [name for name in stages if name not in order]
+    if unknown:
+        raise ConfigError(f"pipeline.stages: unknown stage(s) {unknown}; pipeline stages: {', '.join(order)}")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"pipeline.stages: stages listed twice: {stages}")
+    return sorted(stages, key=order.index)
 
 
 def _runnable(stages: list[str], data: dict) -> tuple[list[str], dict[str, str]]:
@@ -99,8 +149,6 @@ def _discovered_sources(cfg: DermaFluxConfig) -> list[str]:
 
 def _source_paths(stage_cfg: DermaFluxConfig) -> list[str]:
     """The datasets curate reads: the run folder may not be, contain or lie inside one of them."""
-    from dermaflux.corpus.sources.base import SourceSpec
-
     return [SourceSpec.parse(text).path for text in stage_cfg.curate.sources]
 
 
@@ -128,52 +176,45 @@ def _banner(text: str) -> None:
 
 
 def run_pipeline(cfg: DermaFluxConfig, *, capacity_check: bool = True) -> dict:
-    """Run the planned stages; returns the summary also written to <out>/pipeline.json."""
-    from dermaflux.core.runtime import init_ray
-
-    if not cfg.pipeline.out:
-        raise ConfigError("pipeline.out: not set; give --out DIR")
-    out = Path(cfg.pipeline.out).expanduser().resolve()
-    stage_cfg, runnable, skipped = plan(cfg)
-    # Everything before a stage runs: paths, preset, then (with Ray up, once for all stages) the resources.
-    check_stages_in_order(stage_cfg, runnable)
+    """Plan, check the paths once, start Ray once, run each step; returns the summary also written to
+    <out>/pipeline.json."""
+    planned = plan(cfg)
+    stage_cfg, out = planned.cfg, planned.out
+    check_stages_in_order(stage_cfg, planned.stages)  # paths and preset, each input made earlier or present
     # The folder belongs to one preset and model; each stage's own settings are checked per stage.
     resumed = claim_run(stage_cfg, out, "pipeline", fingerprint(stage_cfg.preset, _settings(stage_cfg.model)),
-                        inputs=_source_paths(stage_cfg) if "curate" in runnable else [])
+                        inputs=_source_paths(stage_cfg) if "curate" in planned.stages else [])
     init_ray(stage_cfg.ray)
     if capacity_check:
-        check_config(stage_cfg, runnable, produced=set(runnable), capacity=capacity_from_ray())
-    results: dict[str, dict] = {name: {"status": reason} for name, reason in skipped.items()}
-    log.info("pipeline: %s %s -> %s", "resuming" if resumed else "starting", ", ".join(runnable), shown(out))
-    for index, name in enumerate(runnable, 1):
-        progress = f"[{index}/{len(runnable)}] {name}"
+        check_resources(stage_cfg, planned.stages, capacity_from_ray())
+    results: dict[str, dict] = {name: {"status": reason} for name, reason in planned.skipped.items()}
+    log.info("pipeline: %s %s -> %s", "resuming" if resumed else "starting", ", ".join(planned.stages), shown(out))
+    for index, step in enumerate(planned.steps, 1):
+        progress = f"[{index}/{len(planned.steps)}] {step.spec.name}"
         try:
-            results[name] = _run_one(get_stage(name), stage_cfg, out, progress)
+            results[step.spec.name] = _run_one(step, stage_cfg, out, progress)
         except BaseException as err:
-            results[name] = {"status": f"failed: {type(err).__name__}: {err}"}
+            results[step.spec.name] = {"status": f"failed: {type(err).__name__}: {err}"}
             _write_summary(out, results, stage_cfg)
             raise
     return _write_summary(out, results, stage_cfg)
 
 
-def _run_one(spec: StageSpec, stage_cfg: DermaFluxConfig, out: Path, progress: str) -> dict:
-    """One stage: skipped when its marker holds the same settings, else run (it resumes itself)."""
-    from dermaflux.core.entry import execute
-
-    marker = f"stage-{spec.name}"
-    settings = stage_fingerprint(stage_cfg, spec)
+def _run_one(step: Step, stage_cfg: DermaFluxConfig, out: Path, progress: str) -> dict:
+    """One step: skipped when its marker holds the same settings, else run (it resumes itself)."""
+    marker = f"stage-{step.spec.name}"
     if is_done(out, marker):
         done = read_json(marker_path(out, marker))
-        if done.get("settings") == settings:
+        if done.get("settings") == step.fingerprint:
             _banner(f"{progress}: done earlier, skipped")
             return {**done.get("summary", {}), "status": "done earlier", "seconds": done.get("seconds")}
         # Changed settings: the stage decides (resume, or refuse a folder holding a different run).
-        log.info("pipeline: %s settings changed since it ran; running it again", spec.name)
-    _banner(f"{progress} -> {shown(getattr(spec.section_of(stage_cfg), spec.output))}")
+        log.info("pipeline: %s settings changed since it ran; running it again", step.spec.name)
+    _banner(f"{progress} -> {shown(step.out)}")
     started = time.time()
-    summary = execute(spec, stage_cfg)
+    summary = step.spec.execute(stage_cfg)
     seconds = round(time.time() - started, 1)
-    mark_done(out, marker, {"summary": summary, "seconds": seconds, "settings": settings})
+    mark_done(out, marker, {"summary": summary, "seconds": seconds, "settings": step.fingerprint})
     _banner(f"{progress}: done in {seconds:.0f}s")
     return {**summary, "status": "succeeded", "seconds": seconds}
 
@@ -186,6 +227,10 @@ def _write_summary(out: Path, results: dict, stage_cfg: DermaFluxConfig) -> dict
     summary = {"out": str(out), "report": report, "stages": ordered}
     atomic_write_json(out / "pipeline.json", summary)
     return summary
+
+
+def failed(summary: dict) -> bool:
+    return any(str(info.get("status")).startswith("failed") for info in summary["stages"].values())
 
 
 def format_summary(summary: dict) -> str:

@@ -1,10 +1,11 @@
 """The stage table: the one place that says which stages exist and how they connect.
 
-Everything else is derived from `STAGES`: the CLI subcommands and their flags (`cli.py`), the
-Ray job entrypoints (`jobs/<name>.py` -> `core.entry`), the pipeline's order and run-folder
-layout (`pipeline.py`), the preflight checks of input folders and cluster resources
-(`core.preflight`) and the sections a pipeline may tune (`config.PipelineConfig`).
-Adding a stage is one `StageSpec` here plus its package. Light on purpose: no Ray, no torch.
+Everything else is derived from `STAGES`: the command table (`dermaflux.commands`), which the
+CLI subcommands and their flags, the Ray job entrypoints (`jobs/<name>.py`) and the pipeline
+read; the pipeline's order and run-folder layout (`pipeline.py`); the preflight checks of input
+folders and cluster resources (`dermaflux.checks`, beside this table). Adding a stage is one
+`StageSpec` here, its package, its config section in `config.py` and its `jobs/<name>.py`.
+Light on purpose: no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-if TYPE_CHECKING:  # the root config imports this table: no runtime import back
+from dermaflux.core.preflight import Demand
+from dermaflux.core.storage import staged_section
+from dermaflux.corpus.config import SourceSpec
+from dermaflux.synth.config import adapter_entry
+
+if TYPE_CHECKING:
     from dermaflux.caption.config import CaptionConfig
     from dermaflux.config import DermaFluxConfig
     from dermaflux.core.config import ConfigModel
@@ -76,16 +82,6 @@ class Input:
 
 
 @dataclass(frozen=True)
-class Demand:
-    """Resources one stage asks for: `bundles` copies of `bundle`, all at once when `gang`."""
-
-    what: str
-    bundle: dict[str, float]
-    bundles: int = 1
-    gang: bool = True
-
-
-@dataclass(frozen=True)
 class StageSpec:
     name: str  # CLI subcommand, jobs/<name>.py, pipeline marker
     section: str  # config section holding its settings
@@ -105,6 +101,16 @@ class StageSpec:
     def run_function(self) -> Callable[[Any], dict]:
         module, _, function = self.run.partition(":")
         return getattr(importlib.import_module(module), function)
+
+    def execute(self, cfg: DermaFluxConfig) -> dict:
+        """The run function with cloud URIs staged through local folders (see core.storage)."""
+        section = self.section_of(cfg)
+        inputs = tuple(needed.field for needed in self.inputs if needed.remote_ok)
+        with staged_section(section, inputs, self.output) as original:
+            summary = self.run_function()(cfg)
+        if self.output and self.output in original:  # report the URI the user gave, not the staging folder
+            summary = {**summary, "out": original[self.output]}
+        return summary
 
 
 def _bundle(cpus: float, gpus: float = 0.0) -> dict[str, float]:
@@ -142,15 +148,13 @@ def _evaluate_demands(s: EvaluateConfig) -> list[Demand]:
 
 
 def source_path(spec: str) -> str:
-    """`READER=PATH[,key=value...]` -> PATH ("" when the spec has no `=`)."""
-    head = str(spec).split(",", 1)[0]
-    return head.split("=", 1)[1].strip() if "=" in head else ""
+    """`READER=PATH[,key=value...]` -> PATH, read by the one source-spec parser."""
+    return SourceSpec.parse(spec).path
 
 
 def adapter_path(entry: str) -> str:
     """`NAME=DIR` (an adapter served under NAME) -> DIR; a plain folder or URI unchanged."""
-    name, sep, rest = entry.partition("=")
-    return rest if sep and "/" not in name and ":" not in name else entry
+    return adapter_entry(entry)[1]
 
 
 def _numbers(kind: type) -> Callable[[str], list]:

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from dermaflux.core.config import dump_config
+
 if TYPE_CHECKING:
-    from dermaflux.config import DermaFluxConfig
+    from pydantic import BaseModel
 
 OWNER_FILE = ".dermaflux-run.json"
 MARKER_DIR = ".done"
@@ -162,10 +164,14 @@ def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *
     return False
 
 
-def claim_run(cfg: DermaFluxConfig, out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False,
+def save_effective_config(cfg: BaseModel, out_dir: str | os.PathLike) -> Path:
+    """Each run writes the config it actually used beside its outputs."""
+    return atomic_write_text(Path(out_dir) / "config.yaml", dump_config(cfg))
+
+
+def claim_run(cfg: BaseModel, out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *, force: bool = False,
               inputs=()) -> bool:
     """Every stage's start: own `out_dir` (see claim_output) and write the effective config beside it."""
-    from dermaflux.core.config import save_effective_config
     from dermaflux.core.progress import open_run_log
 
     resumed = claim_output(out_dir, stage, run_fingerprint, force=force, inputs=inputs)

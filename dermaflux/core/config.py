@@ -90,10 +90,3 @@ def layered(preset: str | None, config_file: str | os.PathLike | None, overrides
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def save_effective_config(cfg: BaseModel, out_dir: str | os.PathLike) -> Path:
-    """Each run writes the config it actually used beside its outputs."""
-    from dermaflux.core.artifacts import atomic_write_text
-
-    return atomic_write_text(Path(out_dir) / "config.yaml", dump_config(cfg))

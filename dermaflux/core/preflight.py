@@ -1,22 +1,28 @@
-"""Check a config before any stage starts: paths, preset, and resources the cluster can give.
+"""What the cluster can give, what a stage asks of it, and the problems between the two; a path that
+cannot be read. The ground floor of the preflight: no stage, no config section. The checks that
+know the stages (`dermaflux.checks`) live beside the stage table and report through these.
 
-A wrong path, an unknown preset or a GPU count no node (or no autoscaling node group) can
-satisfy is reported up front, all problems at once, naming the config field — not an hour in.
+A GPU count no node (or no autoscaling node group) can satisfy is reported up front, all problems
+at once, naming the config field — not an hour in.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dermaflux.core.config import ConfigError, available_presets
+from dermaflux.core.config import ConfigError
 from dermaflux.core.storage import filesystem_for, is_remote, local_path
-from dermaflux.stages import get_stage
 
-if TYPE_CHECKING:
-    from dermaflux.config import DermaFluxConfig
+
+@dataclass(frozen=True)
+class Demand:
+    """Resources one stage asks for: `bundles` copies of `bundle`, all at once when `gang`."""
+
+    what: str
+    bundle: dict[str, float]
+    bundles: int = 1
+    gang: bool = True
 
 
 @dataclass
@@ -57,27 +63,26 @@ def capacity_from_ray() -> Capacity:
     return Capacity(largest, total, source)
 
 
-def resource_problems(cfg: DermaFluxConfig, stages: list[str], capacity: Capacity) -> list[str]:
+def demand_problems(stage: str, demands: list[Demand], capacity: Capacity) -> list[str]:
+    """A demand larger than the largest node, or (gang-scheduled) than the whole cluster."""
     problems = []
-    for stage in stages:
-        spec = get_stage(stage)
-        for demand in spec.demands(spec.section_of(cfg)):
-            for key, amount in demand.bundle.items():
-                if amount > capacity.largest_node.get(key, 0.0) + 1e-9:
-                    problems.append(
-                        f"{stage}: {demand.what} needs {amount:g} {key} on one node, but the largest node has "
-                        f"{capacity.largest_node.get(key, 0.0):g} ({capacity.source})"
-                    )
-                need = amount * (demand.bundles if demand.gang else 1)
-                if need > capacity.total.get(key, 0.0) + 1e-9:
-                    problems.append(
-                        f"{stage}: {demand.what} needs {need:g} {key} at once, but the cluster has "
-                        f"{capacity.total.get(key, 0.0):g} in all ({capacity.source})"
-                    )
+    for demand in demands:
+        for key, amount in demand.bundle.items():
+            if amount > capacity.largest_node.get(key, 0.0) + 1e-9:
+                problems.append(
+                    f"{stage}: {demand.what} needs {amount:g} {key} on one node, but the largest node has "
+                    f"{capacity.largest_node.get(key, 0.0):g} ({capacity.source})"
+                )
+            need = amount * (demand.bundles if demand.gang else 1)
+            if need > capacity.total.get(key, 0.0) + 1e-9:
+                problems.append(
+                    f"{stage}: {demand.what} needs {need:g} {key} at once, but the cluster has "
+                    f"{capacity.total.get(key, 0.0):g} in all ({capacity.source})"
+                )
     return problems
 
 
-def _path_problem(field_path: str, value: str) -> str | None:
+def path_problem(field_path: str, value: str) -> str | None:
     if is_remote(value):
         try:
             filesystem_for(value)  # the scheme is known; existence needs credentials and is checked by the job
@@ -90,68 +95,12 @@ def _path_problem(field_path: str, value: str) -> str | None:
     return None
 
 
-def path_problems(cfg: DermaFluxConfig, stages: list[str], produced: set[str] = frozenset()) -> list[str]:
-    """Inputs that must exist now (those not made by an earlier stage of the same run) and outputs that are set."""
-    problems = []
-    for stage in stages:
-        spec = get_stage(stage)
-        section = spec.section_of(cfg)
-        if spec.output and getattr(section, spec.output) in (None, ""):
-            problems.append(f"{spec.section}.{spec.output}: not set; give the output folder (--out or --set)")
-        for needed in spec.inputs:
-            if needed.made_by in produced:
-                continue
-            field_path = f"{spec.section}.{needed.field}"
-            value = getattr(section, needed.field)
-            if value in (None, "", []):
-                if needed.required:
-                    source = f"the {needed.made_by} stage's output folder" if needed.made_by else "at least one"
-                    problems.append(f"{field_path}: not set; give {source}")
-                continue
-            for i, item in enumerate(value if needed.many else [value]):
-                where = f"{field_path}[{i}]" if needed.many else field_path
-                path = needed.path_of(item) if needed.path_of else item
-                problem = _path_problem(where, path) if path else f"{where}: {item!r} names no path"
-                if problem:
-                    problems.append(problem)
-    return problems
-
-
-def model_problems(cfg: DermaFluxConfig) -> list[str]:
-    problems = []
-    if cfg.preset not in available_presets():
-        problems.append(f"preset: unknown preset {cfg.preset!r}; available: {', '.join(available_presets())}")
-    pretrained = cfg.model.pretrained
-    looks_local = pretrained.startswith(("/", "./", "../", "~", "file://"))
-    if looks_local and not Path(local_path(pretrained)).expanduser().exists():
-        problems.append(f"model.pretrained: local model folder {pretrained} does not exist")
-    return problems
-
-
 def raise_problems(what: str, problems: list[str]) -> None:
     if problems:
         raise ConfigError(
             f"config cannot run {what} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-
-
-def check_config(cfg: DermaFluxConfig, stages: list[str], *, produced: set[str] = frozenset(), capacity: Capacity | None = None) -> None:
-    """Raise ConfigError listing every problem, or return when the stages can start."""
-    problems = model_problems(cfg) + path_problems(cfg, stages, produced)
-    if capacity is not None:
-        problems += resource_problems(cfg, stages, capacity)
-    raise_problems(", ".join(stages), problems)
-
-
-def check_stages_in_order(cfg: DermaFluxConfig, stages: list[str]) -> None:
-    """A pipeline run: each stage's inputs may come from the stages before it; all problems at once."""
-    problems = model_problems(cfg)
-    produced: set[str] = set()
-    for stage in stages:
-        problems += path_problems(cfg, [stage], produced)
-        produced.add(stage)
-    raise_problems(", ".join(stages), problems)
 
 
 def _add_node(capacity: Capacity, resources: dict[str, float], count: int) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dermaflux.model.adapters import LORA_FILE, adapter_components, read_adapter
+from dermaflux.synth.config import adapter_entry
 
 if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
@@ -30,9 +31,7 @@ def adapter_folders(entries: list[str]) -> dict[str, str]:
     """{name: folder}; names must be unique, folders must be adapter folders (errors name the entry)."""
     table: dict[str, str] = {}
     for number, entry in enumerate(entries):
-        name, sep, folder = entry.partition("=")
-        if not sep:
-            folder, name = entry, Path(entry.rstrip("/")).name
+        name, folder = adapter_entry(entry)
         if not name:
             raise ValueError(f"synth.adapters[{number}] {entry!r}: empty adapter name")
         if name in table:

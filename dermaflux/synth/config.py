@@ -6,9 +6,20 @@ Generation settings (size, steps, guidance) default to the model section (`model
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from pydantic import Field, model_validator
 
 from dermaflux.core.config import ConfigModel
+
+
+def adapter_entry(entry: str) -> tuple[str, str]:
+    """A `synth.adapters` entry -> (name, folder): `NAME=DIR`, or a folder or URI served under its last
+    part. A NAME holds no `/` or `:`, so a path or URI containing `=` is a folder, not NAME=DIR."""
+    name, sep, folder = entry.partition("=")
+    if sep and "/" not in name and ":" not in name:
+        return name, folder
+    return PurePosixPath(entry.rstrip("/")).name, entry
 
 
 class LimitsConfig(ConfigModel):

@@ -60,7 +60,7 @@ def job_spec(cfg: DermaFluxConfig) -> bulk.JobSpec:
 
 
 def run(cfg: DermaFluxConfig) -> dict:
-    from dermaflux.core.config import save_effective_config
+    from dermaflux.core.artifacts import save_effective_config
     from dermaflux.synth.ray_generate import run_generate_job
 
     spec = job_spec(cfg)

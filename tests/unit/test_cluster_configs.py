@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from dermaflux.config import load_config
-from dermaflux.core.preflight import (capacity_from_kuberay, capacity_from_launcher, path_problems, ray_start_resources,
-                                resource_problems)
+from dermaflux.checks import path_problems, resource_problems
+from dermaflux.core.preflight import capacity_from_kuberay, capacity_from_launcher, ray_start_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

@@ -1,6 +1,8 @@
 """Layering rules checked on the code itself: the pure core imports no Ray (the lesion domain and the
-attribute extractor no torch either), the product never imports the test support, and nothing
-outside tests/ imports from tests/."""
+attribute extractor no torch either), the product never imports the test support, nothing outside
+tests/ imports from tests/, no file imports a floor above its own (core/ the ground floor, then the
+lesion domain, then the configuration), and there is no import circle among dermaflux/ files.
+Every import counts: at the top, inside a function, or under `if TYPE_CHECKING:`."""
 
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import import_graph  # noqa: E402  (scripts/import_graph.py: the graph, its floors and its circles)
 
 NO_RAY = ("ray",)
 NO_RAY_OR_TORCH = ("ray", "torch")
 # Ray lives in the modules that say so (`ray_*.py`, `synth/serve_app.py`); these import without it.
 LIGHT_MODULES = {
-    "entry": (NO_RAY, ["config", "stages", "cli", "pipeline", "core.config", "core.artifacts", "core.runtime",
-                       "core.storage", "core.preflight", "core.entry"]),
+    "entry": (NO_RAY, ["config", "stages", "checks", "commands", "cli", "pipeline", "core.config", "core.artifacts",
+                       "core.runtime", "core.storage", "core.preflight", "core.progress"]),
     "lesion": (NO_RAY_OR_TORCH, ["lesion.taxonomy", "lesion.attributes", "lesion.captions", "caption.extract"]),
     "model": (NO_RAY, ["model.config", "model.tiny", "model.loading", "model.adapters", "model.random_weights",
                        "model.compile"]),
@@ -90,3 +94,46 @@ def test_the_product_does_not_import_the_test_support():
     testing = ROOT / "dermaflux" / "testing"
     product = [p for p in (ROOT / "dermaflux").rglob("*.py") if testing not in p.parents]
     assert imports_under(product, "dermaflux.testing") == []
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, dict[str, int]]:
+    return import_graph.import_graph(ROOT)
+
+
+def test_every_file_is_on_a_floor(graph):
+    assert len(graph) > 90
+    for module in graph:
+        import_graph.floor_of(module)  # raises, naming the file, when no floor claims it
+
+
+def test_core_and_the_configuration_import_nothing_above_them(graph):
+    configuration = [name for name, _ in import_graph.FLOORS].index("configuration")
+    assert import_graph.arrows_up(graph, ROOT, below=configuration) == []
+
+
+def test_no_file_imports_a_floor_above_its_own(graph):
+    assert import_graph.arrows_up(graph, ROOT) == []
+
+
+def test_no_import_circle_among_the_package_files(graph):
+    assert import_graph.circles(graph) == []
+
+
+def test_the_graph_sees_every_kind_of_import(tmp_path):
+    """A function-local, a TYPE_CHECKING and a relative import each make an arrow; a circle and an
+    arrow up a floor are found (so the three tests above can fail)."""
+    package = tmp_path / "dermaflux"
+    (package / "core").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "core" / "__init__.py").write_text("")
+    (package / "core" / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                           "    from dermaflux.stages import X\n")
+    (package / "core" / "b.py").write_text("def f():\n    from . import a\n")
+    (package / "stages.py").write_text("import dermaflux.core.b\nfrom dermaflux.core.a import y\n")
+    small = import_graph.import_graph(tmp_path)
+    assert small["dermaflux.core.a"] == {"dermaflux.stages": 3}
+    assert small["dermaflux.core.b"] == {"dermaflux.core.a": 2}
+    assert import_graph.circles(small) == [["dermaflux.core.a", "dermaflux.core.b", "dermaflux.stages"]]
+    up = import_graph.arrows_up(small, tmp_path)
+    assert len(up) == 1 and "dermaflux.core.a (core) -> dermaflux.stages (table)" in up[0]

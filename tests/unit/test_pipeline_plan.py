@@ -12,7 +12,8 @@ from dermaflux.pipeline import discover_sources, format_summary, plan
 
 def test_stages_chain_through_the_run_folder(tmp_path, ham10000_dir):
     cfg = load_config("tiny", None, extra={"pipeline": {"out": str(tmp_path / "run"), "data": str(ham10000_dir.parent)}})
-    stage_cfg, runnable, skipped = plan(cfg)
+    planned = plan(cfg)
+    stage_cfg, runnable, skipped = planned.cfg, planned.stages, planned.skipped
     run = tmp_path / "run"
     assert runnable == ["curate", "caption", "train", "generate", "evaluate"] and skipped == {}
     assert stage_cfg.curate.sources == [f"ham10000={ham10000_dir.resolve()}"]
@@ -27,7 +28,8 @@ def test_stages_chain_through_the_run_folder(tmp_path, ham10000_dir):
 def test_user_paths_win_and_a_stage_without_its_input_is_blocked(tmp_path):
     cfg = load_config("tiny", None, [f"evaluate.corpus={tmp_path}/mine"],
                       extra={"pipeline": {"out": str(tmp_path / "run"), "stages": ["train", "evaluate"]}})
-    stage_cfg, runnable, skipped = plan(cfg)
+    planned = plan(cfg)
+    stage_cfg, runnable, skipped = planned.cfg, planned.stages, planned.skipped
     assert runnable == ["evaluate"] and skipped == {"train": "blocked: needs the output of caption"}
     assert stage_cfg.evaluate.corpus == f"{tmp_path}/mine"
     assert stage_cfg.evaluate.synthetic is None  # generate is not in this run: the real-only grid
@@ -66,11 +68,11 @@ def test_summary_points_to_the_report():
 
 
 def test_every_problem_of_a_pipeline_is_reported_before_it_starts(tmp_path):
-    from dermaflux.core.preflight import check_stages_in_order
+    from dermaflux.checks import check_stages_in_order
 
     cfg = load_config("tiny", None, [f"train.captions={tmp_path}/nope", f"evaluate.corpus={tmp_path}/gone"],
                       extra={"pipeline": {"out": str(tmp_path / "run"), "stages": ["train", "evaluate"]}})
-    stage_cfg, runnable, _ = plan(cfg)
+    planned = plan(cfg)
     with pytest.raises(ConfigError) as err:
-        check_stages_in_order(stage_cfg, runnable)
+        check_stages_in_order(planned.cfg, planned.stages)
     assert "2 problems" in str(err.value) and "nope does not exist" in str(err.value) and "gone does not exist" in str(err.value)

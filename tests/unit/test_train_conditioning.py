@@ -153,7 +153,7 @@ def test_the_demo_trains_a_conditioned_generator():
 
     cfg = load_config("tiny", overrides=["pipeline.out=/tmp/dfx-plan-only", "pipeline.stages=[train]",
                                          "train.captions=/tmp/dfx-plan-only/captions"])
-    train = plan(cfg)[0].train
+    train = plan(cfg).cfg.train
     assert (train.caption_style, train.sampling_guidance) == ("diagnosis", "true_cfg")
     assert train.caption_dropout > 0 and train.logit_mean > 0 and train.steps >= 1000
     assert load_config("tiny").train.caption_style == "caption"  # a single-stage run keeps the stage defaults

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dermaflux.config import ConfigError, load_config
-from dermaflux.core.preflight import Capacity, check_config, resource_problems
+from dermaflux.checks import check_config, resource_problems
+from dermaflux.core.preflight import Capacity
 
 ROOT = Path(__file__).resolve().parents[2]
 

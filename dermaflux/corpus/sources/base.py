@@ -16,11 +16,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dermaflux.corpus.config import SPLIT_WORDS, SourceSpec  # noqa: F401  (the spec parser lives beside its config field)
 from dermaflux.lesion import taxonomy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MISSING = {"", "na", "nan", "none", "null", "unknown"}
-SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # `positive=` of a binary label column: what its 1 means. "mel": 1 is melanoma, 0 is "not
 # melanoma" (no diagnosis); "malignant": 1 is malignant, 0 is benign (no diagnosis either way).
 POSITIVES = {"mel": "mel", "melanoma": "mel", "malignant": "malignant"}
@@ -30,54 +30,6 @@ FALSE_WORDS = {"0", "0.0", "false", "no", "n", "f"}
 
 class SourceError(ValueError):
     """A source that cannot be read at all (missing file, CSV missing a required column)."""
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """`READER=PATH[,key=value...]`, e.g. `csv=labels.csv,images=imgs,id=file,label=dx`."""
-
-    reader: str
-    path: str
-    options: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        """The source's name in the corpus (ids are `<name>:<original_id>`); `name=` renames it."""
-        return self.options.get("name", self.reader)
-
-    @property
-    def fixed_split(self) -> str | None:
-        """`split=train|val|test`: every row of the source goes to that split (any reader)."""
-        return SPLIT_WORDS.get(self.options.get("split", "").strip().lower())
-
-    @property
-    def split_column(self) -> str | None:
-        """`split_col=COL` (csv): the column holding each row's split. A csv's `split=` that is not a
-        split word is read as a column too (the older spelling)."""
-        if "split_col" in self.options:
-            return self.options["split_col"]
-        legacy = self.options.get("split")
-        return legacy if legacy and self.fixed_split is None and self.reader == "csv" else None
-
-    @classmethod
-    def parse(cls, text: str) -> "SourceSpec":
-        head, *rest = [part.strip() for part in str(text).split(",")]
-        if "=" not in head or not head.split("=", 1)[1]:
-            raise ValueError(f"source {text!r}: expected READER=PATH[,key=value...], e.g. ham10000=/data/ham10000")
-        reader, path = (s.strip() for s in head.split("=", 1))
-        options = {}
-        for part in rest:
-            if "=" not in part:
-                raise ValueError(f"source {text!r}: option {part!r} is not key=value")
-            key, value = (s.strip() for s in part.split("=", 1))
-            options[key] = value
-        spec = cls(reader, path, options)
-        if "split" in options and spec.fixed_split is None and reader != "csv":
-            raise ValueError(f"source {text!r}: split={options['split']!r}: expected train, val or test")
-        if "split_col" in options and "split" in options:
-            raise ValueError(f"source {text!r}: give split=train|val|test (one split for every row) or "
-                             "split_col=COLUMN (a split per row), not both")
-        return spec
 
 
 @dataclass
