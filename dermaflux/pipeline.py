@@ -82,25 +82,24 @@ def plan(cfg: DermaFluxConfig) -> Plan:
     out = Path(cfg.pipeline.out).expanduser().resolve()
     data = deep_merge(cfg.model_dump(mode="json"), cfg.pipeline.stage_settings)
     data["pipeline"]["stages"] = requested = requested_stages(cfg.pipeline.stages)
-    runnable, skipped = _runnable(requested, data)
-    for name in runnable:
+    runnable, skipped = _runnable([get_stage(name) for name in requested], data)
+    made = {spec.name for spec in runnable}
+    for spec in runnable:
         # A path the user set stays; otherwise the standard layout (inputs only when made in this run).
-        spec = get_stage(name)
         section = data[spec.section]
         if not section.get(spec.output):
             section[spec.output] = str(out / spec.folder)
         for needed in spec.inputs:
-            if needed.made_by in runnable and not section.get(needed.field):
+            if needed.made_by in made and not section.get(needed.field):
                 path = str(out / get_stage(needed.made_by).folder / needed.subpath)
                 section[needed.field] = [path] if needed.many else path
-    if "curate" in runnable and not data["curate"].get("sources"):
+    if "curate" in made and not data["curate"].get("sources"):
         data["curate"]["sources"] = _discovered_sources(cfg)
     try:
         stage_cfg = DermaFluxConfig.model_validate(data)
     except Exception as err:  # pydantic names the field the stage settings got wrong
         raise ConfigError(f"pipeline.stage_settings do not fit the stage sections: {err}") from None
-    steps = tuple(_step(get_stage(name), stage_cfg) for name in runnable)
-    return Plan(stage_cfg, out, steps, skipped)
+    return Plan(stage_cfg, out, tuple(_step(spec, stage_cfg) for spec in runnable), skipped)
 
 
 def _step(spec: StageSpec, stage_cfg: DermaFluxConfig) -> Step:
@@ -121,19 +120,19 @@ def requested_stages(stages: list[str] | None) -> list[str]:
     return sorted(stages, key=order.index)
 
 
-def _runnable(stages: list[str], data: dict) -> tuple[list[str], dict[str, str]]:
+def _runnable(stages: list[StageSpec], data: dict) -> tuple[list[StageSpec], dict[str, str]]:
     """Stages whose required inputs are set or made earlier in this run; why the others are blocked."""
-    runnable: list[str] = []
+    runnable: list[StageSpec] = []
     skipped: dict[str, str] = {}
-    for name in stages:
-        spec = get_stage(name)
+    for spec in stages:
+        made = {earlier.name for earlier in runnable}
         blocked = [needed.made_by for needed in spec.inputs
-                   if needed.required and needed.made_by and needed.made_by not in runnable
+                   if needed.required and needed.made_by and needed.made_by not in made
                    and not data[spec.section].get(needed.field)]
         if blocked:
-            skipped[name] = f"blocked: needs the output of {', '.join(blocked)}"
+            skipped[spec.name] = f"blocked: needs the output of {', '.join(blocked)}"
         else:
-            runnable.append(name)
+            runnable.append(spec)
     return runnable, skipped
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -20,20 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "dermaflux"
 
-# (floor name, module prefixes) lowest first; the first prefix that matches a module wins, so more
-# specific prefixes go first. A file may import its own floor and the floors below it.
+# (floor name, module patterns) lowest first: the first floor with a pattern that matches a module
+# (fnmatch: `*` also spans dots) holds it. A file may import its own floor and the floors below it.
+# A new stage package needs no line here: its `config.py` is configuration, its other files stages.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("core", ("dermaflux.core.", "dermaflux.__init__")),
-    ("domain", ("dermaflux.lesion.",)),
-    ("configuration", ("dermaflux.config", "dermaflux.corpus.config", "dermaflux.caption.config",
-                       "dermaflux.model.config", "dermaflux.train.config", "dermaflux.train.prompts",
-                       "dermaflux.synth.config", "dermaflux.evaluate.config")),
-    ("stages", ("dermaflux.corpus.", "dermaflux.caption.", "dermaflux.model.", "dermaflux.train.",
-                "dermaflux.synth.", "dermaflux.evaluate.")),
+    ("core", ("dermaflux", "dermaflux.core", "dermaflux.core.*")),
+    ("domain", ("dermaflux.lesion", "dermaflux.lesion.*")),
+    # train.prompts holds the caption styles train's section names (CaptionStyle)
+    ("configuration", ("dermaflux.config", "dermaflux.*.config", "dermaflux.train.prompts")),
+    ("testing", ("dermaflux.testing", "dermaflux.testing.*")),
     ("table", ("dermaflux.stages", "dermaflux.checks")),
     ("entry", ("dermaflux.commands", "dermaflux.pipeline", "dermaflux.cli")),
-    ("testing", ("dermaflux.testing.",)),
+    ("stages", ("dermaflux.*",)),  # every other file: the stage packages corpus/, caption/, model/, train/, ...
 )
+# Where each floor sits, ground floor first (`FLOORS` is in matching order: the catch-all last).
+ORDER = ("core", "domain", "configuration", "stages", "table", "entry", "testing")
 
 
 def module_files(root: Path) -> dict[str, Path]:
@@ -133,12 +135,10 @@ def circles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 
 def floor_of(module: str) -> int:
-    dotted = module + "."
-    for level, (_, prefixes) in enumerate(FLOORS):
-        if any(dotted.startswith(p) if p.endswith(".") else module == p for p in prefixes):
-            return level
-    if module == PACKAGE:
-        return 0
+    """The module's floor, as its place in `ORDER` (0 is the ground floor)."""
+    for name, patterns in FLOORS:
+        if any(fnmatch.fnmatchcase(module, pattern) for pattern in patterns):
+            return ORDER.index(name)
     raise ValueError(f"{module}: on no floor of scripts/import_graph.py FLOORS; add it there")
 
 
@@ -154,7 +154,7 @@ def arrows_up(graph: dict[str, dict[str, int]], root: Path = ROOT, below: int | 
             there = floor_of(target)
             if there > here:
                 path = modules[module].relative_to(root)
-                found.append(f"{path}:{line}: {module} ({FLOORS[here][0]}) -> {target} ({FLOORS[there][0]})")
+                found.append(f"{path}:{line}: {module} ({ORDER[here]}) -> {target} ({ORDER[there]})")
     return found
 
 

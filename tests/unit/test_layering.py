@@ -108,7 +108,7 @@ def test_every_file_is_on_a_floor(graph):
 
 
 def test_core_and_the_configuration_import_nothing_above_them(graph):
-    configuration = [name for name, _ in import_graph.FLOORS].index("configuration")
+    configuration = import_graph.ORDER.index("configuration")
     assert import_graph.arrows_up(graph, ROOT, below=configuration) == []
 
 
