@@ -80,7 +80,7 @@ def plan(cfg: DermaFluxConfig) -> Plan:
     if not cfg.pipeline.out:
         raise ConfigError("pipeline.out: not set; give --out DIR")
     out = Path(cfg.pipeline.out).expanduser().resolve()
-    data = deep_merge(cfg.model_dump(mode="json"), cfg.pipeline.stage_settings)
+    data = deep_merge(cfg.model_dump(mode="json"), _pipeline_settings(cfg.pipeline.stage_settings))
     data["pipeline"]["stages"] = requested = requested_stages(cfg.pipeline.stages)
     runnable, skipped = _runnable([get_stage(name) for name in requested], data)
     made = {spec.name for spec in runnable}
@@ -100,6 +100,16 @@ def plan(cfg: DermaFluxConfig) -> Plan:
     except Exception as err:  # pydantic names the field the stage settings got wrong
         raise ConfigError(f"pipeline.stage_settings do not fit the stage sections: {err}") from None
     return Plan(stage_cfg, out, tuple(_step(spec, stage_cfg) for spec in runnable), skipped)
+
+
+def _pipeline_settings(stage_settings: dict[str, dict]) -> dict[str, dict]:
+    """The config checked that each is a stage's section; here, that a pipeline stage reads it."""
+    sections = sorted({spec.section for spec in PIPELINE})
+    unknown = sorted(set(stage_settings) - set(sections))
+    if unknown:
+        raise ConfigError(f"pipeline.stage_settings: sections {unknown} belong to no pipeline stage; "
+                          f"expected some of {sections}")
+    return stage_settings
 
 
 def _step(spec: StageSpec, stage_cfg: DermaFluxConfig) -> Step:

@@ -103,12 +103,18 @@ def test_the_command_table_the_cli_and_the_jobs_agree():
         assert "from dermaflux.cli import main" in path.read_text() and "job=True" in path.read_text(), path
 
 
-def test_the_stage_sections_are_the_tables_sections():
-    """`pipeline.stage_settings` is checked against the root config's own sections; the table must agree."""
+def test_the_stage_sections_are_the_tables_sections(tmp_path):
+    """`pipeline.stage_settings` is checked against the root config's own sections, then by the planner
+    against the pipeline stages' sections; the table must agree with the root config."""
     from dermaflux.config import stage_sections
-    from dermaflux.stages import PIPELINE
+    from dermaflux.pipeline import plan
+    from dermaflux.stages import STAGES
 
-    assert stage_sections() == sorted({spec.section for spec in PIPELINE})
+    assert stage_sections() == sorted({spec.section for spec in STAGES})
+    with pytest.raises(ConfigError, match=r"pipeline\.stage_settings: .*unknown sections \['trian'\]"):
+        load_config("tiny", None, ["pipeline.stage_settings.trian.steps=3"])
+    assert plan(load_config("tiny", None, ["pipeline.stage_settings.synth.seed=5", f"pipeline.out={tmp_path}",
+                                           "pipeline.stages=[generate]"])).cfg.synth.seed == 5
 
 
 def test_a_job_is_the_cli_with_one_json_result_line(tmp_path):
