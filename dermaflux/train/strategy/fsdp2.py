@@ -47,7 +47,9 @@ class Fsdp2Strategy(TrainingStrategy):
         # gradients reduce in float32 (DeepSpeed's bf16 keeps an fp32 master copy likewise).
         mp_policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) \
             if self.dtype != torch.float32 else MixedPrecisionPolicy()
-        transformer.to(self.device, torch.float32)
+        if any(p.dtype != torch.float32 for p in transformer.parameters()):
+            raise ValueError("train.strategy fsdp2: the transformer must be loaded in float32 (the master weights)")
+        transformer.to(self.device)
         for block in _repeated_blocks(transformer):
             fully_shard(block, mesh=mesh, mp_policy=mp_policy)
         fully_shard(transformer, mesh=mesh, mp_policy=mp_policy)
