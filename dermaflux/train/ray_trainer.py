@@ -183,7 +183,8 @@ class Trainer:
 
         tc = self.tc
         started = time.perf_counter()
-        lr = self.strategy.scheduler.get_last_lr()[0]  # the lr this step runs at (the scheduler steps with the optimizer)
+        # the lr this step runs at (the scheduler steps with the optimizer)
+        lr = self.strategy.scheduler.get_last_lr()[0]
         micro_losses = [self.forward_backward_step(self.step * tc.grad_accum + micro) for micro in range(tc.grad_accum)]
         self.step += 1
         loss = torch.stack(micro_losses).mean().reshape(1)

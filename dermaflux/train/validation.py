@@ -24,7 +24,8 @@ class ValidationRenderer:
     whatever plain transformer it is given."""
 
     def __init__(self, train_cfg: TrainConfig, model_cfg: ModelConfig, base_dir: str, vae, validation: dict):
-        self.tc, self.model_cfg, self.base_dir, self.vae, self.validation = train_cfg, model_cfg, base_dir, vae, validation
+        self.tc, self.model_cfg, self.base_dir = train_cfg, model_cfg, base_dir
+        self.vae, self.validation = vae, validation
 
     def render(self, ckpt_dir: Path, model, step: int) -> Path:
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -41,7 +42,8 @@ class ValidationRenderer:
             images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds,
                                        model_cfg.resolution, tc.validation_steps or model_cfg.num_inference_steps,
                                        guidance["guidance_scale"], guidance.get("true_cfg_scale"))
-        return save_png(image_grid(images, cols=len(tc.validation_seeds)), Path(ckpt_dir) / f"validation-{step:06d}.png")
+        grid = image_grid(images, cols=len(tc.validation_seeds))
+        return save_png(grid, Path(ckpt_dir) / f"validation-{step:06d}.png")
 
 
 @torch.no_grad()

@@ -243,7 +243,8 @@ def test_fsdp2_lora_survives_a_lost_worker_and_loads_in_plain_diffusers(first_ru
     marker = tmp_path / "fault.json"
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path, hooks=[ExitOnceAfterStep(4, marker)])
+        result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path,
+                              hooks=[ExitOnceAfterStep(4, marker)])
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.error is None, result.error

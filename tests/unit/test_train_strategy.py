@@ -114,9 +114,11 @@ lr_later = strategy.scheduler.get_last_lr()[0]
 moved = state_checksum(strategy.gather_trainable())
 client = strategy.load(folder)
 restored = strategy.gather_trainable()
-print(json.dumps({"keys_match": sorted(saved) == plain_keys, "n": len(saved), "moved": moved != client["weights_checksum"],
+print(json.dumps({"keys_match": sorted(saved) == plain_keys, "n": len(saved),
+                  "moved": moved != client["weights_checksum"],
                   "restored": all(torch.equal(saved[k], restored[k]) for k in saved), "client": client,
-                  "lr": [lr_saved, lr_later, strategy.scheduler.get_last_lr()[0]], "state_mb": strategy.rank_state_mb()}))
+                  "lr": [lr_saved, lr_later, strategy.scheduler.get_last_lr()[0]],
+                  "state_mb": strategy.rank_state_mb()}))
 dist.destroy_process_group()
 """
 
