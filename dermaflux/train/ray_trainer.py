@@ -10,7 +10,6 @@ driver side) starts the TorchTrainer whose train function is `train_worker`.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
+
 
 def _peak_memory_mb(device) -> float:
     """Peak accelerator memory on GPU; peak resident set size of this worker process on CPU."""
