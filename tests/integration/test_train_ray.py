@@ -266,8 +266,8 @@ def test_fsdp2_lora_survives_a_lost_worker_and_loads_in_plain_diffusers(first_ru
 
         base = FluxPipeline.from_pretrained(tiny_model_dir)
         tuned = FluxPipeline.from_pretrained(tiny_model_dir)
-        tuned.load_lora_weights(ckpt / "adapter")
-    loaded = get_peft_model_state_dict(tuned.transformer)
+        tuned.load_lora_weights(ckpt / "adapter", adapter_name="lesions")
+    loaded = get_peft_model_state_dict(tuned.transformer, adapter_name="lesions")
     checksum = sum(float(t.double().abs().sum()) for t in loaded.values())
     assert checksum == pytest.approx(result.metrics["weights_checksum"], rel=1e-5)
 
