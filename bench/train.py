@@ -1,5 +1,5 @@
-"""Training throughput and memory: the Ray Train + DeepSpeed loop against a plain single-process PyTorch
-loop on the same tiny model and cached data; ZeRO-2 vs ZeRO-3 peak memory; (`--full-size`, for the
+"""Training throughput and memory: the Ray Train loop under each strategy (DeepSpeed ZeRO-2 and ZeRO-3, FSDP2)
+against a plain single-process PyTorch loop on the same tiny model and cached data; (`--full-size`, for the
 GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient checkpointing at 512 px; and
 (`--gpu-product`, run by scripts/gpu-check.sh) the product's own trainer on a random FLUX.1-dev folder.
 
@@ -18,8 +18,9 @@ x the product's samples/s / 989 TFLOP/s (H100/H200 SXM dense bf16).
 Tiny rows: samples/s is the median over steps of (samples in the step / step time), measured inside the
 loop (start-up excluded; wall_s includes it). Every worker and the plain loop use one intra-op thread.
 Peak memory: RSS of a worker process on CPU (mostly libraries at this size), max allocated on GPU;
-state MB: parameters + optimizer state one rank holds, the part ZeRO partitions. Full-size FLOPs: torch.utils.flop_counter
-over one executed step (so the gradient-checkpointing recompute counts), divided by the median step time.
+state MB: parameters + optimizer state one rank holds, the part ZeRO and FSDP2 partition. Full-size FLOPs:
+torch.utils.flop_counter over one executed step (so the gradient-checkpointing recompute counts), divided by
+the median step time.
 Writes bench/results/train.json (or train_full_size.json).
 """
 
@@ -42,6 +43,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 RESULTS = ROOT / "bench" / "results"
+# (workers, train.strategy, zero_stage) of the tiny Ray rows: both strategies side by side, sharded ones at 2 workers.
+TINY_ROWS = [(1, "deepspeed", 2), (2, "deepspeed", 2), (2, "deepspeed", 3), (1, "fsdp2", 2), (2, "fsdp2", 2)]
+STRATEGY_NAMES = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}
 H100_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 
 
@@ -136,10 +140,12 @@ def tiny_bench(args) -> dict:
         rows.append({"loop": "plain torch", "workers": 1, "zero": "-", **plain})
         init_ray(cfg.ray.model_copy(update={"num_cpus": 4}), runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
                  log_to_driver=False)
-        for workers, zero in [(1, 2), (2, 2), (2, 3)]:
-            run_cfg = load_config("tiny", extra={"train": {**base, "workers": workers, "zero_stage": zero}})
-            res = ray_loop(run_cfg, cache, work / f"ray-w{workers}-z{zero}")
-            rows.append({"loop": "Ray Train + DeepSpeed", "workers": workers, "zero": zero, **res})
+        for workers, strategy, zero in TINY_ROWS:
+            run_cfg = load_config("tiny", extra={"train": {**base, "workers": workers, "strategy": strategy,
+                                                           "zero_stage": zero}})
+            res = ray_loop(run_cfg, cache, work / f"ray-w{workers}-{strategy}-z{zero}")
+            rows.append({"loop": f"Ray Train + {STRATEGY_NAMES[strategy]}", "workers": workers, "strategy": strategy,
+                         "zero": zero if strategy == "deepspeed" else "-", **res})
         ray.shutdown()
         # The CPU is shared: run the baseline again after the Ray rows and keep its faster run (conservative ratio).
         again = plain_loop(cfg, cache, steps)
@@ -150,10 +156,14 @@ def tiny_bench(args) -> dict:
         row["ratio_vs_plain"] = row["samples_per_s"] / plain["samples_per_s"]
     z2 = next(r for r in rows if r["workers"] == 2 and r["zero"] == 2)
     z3 = next(r for r in rows if r["workers"] == 2 and r["zero"] == 3)
+    fsdp2 = next(r for r in rows if r["workers"] == 2 and r.get("strategy") == "fsdp2")
     return {"kind": "tiny", "steps": steps, "micro_batch": 8, "rows": rows,
             "overhead_ratio_1_worker": rows[1]["samples_per_s"] / plain["samples_per_s"],
             "zero3_vs_zero2_peak_mem": z3["peak_mem_mb"] / z2["peak_mem_mb"],
-            "zero3_vs_zero2_rank_state": z3["rank_state_mb"] / z2["rank_state_mb"]}
+            "zero3_vs_zero2_rank_state": z3["rank_state_mb"] / z2["rank_state_mb"],
+            "fsdp2_vs_zero3_samples_per_s": fsdp2["samples_per_s"] / z3["samples_per_s"],
+            "fsdp2_vs_zero3_peak_mem": fsdp2["peak_mem_mb"] / z3["peak_mem_mb"],
+            "fsdp2_vs_zero3_rank_state": fsdp2["rank_state_mb"] / z3["rank_state_mb"]}
 
 
 def flux_dev_transformer(layers: int | None):
@@ -406,8 +416,11 @@ def main() -> None:
         result = tiny_bench(args)
         print(f"{'loop':<24}{'workers':>8}{'zero':>6}{'samples/s':>11}{'x plain':>9}{'peak MB':>9}{'state MB':>9}{'wall s':>8}")
         for r in result["rows"]:
-            print(f"{r['loop']:<24}{r['workers']:>8}{r['zero']:>6}{r['samples_per_s']:>11.1f}"
+            print(f"{r['loop']:<24}{r['workers']:>8}{r['zero']!s:>6}{r['samples_per_s']:>11.1f}"
                   f"{r['ratio_vs_plain']:>9.2f}{r['peak_mem_mb']:>9.0f}{r['rank_state_mb']:>9.2f}{r['wall_s']:>8.1f}")
+        print(f"FSDP2 / ZeRO-3 at 2 workers: samples/s x{result['fsdp2_vs_zero3_samples_per_s']:.2f}, "
+              f"peak MB x{result['fsdp2_vs_zero3_peak_mem']:.2f}, "
+              f"rank state MB x{result['fsdp2_vs_zero3_rank_state']:.2f}")
         path = RESULTS / "train.json"
     result["host"] = platform.node()
     path.write_text(json.dumps(result, indent=2) + "\n")

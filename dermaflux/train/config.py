@@ -72,7 +72,12 @@ class TrainConfig(ConfigModel):
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    strategy: Literal["deepspeed", "fsdp2"] = Field(
+        "deepspeed", description="how training is distributed over the workers (train/strategy/): deepspeed, "
+        "DeepSpeed ZeRO at zero_stage; fsdp2, PyTorch's fully_shard (parameters, gradients and optimizer state "
+        "sharded as ZeRO-3; zero_stage and the offload options do not apply)"
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="deepspeed: the ZeRO stage")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state offload to CPU")
     offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU")
     gradient_checkpointing: bool = False
@@ -140,6 +145,9 @@ class TrainConfig(ConfigModel):
     def _check(self):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
+        if self.strategy != "deepspeed" and (self.offload_optimizer or self.offload_params):
+            raise ValueError(f"offload_optimizer and offload_params are DeepSpeed options; strategy {self.strategy} "
+                             "does not offload")
         if isinstance(self.micro_batch, int) and self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1 or auto, got {self.micro_batch}")
         if isinstance(self.text_tokens, int) and self.text_tokens < 1:

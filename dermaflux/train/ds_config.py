@@ -4,12 +4,7 @@ our training leaves unbuilt."""
 from __future__ import annotations
 
 from dermaflux.train.config import TrainConfig
-
-
-def use_bf16(train_cfg: TrainConfig) -> bool:
-    if train_cfg.precision == "auto":
-        return train_cfg.use_gpu  # bf16 on GPU; CPU runs stay fp32 (bf16 CPU matmuls are slow and lossy)
-    return train_cfg.precision == "bf16"
+from dermaflux.train.strategy.base import use_bf16
 
 
 def deepspeed_config(train_cfg: TrainConfig) -> dict:

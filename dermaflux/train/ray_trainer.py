@@ -1,15 +1,15 @@
-"""Ray Train driver: each worker runs a `Trainer`, the rectified-flow step under DeepSpeed ZeRO.
+"""Ray Train driver: each worker runs a `Trainer`, the rectified-flow step under a training strategy.
 
-Everything model-specific is in flow.py / model_setup.py; this module owns distribution:
-DeepSpeed init, the data position per rank, checkpoints through ray.train.report (DeepSpeed
-engine state + a loadable adapter + validation grid), and restart after a lost worker.
-`run_training` (the driver side) starts the TorchTrainer whose train function is `train_worker`.
+Everything model-specific is in flow.py / model_setup.py; how the step is distributed is the strategy's
+(`train.strategy`: DeepSpeed ZeRO or FSDP2, train/strategy/); what a checkpoint folder holds is
+checkpointing.py's and the validation grid validation.py's. This module owns the loop: the data position
+per rank, checkpoints through ray.train.report, and restart after a lost worker. `run_training` (the
+driver side) starts the TorchTrainer whose train function is `train_worker`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -19,34 +19,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dermaflux.train.checkpointing import Checkpointer
 from dermaflux.train.config import TrainConfig
+from dermaflux.train.strategy import STRATEGIES, strategy_class
+from dermaflux.train.validation import ValidationRenderer
 
 if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
 
 log = logging.getLogger(__name__)
-
-DS_TAG = "state"
-
-
-def _inference_transformer(base_dir: str, train_cfg: TrainConfig, state: dict, dtype):
-    """A plain (un-wrapped) transformer holding the trained weights, for saving and validation renders."""
-    from diffusers import FluxTransformer2DModel
-
-    if train_cfg.mode == "full":
-        model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(base_dir, subfolder="transformer"))
-        model.load_state_dict(state)
-    else:
-        from peft.utils import set_peft_model_state_dict
-
-        from dermaflux.train.model_setup import prepare_transformer
-
-        model = FluxTransformer2DModel.from_pretrained(base_dir, subfolder="transformer")
-        prepare_transformer(model, train_cfg.model_copy(update={"gradient_checkpointing": False}))
-        result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"LoRA keys not in the model: {result.unexpected_keys[:5]}")
-    return model.to(dtype).eval()
 
 
 def _peak_memory_mb(device) -> float:
@@ -58,37 +39,11 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _rank_state_mb(engine, optimizer) -> float:
-    """Model + optimizer state this rank holds: what ZeRO partitions (ZeRO-3 also splits the parameters)."""
-    held = 0
-    for p in engine.module.parameters():
-        local = getattr(p, "ds_tensor", p)  # ZeRO-3: the rank's own shard
-        held += local.numel() * local.element_size()
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for state in inner.state.values():
-        held += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
-    for group in getattr(optimizer, "single_partition_of_fp32_groups", []) or []:
-        if group.data_ptr() != next(engine.module.parameters()).data_ptr():
-            held += group.numel() * group.element_size()  # ZeRO-1/2 master copy of this rank's partition
-    return held / 2**20
-
-
-def _gather_trainable(engine, transformer, train_cfg: TrainConfig) -> dict:
-    """Trained weights as full CPU tensors on every rank (ZeRO-3 shards are empty until gathered)."""
-    import deepspeed
-
-    from dermaflux.train.model_setup import trainable_state_dict
-
-    if train_cfg.zero_stage == 3:
-        params = [p for p in transformer.parameters() if p.requires_grad or train_cfg.mode == "full"]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return trainable_state_dict(transformer, train_cfg)
-    return trainable_state_dict(transformer, train_cfg)
-
-
 class Trainer:
     """One Ray Train worker's run, read top to bottom as torchtitan's Trainer:
-    `train()` -> `train_step()` -> `forward_backward_step()`, then `report()` -> `checkpoint()` -> `save()` / `validate()`.
+    `train()` -> `train_step()` -> `forward_backward_step()`, then `report()` -> `checkpoint()`, which hands the
+    folder to the `Checkpointer` and the `ValidationRenderer`. The strategy (`self.strategy`) wraps the model and
+    runs backward, step, save, load and the gathering of the trained weights.
 
     `hooks` are callables `hook(trainer, step)` run after every optimizer step, before its report;
     tests pass them (e.g. a worker that dies once) through `run_training(..., hooks=...)`.
@@ -100,7 +55,7 @@ class Trainer:
 
         from dermaflux.config import DermaFluxConfig
         from dermaflux.model.loading import resolve_pretrained
-        from dermaflux.train.ds_config import use_bf16
+        from dermaflux.train.strategy.base import use_bf16
 
         self.cfg = DermaFluxConfig.model_validate(loop_cfg["cfg"])
         tc = self.cfg.train
@@ -121,6 +76,10 @@ class Trainer:
         self.transformer = FluxTransformer2DModel.from_pretrained(self.base_dir, subfolder="transformer")
         self.tc = self._resolve_batch(tc)  # ints from here on: micro_batch "auto" measured once
         self._build_engine()
+        self.checkpointer = Checkpointer(self.strategy, self.tc, self.cfg.model, self.base_dir, self.rank, self.vae,
+                                         self.text_tokens)
+        self.validator = ValidationRenderer(self.tc, self.cfg.model, self.base_dir, self.vae, self.validation) \
+            if self.validation is not None else None
         self.step, self.history = self._resume(loop_cfg.get("resume_from"))
 
     def _resolve_batch(self, tc: TrainConfig) -> TrainConfig:
@@ -134,7 +93,7 @@ class Trainer:
             return tc
         free_gib = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) + self.text_tokens
-        shards = self.world if tc.zero_stage == 3 else 1
+        shards = self.world if strategy_class(tc.strategy).shards_parameters(tc) else 1
         picked = pick_micro_batch(free_gib, size_class(self.transformer.config), tokens, shards)
         micro_batch, checkpointing = picked or (1, tc.gradient_checkpointing)
         if self.rank == 0:
@@ -144,34 +103,28 @@ class Trainer:
         return tc.model_copy(update={"micro_batch": micro_batch, "gradient_checkpointing": checkpointing})
 
     def _build_engine(self) -> None:
-        import deepspeed
-
-        from dermaflux.train.ds_config import deepspeed_config, skip_unused_op_builds
+        """The trainable transformer (LoRA or full), optionally compiled, wrapped by the `train.strategy`."""
         from dermaflux.train.flow import train_guidance_for
-        from dermaflux.train.model_setup import lr_scheduler, prepare_transformer
+        from dermaflux.train.model_setup import prepare_transformer
 
         tc = self.tc
         torch.manual_seed(tc.seed)  # identical LoRA init on every rank
-        params = prepare_transformer(self.transformer, tc)
+        prepare_transformer(self.transformer, tc)
         self.guidance = train_guidance_for(self.transformer.config, self.cfg.model)
+        self.strategy = strategy_class(tc.strategy)(tc, self.device, self.dtype, self.world)
         self.compiled = self._compile() if tc.compile else False
-        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        skip_unused_op_builds()
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, tc),
-            config=deepspeed_config(tc), dist_init_required=False,
-        )
+        self.strategy.wrap(self.transformer)
 
     def _compile(self) -> bool:
-        """Compile the repeated blocks, probed by one forward + backward at the training shape before DeepSpeed
-        hooks the gradients (so the probe leaves no state); False (eager, one warning) when that fails."""
+        """Compile the repeated blocks, probed by one forward + backward at the training shape before the strategy
+        wraps the model (so the probe leaves no state); False (eager, one warning) when that fails."""
         from dermaflux.model.compile import compile_blocks
         from dermaflux.train.flow import flow_matching_loss
 
-        if self.tc.zero_stage == 3:
+        if self.strategy.shards_parameters(self.tc):
             if self.rank == 0:
-                log.warning("train.compile: not under ZeRO-3 (its parameter hooks break compiled graphs); "
-                            "training runs eager")
+                log.warning("train.compile: not with sharded parameters (ZeRO-3's parameter hooks break compiled "
+                            "graphs; not tried under FSDP2); training runs eager")
             return False
         self.transformer.to(self.device, self.dtype)  # what DeepSpeed would do: compile for the real dtype
 
@@ -193,26 +146,10 @@ class Trainer:
             checkpoint = ray.train.Checkpoint(resume_from)
         if checkpoint is None:
             return 0, []
-        lora = self.tc.mode == "lora"
         with checkpoint.as_directory() as ckpt_dir:
-            # LoRA checkpoints hold no frozen base weights (see `checkpoint`): not strict about their keys, so the
-            # restored trainable weights are checked against the checksum saved with them instead.
-            _, client = self.engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=DS_TAG,
-                                                    load_module_strict=not lora)
-        self._check_restored(client, checkpoint.path)
-        log.info("rank %d: resumed at step %d from %s", self.rank, client["step"], checkpoint.path)
-        return int(client["step"]), list(client["history"])
-
-    def _check_restored(self, client: dict, where: str) -> None:
-        from dermaflux.train.model_setup import state_checksum
-
-        saved = client.get("weights_checksum")
-        if saved is None:  # a checkpoint written before the checksum was saved with it
-            return
-        restored = state_checksum(_gather_trainable(self.engine, self.transformer, self.tc))  # collective (ZeRO-3)
-        if abs(restored - saved) > 1e-6 * max(abs(saved), 1.0):
-            raise RuntimeError(f"checkpoint {where}: the restored trainable weights differ from the saved ones "
-                               f"(checksum {restored} != {saved})")
+            step, history = self.checkpointer.restore(Path(ckpt_dir), checkpoint.path)
+        log.info("rank %d: resumed at step %d from %s", self.rank, step, checkpoint.path)
+        return step, history
 
     def _load_data(self, cache_dir: Path, vae_dir: str | None) -> None:
         from diffusers import AutoencoderKL
@@ -246,14 +183,15 @@ class Trainer:
 
         tc = self.tc
         started = time.perf_counter()
-        lr = self.scheduler.get_last_lr()[0]  # the lr this step runs at (the scheduler steps with the optimizer)
+        # the lr this step runs at (the scheduler steps with the optimizer)
+        lr = self.strategy.scheduler.get_last_lr()[0]
         micro_losses = [self.forward_backward_step(self.step * tc.grad_accum + micro) for micro in range(tc.grad_accum)]
         self.step += 1
         loss = torch.stack(micro_losses).mean().reshape(1)
         dist.all_reduce(loss)
         elapsed = time.perf_counter() - started
         if self.state_mb is None:  # fixed once AdamW has built its state: no walk over the parameters every step
-            self.state_mb = _rank_state_mb(self.engine, self.optimizer)
+            self.state_mb = self.strategy.rank_state_mb()
         record = {"step": self.step, "loss": float(loss) / self.world, "lr": lr,
                   "samples_per_s": tc.micro_batch * tc.grad_accum * self.world / elapsed,
                   "peak_mem_mb": _peak_memory_mb(self.device), "rank_state_mb": self.state_mb}
@@ -261,14 +199,14 @@ class Trainer:
         return record
 
     def forward_backward_step(self, micro_step: int) -> torch.Tensor:
-        """Loss of this rank's micro-batch `micro_step`, back-propagated; DeepSpeed steps the optimizer at the
-        accumulation boundary (engine.step() is called after every micro-batch)."""
+        """Loss of this rank's micro-batch `micro_step`, back-propagated; the strategy steps the optimizer at the
+        accumulation boundary (its step() is called after every micro-batch)."""
         from dermaflux.train.flow import flow_matching_loss
 
         batch, gen = self._micro_batch(micro_step)
-        loss = flow_matching_loss(self.engine, batch, self.tc, self.guidance, gen)
-        self.engine.backward(loss)
-        self.engine.step()
+        loss = flow_matching_loss(self.strategy.model, batch, self.tc, self.guidance, gen)
+        self.strategy.backward(loss)
+        self.strategy.step()
         return loss.detach().float()
 
     def _micro_batch(self, micro_step: int):
@@ -312,69 +250,26 @@ class Trainer:
             ray.train.report(metrics)
 
     def checkpoint(self, metrics: dict, save: bool, render: bool) -> None:
-        """Report `metrics` with a checkpoint folder: DeepSpeed state (all ranks) when `save`; rank 0 adds the
-        adapter and loss curve (`save`) and the validation grid (`render`)."""
+        """Report `metrics` with a checkpoint folder: the strategy's state (all ranks), the adapter and loss curve
+        (rank 0) when `save`; the validation grid (rank 0) when `render`."""
         import ray.train
 
-        from dermaflux.train.model_setup import state_checksum
-
         ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dfx-step{self.step}-r{self.rank}-"))
-        state = _gather_trainable(self.engine, self.transformer, self.tc)  # collective under ZeRO-3: every rank joins
-        checksum = state_checksum(state)
-        if save:
-            # LoRA: without the frozen base (24 GB for FLUX.1-dev, per checkpoint), which resuming loads from the
-            # base model anyway.
-            self.engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=DS_TAG,
-                                        client_state={"step": self.step, "history": self.history,
-                                                      "weights_checksum": checksum},
-                                        exclude_frozen_parameters=self.tc.mode == "lora")
+        state, checksum = self.checkpointer.snapshot()  # collective under sharding strategies: every rank joins
+        model = None
         if self.rank == 0:
             metrics["weights_checksum"] = checksum
-            # Below ZeRO-3 every rank holds whole weights: use them in place. ZeRO-3 shards need a plain copy.
-            model = self.transformer if self.tc.zero_stage < 3 else \
-                _inference_transformer(self.base_dir, self.tc, state, self.dtype).to(self.device)
-            if save:
-                self.save(ckpt_dir, model, state, metrics["weights_checksum"])
-            if render:
-                self.validate(ckpt_dir, model)
-            if model is self.transformer:
-                self.transformer.train()
-        del state
+            model = self.checkpointer.trained_model(self.transformer, state, self.device, self.dtype)
+        if save:
+            self.checkpointer.save(ckpt_dir, self.step, self.history, state, checksum, model)
+        if render and self.rank == 0:
+            self.validator.render(ckpt_dir, model, self.step)
+        if model is self.transformer:
+            self.transformer.train()
+        del state, model
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
                          checkpoint_dir_name=f"step-{self.step:06d}")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-    def save(self, ckpt_dir: Path, model, state: dict, checksum: float) -> None:
-        """`adapter/` (loadable by FluxPipeline, with the fitted VAE) and `loss.csv`/`loss.png` (rank 0)."""
-        from dermaflux.model.adapters import save_adapter
-        from dermaflux.train.validation import write_loss_curve
-
-        tc = self.tc
-        save_adapter(ckpt_dir / "adapter", model, kind=tc.mode, base=self.cfg.model.pretrained, vae=self.vae,
-                     lora_state_dict=state if tc.mode == "lora" else None,
-                     meta={"step": self.step, "weights_checksum": checksum, "text_tokens": self.text_tokens,
-                           "caption_style": tc.caption_style, "caption_dropout": tc.caption_dropout,
-                           "sampling_guidance": tc.sampling_guidance, "train_guidance": self.cfg.model.train_guidance})
-        write_loss_curve(self.history, ckpt_dir)
-
-    def validate(self, ckpt_dir: Path, model) -> None:
-        """`validation-<step>.png`: one row per validation prompt, one column per seed (rank 0)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from dermaflux.model.compile import eager
-        from dermaflux.train.prompts import guidance_arguments
-        from dermaflux.train.validation import image_grid, render_validation, save_png
-
-        tc, model_cfg = self.tc, self.cfg.model
-        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base_dir, subfolder="scheduler")
-        # As sampling applies guidance to this run's adapter (the negative prompt: the cached empty one).
-        guidance = guidance_arguments({"sampling_guidance": tc.sampling_guidance,
-                                       "train_guidance": model_cfg.train_guidance}, model_cfg.guidance_scale, 1)
-        with eager():  # other shapes than training's: no recompilation of compiled blocks
-            images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds,
-                                       model_cfg.resolution, tc.validation_steps or model_cfg.num_inference_steps,
-                                       guidance["guidance_scale"], guidance.get("true_cfg_scale"))
-        save_png(image_grid(images, cols=len(tc.validation_seeds)), ckpt_dir / f"validation-{self.step:06d}.png")
 
 
 def train_worker(loop_cfg: dict) -> None:
@@ -383,9 +278,9 @@ def train_worker(loop_cfg: dict) -> None:
 
 
 def latest_checkpoint(storage_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (one holding a saved adapter and DeepSpeed state)."""
+    """The newest complete checkpoint folder of a run (one holding a saved adapter and a strategy's state)."""
     found = sorted(Path(storage_dir).glob("*/step-*"))
-    done = [p for p in found if (p / "adapter").exists() and (p / "deepspeed").exists()]
+    done = [p for p in found if (p / "adapter").exists() and any((p / name).exists() for name in STRATEGIES)]
     return max(done, key=lambda p: p.name) if done else None
 
 

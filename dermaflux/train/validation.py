@@ -5,12 +5,45 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from dermaflux.core.artifacts import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from dermaflux.model.config import ModelConfig
+    from dermaflux.train.config import TrainConfig
+
+
+class ValidationRenderer:
+    """`validation-<step>.png` in a checkpoint folder: one row per validation prompt, one column per seed (rank 0),
+    sampled as `synth` samples this run's adapter. Independent of how training is distributed: it renders
+    whatever plain transformer it is given."""
+
+    def __init__(self, train_cfg: TrainConfig, model_cfg: ModelConfig, base_dir: str, vae, validation: dict):
+        self.tc, self.model_cfg, self.base_dir = train_cfg, model_cfg, base_dir
+        self.vae, self.validation = vae, validation
+
+    def render(self, ckpt_dir: Path, model, step: int) -> Path:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from dermaflux.model.compile import eager
+        from dermaflux.train.prompts import guidance_arguments
+
+        tc, model_cfg = self.tc, self.model_cfg
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base_dir, subfolder="scheduler")
+        # As sampling applies guidance to this run's adapter (the negative prompt: the cached empty one).
+        guidance = guidance_arguments({"sampling_guidance": tc.sampling_guidance,
+                                       "train_guidance": model_cfg.train_guidance}, model_cfg.guidance_scale, 1)
+        with eager():  # other shapes than training's: no recompilation of compiled blocks
+            images = render_validation(model, self.vae, sched, self.validation, tc.validation_seeds,
+                                       model_cfg.resolution, tc.validation_steps or model_cfg.num_inference_steps,
+                                       guidance["guidance_scale"], guidance.get("true_cfg_scale"))
+        grid = image_grid(images, cols=len(tc.validation_seeds))
+        return save_png(grid, Path(ckpt_dir) / f"validation-{step:06d}.png")
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """`dermaflux train` on a real local Ray: VAE fit, Ray Data pre-compute (dihedral views, T5 length from the
 captions), Ray Train + DeepSpeed ZeRO-2 with two workers on a cosine schedule, TensorBoard metrics, the final
-weights loading into FluxPipeline, a killed worker resuming schedule and stream, kept checkpoints, --resume."""
+weights loading into FluxPipeline, a killed worker resuming schedule and stream, kept checkpoints, --resume;
+the same under train.strategy fsdp2 (FSDP2 over gloo), its LoRA loading in plain diffusers."""
 
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ class ExitOnceAfterStep:
 
     def __call__(self, trainer, step: int) -> None:
         if trainer.rank == self.rank and step == self.step and not self.marker.exists():
-            self.marker.write_text(json.dumps({"step": step, "pid": os.getpid()}))
+            # the losses this rank saw (all-reduced over the ranks) up to its death, for the resumed run to match
+            losses = [record["loss"] for record in trainer.history]
+            self.marker.write_text(json.dumps({"step": step, "pid": os.getpid(), "losses": losses}))
             os._exit(1)
 
 
@@ -219,3 +222,59 @@ def test_resume_extends_a_stopped_run(first_run):
     summary = run(small_train_config(cfg.train.captions, cfg.train.out, steps=6, resume=True))
     assert summary["train"]["steps"] == 6
     assert [int(r["step"]) for r in read_loss_csv(f"{cfg.train.out}/loss.csv")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fsdp2_lora_survives_a_lost_worker_and_loads_in_plain_diffusers(first_run, tmp_path, tiny_model_dir):
+    """train.strategy fsdp2 (fully_shard over gloo, DCP checkpoints): rank 1 dies after the last step, before its
+    report; Ray restarts from the step-2 checkpoint and the redone steps 3 and 4 see the losses the lost run saw,
+    so the adapter, its AdamW moments and the schedule were restored. The LoRA loads with diffusers' own
+    `load_lora_weights` and changes what the pipeline renders."""
+    import ray.cloudpickle
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from dermaflux.train.ray_trainer import run_training
+
+    cfg, _ = first_run
+    first_out = cfg.train.out
+    cfg = small_train_config(cfg.train.captions, tmp_path, strategy="fsdp2", mode="lora", lr=5e-3, max_failures=1,
+                             validate_every=100, lora={"rank": 4, "alpha": 8}, tracking=[])
+    marker = tmp_path / "fault.json"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path,
+                              hooks=[ExitOnceAfterStep(4, marker)])
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert result.error is None, result.error
+    lost = json.loads(marker.read_text())
+    assert lost["step"] == 4 and result.metrics["step"] == 4
+    with result.checkpoint.as_directory() as ckpt:
+        rows = read_loss_csv(f"{ckpt}/loss.csv")
+        ckpt = Path(ckpt)
+        assert (ckpt / "fsdp2" / ".metadata").exists() and not (ckpt / "deepspeed").exists()
+        # DCP holds the adapter and its optimizer state only, not the frozen base
+        saved = FileSystemReader(str(ckpt / "fsdp2")).read_metadata().state_dict_metadata
+        model_keys = [k for k in saved if k.startswith("model.")]
+        assert model_keys and all(".lora_" in k for k in model_keys), [k for k in model_keys if ".lora_" not in k][:3]
+        assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+        assert [float(r["lr"]) for r in rows] == pytest.approx(cosine_lrs(4, lr=5e-3))
+        losses = [float(r["loss"]) for r in rows]
+        assert losses[0] != losses[3]  # the LoRA trained (its B starts at zero)
+        assert losses == pytest.approx(lost["losses"], rel=1e-5)  # steps 3 and 4 redone from the restored state
+
+        base = FluxPipeline.from_pretrained(tiny_model_dir)
+        tuned = FluxPipeline.from_pretrained(tiny_model_dir)
+        tuned.load_lora_weights(ckpt / "adapter", adapter_name="lesions")
+    loaded = get_peft_model_state_dict(tuned.transformer, adapter_name="lesions")
+    checksum = sum(float(t.double().abs().sum()) for t in loaded.values())
+    assert checksum == pytest.approx(result.metrics["weights_checksum"], rel=1e-5)
+
+    def render(pipe):
+        return pipe(prompt_embeds=torch.ones(1, 8, pipe.transformer.config.joint_attention_dim),
+                    pooled_prompt_embeds=torch.ones(1, pipe.transformer.config.pooled_projection_dim),
+                    height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    assert abs(render(base) - render(tuned)).mean() > 1e-4
