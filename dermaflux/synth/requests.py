@@ -35,6 +35,14 @@ class RequestError(ValueError):
         self.status = status
 
 
+class ServiceBusy(Exception):
+    """More work than `synth.limits` lets the service hold at once: a 429 with `Retry-After`."""
+
+    def __init__(self, field: str, message: str, retry_after_s: int):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.retry_after_s = field, message, retry_after_s
+
+
 class _Body(BaseModel):
     # Strict: `"2"`, `1.0` and `true` are not counts (lax pydantic would coerce them).
     model_config = ConfigDict(extra="forbid", strict=True)
