@@ -16,6 +16,7 @@ import contextlib
 import threading
 
 from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,11 +25,13 @@ from ray import serve
 
 from dermaflux.synth.guard import Guard, RequestGuard, read_token
 from dermaflux.synth.requests import (
+    JOB_ID_PATTERN,
     AugmentationRequest,
     ImageRequest,
     RequestError,
     ServiceBusy,
     expand_image_request,
+    printable,
     to_jsonable,
 )
 from dermaflux.synth.serve_jobs import BulkJobs
@@ -84,16 +87,28 @@ api = FastAPI(
 )
 
 
+def _printable(value):
+    """A response body that encodes whatever a caller sent: lone surrogates in names and messages escaped."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
+
+
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, err: RequestError):
-    return JSONResponse(status_code=err.status, content={"detail": [{"loc": err.field.split("."), "msg": err.message}]})
+    detail = [{"loc": err.field.split("."), "msg": err.message}]
+    return JSONResponse(status_code=err.status, content={"detail": _printable(detail)})
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, err: RequestValidationError):
     # FastAPI's default echoes each bad `input`: a NaN cannot be encoded (500), a huge one is sent back.
     errors = [{k: v for k, v in error.items() if k != "input"} for error in err.errors()]
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+    return JSONResponse(status_code=422, content={"detail": _printable(jsonable_encoder(errors))})
 
 
 @api.exception_handler(ServiceBusy)
@@ -128,7 +143,10 @@ class SynthesisAPI:
         ))
         self.adapter_paths = adapter_folders(synth.adapters)
         self.jobs = BulkJobs(self.cfg, self.adapter_paths)
-        self.guard = Guard(read_token(synth.auth, bool(synth.auth.required)), synth.limits.max_body_bytes)
+        limits = synth.limits
+        self.guard = Guard(read_token(synth.auth, bool(synth.auth.required)), limits.max_body_bytes,
+                           max_header_bytes=limits.max_header_bytes, max_open_requests=limits.max_open_requests,
+                           body_timeout_s=limits.body_timeout_s, retry_after_s=limits.retry_after_s)
         self.images_in_flight = 0
 
     @api.get("/healthz", summary="the ingress process is up (no token needed)")
@@ -193,10 +211,10 @@ class SynthesisAPI:
         return self.jobs.start(body)
 
     @api.get("/v1/augmentations/{job_id}", response_model=JobStatus, summary="progress of a bulk job")
-    def job(self, job_id: str):
+    def job(self, job_id: str = PathParam(pattern=JOB_ID_PATTERN)):
         return self.jobs.status(job_id)
 
     @api.delete("/v1/augmentations/{job_id}", response_model=JobStatus, status_code=202,
                 summary="cancel a bulk job: its runner stops after the current shard (state `cancelled`)")
-    def cancel_job(self, job_id: str):
+    def cancel_job(self, job_id: str = PathParam(pattern=JOB_ID_PATTERN)):
         return self.jobs.cancel(job_id)

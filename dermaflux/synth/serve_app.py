@@ -87,9 +87,11 @@ def build_app(cfg: "DermaFluxConfig"):
     model = SynthesisModel.options(**options).bind(cfg_dict)
     # Requests reach the ingress at once (Serve's default would queue all but 5 at the proxy, where
     # no limit sees them); the ingress refuses what it cannot hold, Serve what exceeds even that.
+    # Serve holds twice the ingress' own limit of work requests (guard.RequestGuard counts them):
+    # when slow bodies fill that limit, /healthz and /readyz still find room instead of a 429.
     limits = synth.limits
     ingress = {
-        "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": limits.max_open_requests,
+        "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 2 * limits.max_open_requests,
         "max_queued_requests": limits.max_open_requests,
         "backpressure_config": {"status_code": 429, "retry_after_s": limits.retry_after_s},
     }

@@ -67,8 +67,9 @@ class BulkJobRunner:
         # A restart by Ray after the job ended or was cancelled has nothing to do.
         if bulk.job_status(self.out)["state"] == "running":
             try:
-                bulk.run_job(self.out, spec, generate, max_retries=max_retries, should_stop=self._cancelled)
-            except Exception:  # run_job recorded it in the progress record
+                bulk.run_job(self.out, spec, generate, max_retries=max_retries, should_stop=self._cancelled,
+                             before_write=lambda: self.store.check_folder(self.out))
+            except Exception:  # run_job recorded it in the progress record, where it still could
                 log.exception("bulk job %s failed", spec.job_id)
         # A detached actor outlives its caller, so it ends itself (a re-POST starts a new one).
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
@@ -78,6 +79,7 @@ class BulkJobRunner:
         with self.store.lock():
             if not jobs.cancel_requested(self.out):
                 return False
+            self.store.check_folder(self.out)
             bulk.set_state(self.out, "cancelled")
             jobs.clear_cancel(self.out)
             return True
@@ -96,6 +98,12 @@ def _conflict(job_id: str, relative: str, out: Path) -> RequestError:
                         "request to resume it, or use a new job_id", status=409)
 
 
+def _finished(out: Path) -> bool:
+    """`out` holds a job whose progress record says done (resuming it starts no runner)."""
+    record = out / bulk.PROGRESS_FILE
+    return record.is_file() and artifacts.read_json(record).get("state") == "done"
+
+
 class BulkJobs:
     """The bulk jobs of one service (one jobs root): what the HTTP API's job routes call."""
 
@@ -106,6 +114,8 @@ class BulkJobs:
 
     def start(self, body: AugmentationRequest) -> dict:
         """Start (or resume, or find done) the job `body` describes; its status."""
+        if body.corpus is not None:
+            body = body.model_copy(update={"corpus": jobs.resolve_corpus(self.cfg.synth.corpus_root, body.corpus)})
         spec = bulk.job_spec(self.cfg, body, self.adapter_paths)
         relative, out = self.store.resolve_out(body.out, body.job_id)
         with self.store.lock():
@@ -162,12 +172,21 @@ class BulkJobs:
                     status["state"] = "interrupted"  # no runner: Ray or the service restarted
         return {**status, "out": relative, "cancel_requested": jobs.cancel_requested(out)}
 
+    def _admit_runner(self) -> None:
+        limit = self.cfg.synth.limits.max_running_jobs
+        if self._running_jobs() >= limit:
+            raise ServiceBusy("job_id", f"{limit} bulk jobs are running (synth.limits.max_running_jobs); "
+                              "retry when one ends", self.cfg.synth.limits.retry_after_s)
+
     def _start(self, job_id: str, relative: str, out: Path, spec: bulk.JobSpec) -> None:
-        """Under the jobs lock: claim `out` for the job, then leave it running (or done)."""
+        """Under the jobs lock: admit the job, claim `out` for it, then leave it running (or done)."""
         known = self.store.out_of(job_id)
         if known is not None and known != relative:
             raise RequestError("out", f"job {job_id!r} writes to {known!r}: a job id names one output for life; "
                                f"use a new job_id for {relative!r}", status=409)
+        self.store.check_overlap(job_id, out)
+        if self._runner(job_id) is None and not _finished(out):
+            self._admit_runner()  # before the claim: a refused job leaves no folder holding its `out`
         try:
             bulk.prepare_job(out, spec)
         except artifacts.OutputConflict:
@@ -177,10 +196,7 @@ class BulkJobs:
         if self._runner(job_id) is not None:
             jobs.clear_cancel(out)  # a re-POST withdraws a cancel the runner has not acted on
         elif bulk.job_status(out)["state"] != "done":
-            limit = self.cfg.synth.limits.max_running_jobs
-            if self._running_jobs() >= limit:
-                raise ServiceBusy("job_id", f"{limit} bulk jobs are running (synth.limits.max_running_jobs); "
-                                  "retry when one ends", self.cfg.synth.limits.retry_after_s)
+            self._admit_runner()  # again: a runner that was leaving has now left
             jobs.clear_cancel(out)
             bulk.set_state(out, "running")
             BulkJobRunner.options(name=job_id, namespace=self.runners, lifetime="detached", get_if_exists=True).remote(
