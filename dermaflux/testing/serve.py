@@ -66,6 +66,9 @@ def listening_sockets(pids: list[int]) -> dict[int, list[tuple[str, int]]]:
 
     found = {}
     for pid in pids:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:  # a worker that ended meanwhile listens on nothing
+            continue
         found[pid] = sorted({(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN})
     return found

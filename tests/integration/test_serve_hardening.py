@@ -354,3 +354,33 @@ def test_headers_beyond_the_cap_get_a_431_even_on_healthz(service):
     response = service.client.get("/healthz", headers={"x-filler": "y" * 70_000})
     assert response.status_code == 431 and "synth.limits.max_header_bytes" in response.text, response.text
     assert service.client.get("/healthz", headers={"x-filler": "y" * 1000}).status_code == 200
+
+
+def test_what_listens_beyond_loopback_is_what_the_readme_says(service):
+    """Issue 25.6: the README's security section states what a local service listens on; this checks it
+    against the sockets of every process of the module's Ray instance (the children of this process)."""
+    from pathlib import Path
+
+    import psutil
+
+    from dermaflux.testing.serve import listening_sockets
+
+    processes = {p.pid: " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)}
+    sockets = listening_sockets(list(processes))
+    wide = {processes[pid]: [s for s in found if not is_loopback(s[0])] for pid, found in sockets.items()}
+    wide = {name: found for name, found in wide.items() if found}
+    # Every socket on a non-loopback address is a Serve replica's inter-deployment gRPC server on [::].
+    assert sorted(name.split()[0] for name in wide) == ["ray::ServeReplica:dermaflux:SynthesisAPI",
+                                                       "ray::ServeReplica:dermaflux:SynthesisModel"], wide
+    assert all(address == "::" for found in wide.values() for address, _ in found), wide
+    (proxy,) = [pid for pid, name in processes.items() if name.startswith("ray::ProxyActor")]
+    assert ("127.0.0.1", service.port) in sockets[proxy]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "each Serve replica's inter-deployment gRPC server on `[::]:0`" in readme
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
