@@ -239,13 +239,13 @@ def slow_clients_run(cfg, clients: int, seconds: float, trickle_s: float = 3.0) 
     return {"mode": "slow-clients", "clients": clients, "trickle_s": trickle_s, "seconds": seconds,
             "probes": len(probes), "healthz_200": sum(code == 200 for code, _ in probes),
             "healthz_p50_s": float(np.median(latencies)), "healthz_max_s": float(latencies.max()),
-            "slow_answers": answers, "body_timeout_s": cfg.synth.limits.body_timeout_s,
+            # getattr: the row also runs against a checkout from before these limits existed
+            "slow_answers": answers, "body_timeout_s": getattr(cfg.synth.limits, "body_timeout_s", float("inf")),
             "max_open_requests": cfg.synth.limits.max_open_requests}
 
 
 def print_slow(row: dict) -> None:
-    print(f"
-slow clients: {row['clients']} POSTs sending 1 body byte every {row['trickle_s']:g} s for "
+    print(f"\nslow clients: {row['clients']} POSTs sending 1 body byte every {row['trickle_s']:g} s for "
           f"{row['seconds']:g} s (body_timeout_s {row['body_timeout_s']:g}, max_open_requests "
           f"{row['max_open_requests']}); /healthz probed every 0.25 s")
     print(f"{'probes':>6} {'200':>5} {'p50 s':>7} {'max s':>7}  slow bodies answered")
