@@ -14,6 +14,9 @@ The bounded-flood row sets `synth.limits.max_queued_images` (`--flood-limit`) an
 replica with `--flood-clients` concurrent clients: accepted requests' p50/p99 latency against
 the single-client latency of the same service (target: p99 within 2x), the count refused with
 429/503 (Retry-After) and any other failure (target: none).
+The slow-client row opens `--slow-clients` connections (600) that send a POST's headers and then
+1 byte of body every 3 s, and probes `/healthz` meanwhile (target: every probe 200 within 1 s; the
+slow bodies end with a 408 at `synth.limits.body_timeout_s` or a 429 beyond `max_open_requests`).
 
 Full-size mode: a FluxPipeline whose transformer has the FLUX.1-dev architecture (19 double +
 38 single blocks, 3072 wide; `--layers N` keeps N of each to smoke-test on a CPU) with random
@@ -191,6 +194,81 @@ def print_flood(row: dict) -> None:
           f"{row['failed']:6d}")
 
 
+def slow_clients_run(cfg, clients: int, seconds: float, trickle_s: float = 3.0) -> dict:
+    """`clients` slow-body connections against one service while /healthz is probed every 0.25 s."""
+    import httpx
+    import numpy as np
+    from ray import serve
+
+    from dermaflux.testing.serve import open_slow_bodies
+
+    url = start_bench_service(cfg, {})
+    sockets = open_slow_bodies(int(url.rsplit(":", 1)[1]), clients, {}, body_bytes=10_000)
+    stop = threading.Event()
+
+    def trickle() -> None:  # 1 byte every `trickle_s` on each connection the service has not closed
+        while not stop.wait(trickle_s):
+            for sock in sockets:
+                try:
+                    sock.send(b" ")
+                except OSError:
+                    pass
+
+    threading.Thread(target=trickle, daemon=True).start()
+    probes = []  # (status, seconds, when: seconds since the slow connections were opened)
+    opened = time.perf_counter()
+    with httpx.Client(timeout=30) as client:
+        deadline = opened + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            status = client.get(f"{url}/healthz").status_code
+            probes.append((status, time.perf_counter() - started, started - opened))
+            time.sleep(0.25)
+    stop.set()
+    answers: dict[str, int] = {}
+    answered_by = time.perf_counter() + 2.0  # one wait for all: a service that never answers costs 2 s, not 600 x
+    for sock in sockets:
+        sock.settimeout(max(answered_by - time.perf_counter(), 0.001))
+        try:
+            line = sock.recv(64).split(b"\r\n", 1)[0].decode(errors="replace")
+            status = line.split(" ")[1] if line.startswith("HTTP/") else "closed"
+        except OSError:
+            status = "none yet"
+        answers[status] = answers.get(status, 0) + 1
+        sock.close()
+    serve.shutdown()
+    latencies = np.array([t for _, t, _ in probes])
+    slowest = max(probes, key=lambda probe: probe[1])
+    return {"mode": "slow-clients", "clients": clients, "trickle_s": trickle_s, "seconds": seconds,
+            "probes": len(probes), "healthz_200": sum(code == 200 for code, _, _ in probes),
+            "healthz_p50_s": float(np.median(latencies)), "healthz_max_s": float(latencies.max()),
+            "healthz_max_at_s": slowest[2], "healthz_over_1s": sum(t > 1.0 for _, t, _ in probes),
+            # getattr: the row also runs against a checkout from before these limits existed
+            "slow_answers": answers, "body_timeout_s": getattr(cfg.synth.limits, "body_timeout_s", float("inf")),
+            "max_open_requests": cfg.synth.limits.max_open_requests}
+
+
+def print_slow(row: dict) -> None:
+    print(f"\nslow clients: {row['clients']} POSTs sending 1 body byte every {row['trickle_s']:g} s for "
+          f"{row['seconds']:g} s (body_timeout_s {row['body_timeout_s']:g}, max_open_requests "
+          f"{row['max_open_requests']}); /healthz probed every 0.25 s")
+    print(f"{'probes':>6} {'200':>5} {'p50 s':>7} {'max s':>7} {'max at s':>8} {'> 1 s':>5}  slow bodies answered")
+    print(f"{row['probes']:6d} {row['healthz_200']:5d} {row['healthz_p50_s']:7.3f} {row['healthz_max_s']:7.3f} "
+          f"{row['healthz_max_at_s']:8.1f} {row['healthz_over_1s']:5d}  {row['slow_answers']}")
+
+
+def slow_bench(args) -> dict:
+    from dermaflux.config import load_config
+    from dermaflux.core.runtime import init_ray
+
+    os.environ.setdefault("DERMAFLUX_CACHE", str(Path(tempfile.gettempdir()) / "dermaflux-bench-cache"))
+    cfg = load_config("tiny")
+    init_ray(cfg.ray, log_to_driver=False)
+    row = slow_clients_run(cfg, args.slow_clients, args.slow_seconds or (12 if args.quick else 30))
+    print_slow(row)
+    return {"mode": "tiny-slow-clients", "slow": row}
+
+
 def flood_bench(args) -> dict:
     from dermaflux.config import load_config
     from dermaflux.core.runtime import init_ray
@@ -228,6 +306,7 @@ def tiny_bench(args) -> dict:
         multiplexed = [serve_run(lora_cfg, n, args.batch, 1, args.clients, names, max_adapters=m) for m in (2, 1)]
     flood = flood_run(cfg, args.flood_requests or 4 * args.flood_clients, args.flood_clients, args.flood_limit,
                       args.batch, not args.flood_ignore_retry_after)
+    slow = slow_clients_run(cfg, args.slow_clients, args.slow_seconds or (12 if args.quick else 30))
     direct_after = [direct_loop(cfg, n, 1), direct_loop(cfg, n, args.batch)]
     rows = [max(a, b, key=lambda r: r["img_per_s"]) for a, b in zip(direct_before, direct_after)] + served + multiplexed
     by_key = {(r["mode"], r["replicas"], r["batch_size"]): r for r in rows if r.get("adapters", [None]) == [None]}
@@ -251,9 +330,10 @@ def tiny_bench(args) -> dict:
         print(f"{r['mode']:8} {r['replicas']:8d} {r['batch_size']:5d} {held:>13} {r['img_per_s']:8.2f} {lat} "
               f"{r.get('failed', 0):6d} {r.get('adapter_loads', 0):5d}")
     print_flood(flood)
+    print_slow(slow)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    return {"mode": "tiny", "rows": rows, "flood": flood, "ratios": ratios,
+    return {"mode": "tiny", "rows": rows, "flood": flood, "slow": slow, "ratios": ratios,
             "direct_passes": direct_before + direct_after,
             "resolution": cfg.model.resolution,
             "steps": cfg.model.num_inference_steps}
@@ -445,6 +525,9 @@ def main() -> None:
     parser.add_argument("--flood-only", action="store_true", help="tiny mode: only the bounded-flood row")
     parser.add_argument("--flood-ignore-retry-after", action="store_true",
                         help="bounded flood: refused clients retry at once (a hostile flood)")
+    parser.add_argument("--slow-clients", type=int, default=600, help="slow-client row: slow-body connections")
+    parser.add_argument("--slow-seconds", type=float, default=None, help="slow-client row: seconds of probing")
+    parser.add_argument("--slow-only", action="store_true", help="tiny mode: only the slow-client row")
     parser.add_argument("--full-size", action="store_true", help="FLUX.1-dev-shaped transformer, random bf16 weights")
     parser.add_argument("--layers", type=int, default=None, help="full-size: N double + 2N single blocks (CPU smoke)")
     parser.add_argument("--resolution", type=int, default=512)
@@ -455,12 +538,13 @@ def main() -> None:
                         help="full-size: also time loading the base transformer from disk (writes ~24 GB to a temp dir)")
     parser.add_argument("--lora-rank", type=int, default=16, help="full-size: LoRA rank of the adapter timings (0: skip)")
     args = parser.parse_args()
-    bench = full_size_bench if args.full_size else flood_bench if args.flood_only else tiny_bench
+    section = "full_size" if args.full_size else "flood" if args.flood_only else "slow" if args.slow_only else "tiny"
+    bench = {"full_size": full_size_bench, "flood": flood_bench, "slow": slow_bench, "tiny": tiny_bench}[section]
     result = bench(args)
     result.update(host=platform.node(), cpus=os.cpu_count(), argv=sys.argv[1:], when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     # One file, one section per mode: the GPU run does not erase the CPU figures, nor the reverse.
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    existing["full_size" if args.full_size else "flood" if args.flood_only else "tiny"] = result
+    existing[section] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(existing, indent=2, default=float) + "\n")
     print(f"\nwrote {RESULTS}")

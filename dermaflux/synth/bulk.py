@@ -29,6 +29,7 @@ from dermaflux.synth.requests import (
     RequestError,
     SampleRequest,
     Settings,
+    check_compute,
     check_labels,
     derive_seed,
     resolve_settings,
@@ -313,13 +314,19 @@ def _generate_shard(spec: JobSpec, index: int, items: list[WorkItem], generate: 
 def run_job(
     out_dir: str | Path, spec: JobSpec, generate: GenerateFn, *, max_retries: int = 0, retry_wait_s: float = 1.0,
     extra_manifest: dict | None = None, should_stop: Callable[[], bool] | None = None,
+    before_write: Callable[[], None] | None = None,
 ) -> dict:
     """Generate every pending shard (retrying a failed shard `max_retries` times), then the manifest.
 
     The progress record follows every shard (`job_status` reads it); `should_stop` is asked before
     each shard, and True ends the run as "cancelled" (finished shards stay; a re-run resumes).
+    `before_write` is called before every write and raises when the folder may no longer be
+    written (the service: it was swapped for a link leading out of the jobs root); nothing more
+    is written then, not even the failure.
     """
     out = Path(out_dir)
+    check = before_write or (lambda: None)
+    check()
     status = write_progress(out, {**status_from_markers(out, spec), "state": "running"})
     done = artifacts.done_names(out)
     pending = [i for i in range(shard_count(spec)) if shard_name(i) not in done]
@@ -327,43 +334,57 @@ def run_job(
     try:
         for index in pending:
             if should_stop is not None and should_stop():
+                check()
                 return {**write_progress(out, {**status, "state": "cancelled"}), "out": str(out)}
             items = shard_items(spec, index)
             pngs = _generate_shard(spec, index, items, generate, max_retries, retry_wait_s)
+            check()
             write_shard(out, index, spec, items, pngs, [(spec.settings.width, spec.settings.height)] * len(items))
             for label, n in shard_labels(spec, index).items():
                 status["done_by_class"][label] += n
             status.update(done=status["done"] + len(items), shards_done=status["shards_done"] + 1)
+            check()
             write_progress(out, status)
             log.info("job %s: shard %d done (%d images)", spec.job_id, index, len(items))
+        check()
         if not (out / MANIFEST_FILE).exists():
             write_manifest(out, spec, extra_manifest)
     except Exception as err:
-        write_progress(out, {**status, "state": "failed", "error": f"{type(err).__name__}: {err}"})
+        if _writable(check):
+            write_progress(out, {**status, "state": "failed", "error": f"{type(err).__name__}: {err}"})
         raise
+    check()
     return {**write_progress(out, {**status, "state": "done"}), "out": str(out)}
+
+
+def _writable(check: Callable[[], None]) -> bool:
+    try:
+        check()
+    except Exception:
+        return False
+    return True
 
 
 def job_spec(cfg: DermaFluxConfig, request: AugmentationRequest, adapters: dict[str, str]) -> JobSpec:
     """The one JobSpec builder: POST /v1/augmentations passes its body, `dermaflux generate` a
     request made from its config. Settings, targets and the per-job limit are checked here."""
     settings = resolve_settings(request, cfg, sorted(adapters))
-    if request.class_targets is not None:
-        targets = check_labels(request.class_targets)
-        if request.corpus:
-            try:
+    try:  # a missing corpus, or a manifest.json that is not a corpus manifest
+        if request.class_targets is not None:
+            targets = check_labels(request.class_targets)
+            if request.corpus:
                 check_corpus_classes(targets, request.corpus)
-            except FileNotFoundError as err:
-                raise RequestError("corpus", str(err)) from None
-    else:
-        try:
+        else:
             targets = bring_to_targets(request.corpus, request.bring_to)
-        except FileNotFoundError as err:
-            raise RequestError("corpus", str(err)) from None
-    total, limit = sum(targets.values()), cfg.synth.limits.max_images_per_job
-    if total > limit:
-        raise RequestError("class_targets", f"{total} images exceeds the limit of {limit} per job "
+    except RequestError:
+        raise
+    except (OSError, ValueError) as err:
+        raise RequestError("corpus", str(err)) from None
+    total, limits = sum(targets.values()), cfg.synth.limits
+    if total > limits.max_images_per_job:
+        raise RequestError("class_targets", f"{total} images exceeds the limit of {limits.max_images_per_job} per job "
                             "(synth.limits.max_images_per_job)")
+    check_compute(total, settings, limits.max_job_pixel_steps, "class_targets", "max_job_pixel_steps")
     return JobSpec(
         job_id=request.job_id, targets=targets, settings=settings, seed=request.seed, shard_size=cfg.synth.shard_size,
         model=cfg.model.pretrained, adapter_path=adapters.get(settings.adapter) if settings.adapter else None,

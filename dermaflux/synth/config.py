@@ -43,8 +43,24 @@ class LimitsConfig(ConfigModel):
     )
     max_running_jobs: int = Field(2, ge=1, description="bulk jobs running at once; another start gets a 429")
     max_open_requests: int = Field(
-        256, ge=1, description="HTTP requests the ingress holds at once (its Serve max_ongoing_requests; as many "
-        "again may wait, then Serve answers 429)"
+        256, ge=1, description="`/v1/...` requests the ingress holds at once, counted from their headers (a slow "
+        "body holds one); more get a 429. Health and readiness are not counted: Serve lets the ingress hold twice "
+        "this, so they answer while work requests fill it"
+    )
+    max_header_bytes: int = Field(
+        32_768, ge=1024, description="request headers, names and values together; larger gets a 431 before the "
+        "token is checked"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a client has to send its whole request body; slower gets a 408"
+    )
+    max_request_pixel_steps: int = Field(
+        2**28, ge=1, description="compute of one POST /v1/images: count x num_inference_steps x width x height "
+        "(2**28: 8 images of 1024 x 1024 at 32 steps)"
+    )
+    max_job_pixel_steps: int = Field(
+        2**40, ge=1, description="compute of one bulk job: images x num_inference_steps x width x height "
+        "(2**40: 100,000 images of 512 x 512 at 41 steps)"
     )
     retry_after_s: int = Field(2, ge=1, description="the `Retry-After` of a 429")
 
@@ -127,6 +143,10 @@ class SynthConfig(ConfigModel):
     jobs_root: str | None = Field(
         None, description="`serve`: the one folder bulk jobs write under, fixed when the service starts; a job's "
         "`out` is a name or relative path inside it (default: <cache>/synth-jobs)"
+    )
+    corpus_root: str | None = Field(
+        None, description="`serve`: the folder a bulk job's `corpus` must lie in (a name or path inside it); "
+        "unset: requests may not name a corpus"
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     job_max_retries: int = Field(5, ge=0, description="attempts per shard when a replica dies mid-job")

@@ -1,14 +1,18 @@
-"""What stands before the HTTP API: the bearer token and the request-body cap.
+"""What stands before the HTTP API: header and body caps, the bearer token, open-request bounds.
 
-`RequestGuard` is an ASGI middleware: it answers 401 to a `/v1/...` request without the right
-`Authorization: Bearer <token>` and 413 to a body over the cap, before FastAPI reads a byte of
-it (a declared Content-Length is refused at once; a chunked body is counted as it streams).
-`/healthz`, `/readyz` and the OpenAPI pages stay open. Tokens are compared in constant time.
+`RequestGuard` is an ASGI middleware: it answers 431 to headers over their cap (before the token
+is looked at), 401 to a `/v1/...` request without the right `Authorization: Bearer <token>`,
+413 to a body over the cap before FastAPI reads a byte of it (a declared Content-Length is
+refused at once; a chunked body is counted as it streams), 408 to a body that takes longer than
+`body_timeout_s` to arrive, and 429 to a `/v1/...` request beyond `max_open_requests` held at
+once. `/healthz`, `/readyz` and the OpenAPI pages stay open and uncounted, so slow or many
+clients never starve them. Tokens are compared in constant time.
 No Ray here: the Serve app passes a callable that returns the replica's `Guard`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -72,13 +76,21 @@ def read_token(auth, required: bool) -> str | None:
 class Guard:
     token: str | None  # None: no authentication (loopback without a token set)
     max_body_bytes: int
+    max_header_bytes: int = 32_768
+    max_open_requests: int | None = None  # `/v1/...` requests held at once; None: no bound here
+    body_timeout_s: float | None = None
+    retry_after_s: int = 2
 
-    def protects(self, scope) -> bool:
+    def is_work(self, scope) -> bool:
+        """A `/v1/...` request: authenticated and counted (health, readiness and the docs are neither)."""
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):  # Serve may mount the app under a route prefix
             path = path[len(root):]
-        return self.token is not None and path.startswith(PROTECTED_PREFIX)
+        return path.startswith(PROTECTED_PREFIX)
+
+    def protects(self, scope) -> bool:
+        return self.token is not None and self.is_work(scope)
 
     def authorised(self, header: str | None) -> bool:
         scheme, _, given = (header or "").partition(" ")
@@ -98,33 +110,76 @@ def _refusal(status: int, field: str, message: str, headers: dict | None = None)
     return JSONResponse({"detail": [{"loc": [field], "msg": message}]}, status_code=status, headers=headers)
 
 
+class BodyTimeout(HTTPException):
+    """Raised from `receive` when the body has not arrived within `body_timeout_s`: a client that
+    trickles its body would otherwise hold one of the ingress' open requests for as long as it likes."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, [{"loc": ["body"], "msg": f"request body not received within {seconds:g} s "
+                                "(synth.limits.body_timeout_s)"}], headers={"Connection": "close"})
+
+
 class RequestGuard:
     def __init__(self, app, guard: Callable[[], Guard]):
         self.app = app
         self.guard = guard
+        self.open_requests = 0  # `/v1/...` requests of this replica between their headers and their answer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         guard = self.guard()
+        refusal = self._refusal(guard, scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        work = guard.is_work(scope)
+        self.open_requests += work
+        try:
+            await self.app(scope, _guarded_receive(guard, receive), send)
+        finally:
+            self.open_requests -= work
+
+    def _refusal(self, guard: Guard, scope) -> JSONResponse | None:
+        """The answer to a request refused on its headers alone, else None."""
+        header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+        if header_bytes > guard.max_header_bytes:
+            return _refusal(431, "headers", f"request headers of {header_bytes} bytes exceed the limit of "
+                            f"{guard.max_header_bytes} (synth.limits.max_header_bytes)", {"Connection": "close"})
         headers = Headers(scope=scope)
         if guard.protects(scope) and not guard.authorised(headers.get("authorization")):
-            response = _refusal(401, "authorization", "expected the header `Authorization: Bearer <token>` with the "
-                                "service's token", {"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
+            return _refusal(401, "authorization", "expected the header `Authorization: Bearer <token>` with the "
+                            "service's token", {"WWW-Authenticate": "Bearer"})
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > guard.max_body_bytes):
-            response = _refusal(413, "body", f"request body of {declared} bytes exceeds the limit of "
-                                f"{guard.max_body_bytes} (synth.limits.max_body_bytes)", {"Connection": "close"})
-            return await response(scope, receive, send)
-        received = 0
+            return _refusal(413, "body", f"request body of {declared} bytes exceeds the limit of "
+                            f"{guard.max_body_bytes} (synth.limits.max_body_bytes)", {"Connection": "close"})
+        limit = guard.max_open_requests
+        if limit is not None and guard.is_work(scope) and self.open_requests >= limit:
+            return _refusal(429, "request", f"{self.open_requests} requests are open (synth.limits.max_open_requests "
+                            f"is {limit}); retry later", {"Retry-After": str(guard.retry_after_s)})
+        return None
 
-        async def capped_receive():
-            nonlocal received
+
+def _guarded_receive(guard: Guard, receive):
+    """`receive` with the body cap and, until the body is complete, the body deadline."""
+    received, complete = 0, False
+    loop = asyncio.get_running_loop()
+    deadline = None if guard.body_timeout_s is None else loop.time() + guard.body_timeout_s
+
+    async def guarded():
+        nonlocal received, complete
+        if complete or deadline is None:  # after the body: e.g. waiting for a disconnect, unbounded
             message = await receive()
+        else:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(guard.body_timeout_s) from None
+        if message["type"] == "http.request":
             received += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if received > guard.max_body_bytes:
                 raise BodyTooLarge(guard.max_body_bytes)
-            return message
+        return message
 
-        await self.app(scope, capped_receive, send)
+    return guarded

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dermaflux.lesion.attributes import LesionAttributes
 from dermaflux.lesion.captions import caption_from_attributes
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
 
 SIZE_MULTIPLE = 16  # Flux: VAE downsamples 8x, then 2x2 latent patches are packed
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class RequestError(ValueError):
@@ -35,9 +36,49 @@ class RequestError(ValueError):
         self.status = status
 
 
+class ServiceBusy(Exception):
+    """More work than `synth.limits` lets the service hold at once: a 429 with `Retry-After`."""
+
+    def __init__(self, field: str, message: str, retry_after_s: int):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.retry_after_s = field, message, retry_after_s
+
+
+def printable(text: str) -> str:
+    """`text` safe to encode in a response or a log: a lone surrogate becomes its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unencodable(value: Any, where: str = "") -> str | None:
+    """Where in `value` a string is not encodable text (JSON's `\\ud800` decodes to a lone surrogate,
+    which no file name, tokenizer or response can hold); None when every string is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the value"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable(key, f"{where}{printable(str(key))} (its name)") or _unencodable(
+                item, f"{where}{printable(str(key))}.")
+            if found:
+                return found
+    elif isinstance(value, list):
+        return next((found for i, item in enumerate(value) if (found := _unencodable(item, f"{where}{i}."))), None)
+    return None
+
+
 class _Body(BaseModel):
     # Strict: `"2"`, `1.0` and `true` are not counts (lax pydantic would coerce them).
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _encodable(cls, value):
+        where = _unencodable(value)
+        if where is not None:
+            raise ValueError(f"{where.rstrip('.')}: a lone UTF-16 surrogate is not text; send valid Unicode")
+        return value
 
 
 class ImageRequest(_Body):
@@ -65,7 +106,7 @@ class ImageRequest(_Body):
 class AugmentationRequest(_Body):
     """POST /v1/augmentations: a bulk job writing a synthetic set (SYNTHETIC_SCHEMA shards + manifest)."""
 
-    job_id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="repeat it to resume, never duplicates")
+    job_id: str = Field(..., pattern=JOB_ID_PATTERN, description="repeat it to resume, never duplicates")
     class_targets: dict[str, int] | None = Field(None, description="explicit synthetic images per taxonomy code")
     bring_to: int | None = Field(None, ge=0, description="top every class of `corpus` (train split) up to N images")
     corpus: str | None = Field(None, description="corpus folder for `bring_to`")
@@ -165,9 +206,19 @@ def expand_image_request(body: ImageRequest, cfg: DermaFluxConfig, adapters: lis
     if body.prompt is not None and len(body.prompt) > limits.max_prompt_chars:  # before the tokenizer sees it
         raise RequestError("prompt", f"{len(body.prompt)} characters exceeds the limit of {limits.max_prompt_chars}")
     settings = resolve_settings(body, cfg, adapters)
+    check_compute(body.count, settings, limits.max_request_pixel_steps, "count", "max_request_pixel_steps")
     prompt = body.prompt if body.prompt is not None else caption_from_attributes(body.attributes, body.seed)
     check_token_budget(prompt, tokenizer, cfg.model.max_sequence_length, "prompt" if body.prompt else "attributes")
     return [SampleRequest(prompt, body.seed + i, settings) for i in range(body.count)]
+
+
+def check_compute(images: int, settings: Settings, budget: int, field: str, limit_name: str) -> None:
+    """Refuse work beyond a compute budget: images x steps x pixels (a sampler's cost grows with each)."""
+    cost = images * settings.num_inference_steps * settings.width * settings.height
+    if cost > budget:
+        raise RequestError(field, f"{images} images x {settings.num_inference_steps} steps x {settings.width} x "
+                           f"{settings.height} pixels = {cost:,} pixel-steps exceeds the budget of {budget:,} "
+                           f"(synth.limits.{limit_name}); ask for fewer, smaller or fewer-step images")
 
 
 def check_labels(targets: dict[str, int], field: str = "class_targets") -> dict[str, int]:

@@ -41,3 +41,34 @@ def tiny_service(model_cfg: ModelConfig, cache: Path, root: Path, adapters: list
     finally:
         client.close()
         serve.shutdown()
+
+
+def open_slow_bodies(port: int, count: int, headers: dict[str, str], body_bytes: int = 1000) -> list:
+    """`count` connections that each send a POST's headers and then the first byte of a
+    `body_bytes`-byte body, and nothing more: clients that trickle their bodies (1 byte every few
+    seconds, or never). The caller closes the sockets."""
+    import socket
+
+    lines = [f"POST /v1/images HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
+             f"Content-Length: {body_bytes}", *(f"{k}: {v}" for k, v in headers.items())]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(head + b"{")
+        sockets.append(sock)
+    return sockets
+
+
+def listening_sockets(pids: list[int]) -> dict[int, list[tuple[str, int]]]:
+    """(address, port) of every TCP socket each process listens on."""
+    import psutil
+
+    found = {}
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:  # a worker that ended meanwhile listens on nothing
+            continue
+        found[pid] = sorted({(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN})
+    return found

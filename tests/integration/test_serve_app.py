@@ -90,7 +90,7 @@ def test_reproducible_and_adapters_switch_without_touching_the_base(service):
         ("/v1/augmentations", {"job_id": "bad2", "class_targets": {"mel": 200_000}}, 422, "limit"),
         ("/v1/augmentations", {"job_id": "bad3", "class_targets": {"mel": 1}, "height": 40}, 422, "multiple of 16"),
         ("/v1/augmentations", {"job_id": "bad4", "class_targets": {"mel": 1}, "adapter": "x"}, 404, "unknown adapter"),
-        ("/v1/augmentations", {"job_id": "bad5", "bring_to": 10, "corpus": "/nonexistent"}, 422, "not a corpus folder"),
+        ("/v1/augmentations", {"job_id": "bad5", "bring_to": 10, "corpus": "/nonexistent"}, 422, "synth.corpus_root"),
         ("/v1/augmentations", {"job_id": "bad 6", "class_targets": {"mel": 1}}, 422, "job_id"),
     ],
 )

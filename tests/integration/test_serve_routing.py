@@ -41,7 +41,7 @@ def test_two_replicas_each_keep_one_adapter(ray_local, tiny_config, dermaflux_ca
 def running_replicas(app_name: str) -> int:
     from ray import serve
 
-    from dermaflux.synth.serve_app import SYNTH_DEPLOYMENT
+    from dermaflux.synth.serve_model import SYNTH_DEPLOYMENT
 
     app = serve.status().applications.get(app_name)
     if app is None or SYNTH_DEPLOYMENT not in app.deployments:

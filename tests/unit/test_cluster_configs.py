@@ -124,7 +124,7 @@ def test_rayservice_deployment_agrees_with_the_preset(flux_dev):
     cfg = load_config(None, in_repo(app["args"]["config"]))
     synth = flux_dev.synth
     assert cfg.synth.gpus_per_replica == synth.gpus_per_replica and cfg.synth.autoscaling == synth.autoscaling
-    from dermaflux.synth.serve_app import SYNTH_DEPLOYMENT
+    from dermaflux.synth.serve_model import SYNTH_DEPLOYMENT
 
     (deployment,) = [d for d in app["deployments"] if d["name"] == SYNTH_DEPLOYMENT]
     assert deployment["ray_actor_options"] == {"num_cpus": synth.cpus_per_replica, "num_gpus": synth.gpus_per_replica}
@@ -152,9 +152,27 @@ def test_caption_rayjob_gpus_equal_writer_actors(flux_dev):
 
 
 def test_serve_app_builder_turns_serve_args_into_the_config(tmp_path):
-    from dermaflux.synth.serve_app import config_from_args
+    from dermaflux.synth.serve_app import AppArgs, config_from_args
 
-    cfg = config_from_args({"preset": "flux-dev", "set": "synth.autoscaling.max_replicas=2"})
+    cfg = config_from_args(AppArgs.model_validate({"preset": "flux-dev", "set": "synth.autoscaling.max_replicas=2"}))
     assert cfg.preset == "flux-dev" and cfg.synth.autoscaling.max_replicas == 2 and cfg.model.cache_dir
-    cfg = config_from_args({"config": str(CLUSTER / "configs" / "flux-dev.yaml"), "set": ["synth.port=9000"]})
+    cfg = config_from_args(AppArgs.model_validate({"config": str(CLUSTER / "configs" / "flux-dev.yaml"),
+                                                   "set": ["synth.port=9000"]}))
     assert cfg.synth.adapters == ["/mnt/dermaflux/train/final"] and cfg.synth.port == 9000
+
+
+def test_serve_validates_the_builder_args_into_the_typed_model():
+    # Ray Serve's own builder call (what `serve run` and a RayService use): it sees `app(args: AppArgs)`
+    # and validates the raw dict into AppArgs, so a misspelt key stops the deploy naming that key.
+    import pydantic
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from dermaflux.synth.serve_app import app
+
+    with pytest.raises(pydantic.ValidationError, match="presett"):
+        call_user_app_builder_with_args_if_necessary(app, {"presett": "flux-dev"})
+    from dermaflux.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a bearer token"):  # typed args reached the builder
+        call_user_app_builder_with_args_if_necessary(app, {
+            "config": str(CLUSTER / "configs" / "flux-dev.yaml"), "set": "synth.auth.token_env=DERMAFLUX_UNSET_X"})

@@ -352,7 +352,7 @@ def test_cluster_configs_take_the_token_from_a_secret_never_from_yaml():
     import yaml
 
     from dermaflux.config import load_config
-    from dermaflux.synth.serve_app import app
+    from dermaflux.synth.serve_app import AppArgs, app
 
     cluster = Path(__file__).resolve().parents[2] / "cluster"
     cfg = load_config(None, cluster / "configs" / "flux-dev.yaml")
@@ -366,4 +366,5 @@ def test_cluster_configs_take_the_token_from_a_secret_never_from_yaml():
         env = {e["name"]: e for e in container["env"]}
         assert env[cfg.synth.auth.token_env]["valueFrom"]["secretKeyRef"]["name"] == "dermaflux-api"
     with pytest.raises(ConfigError, match="needs a bearer token"):  # the RayService builder, without the secret
-        app({"config": str(cluster / "configs" / "flux-dev.yaml"), "set": ["synth.auth.token_env=DERMAFLUX_UNSET_X"]})
+        app(AppArgs.model_validate({"config": str(cluster / "configs" / "flux-dev.yaml"),
+                                    "set": ["synth.auth.token_env=DERMAFLUX_UNSET_X"]}))
