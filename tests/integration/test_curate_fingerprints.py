@@ -30,7 +30,8 @@ def first_rows(ham_dir: Path, dest: Path, count: int) -> Path:
 
 
 def labels_written(out: Path) -> dict[str, str]:
-    frame = pd.concat([pd.read_parquet(p, columns=["original_id", "label"]) for p in sorted((out / "shards").glob("*.parquet"))])
+    shards = sorted((out / "shards").glob("*.parquet"))
+    frame = pd.concat([pd.read_parquet(p, columns=["original_id", "label"]) for p in shards])
     return dict(zip(frame["original_id"], frame["label"]))
 
 

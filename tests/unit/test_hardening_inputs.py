@@ -129,7 +129,8 @@ def test_a_device_or_fifo_behind_an_image_name_is_refused_unread(tmp_path, targe
         os.mkfifo(target)  # opening it for reading would wait for a writer forever
     link = tmp_path / "image.jpg"
     link.symlink_to(target)
-    assert scan_image(str(link))["error"] == f"image file {link} is not a regular file (a device, FIFO or socket): not read"
+    assert scan_image(str(link))["error"] == (
+        f"image file {link} is not a regular file (a device, FIFO or socket): not read")
 
 
 # --- finding 9: the CLI's config reading: exit 2 and one line, never a traceback ----------------
