@@ -98,11 +98,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file; a run marker or done marker (always an object) that holds anything else is a ValueError."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    # Markers are read with .get(...) by every stage: a list here would surface as an AttributeError.
+    if (path.name == OWNER_FILE or path.parent.name == MARKER_DIR) and not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def fingerprint(*parts: Any) -> str:
@@ -146,7 +151,11 @@ def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *
         raise OutputConflict(f"{out} is a file, not a folder: choose another --out")
     owner_path = out / OWNER_FILE
     if owner_path.exists():
-        owner = read_json(owner_path)
+        try:
+            owner = read_json(owner_path)
+        except (ValueError, OSError) as err:  # not ours to judge, so never replaced, not even when forced
+            reason = str(err).removeprefix(f"{owner_path}: ")
+            raise OutputConflict(f"{owner_path}: not a DermaFlux run marker ({reason}); choose another --out") from None
         if owner.get("stage") == stage and owner.get("fingerprint") == run_fingerprint:
             return True
         found = (f"{out} holds a different {owner.get('stage')!r} run (fingerprint {owner.get('fingerprint')}, "
@@ -155,6 +164,9 @@ def claim_output(out_dir: str | os.PathLike, stage: str, run_fingerprint: str, *
             raise OutputConflict(f"{found}: choose another --out, or pass --force to replace it")
         if owner.get("stage") != stage:  # --force replaces a run of this stage, not a whole pipeline folder
             raise OutputConflict(f"{found}: --force replaces only a {stage} run; choose another --out")
+        if out.is_symlink():  # rmtree refuses a link; replacing its target would delete beyond --out
+            raise OutputConflict(f"{found}: {out} is a link to {out.resolve()}: --force never replaces a run through a "
+                                 "link; pass the folder itself or choose another --out")
         shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         raise OutputConflict(f"{out} is not empty and was not written by dermaflux (no {OWNER_FILE}): DermaFlux "

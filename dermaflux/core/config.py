@@ -42,13 +42,88 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+# A config is a page of settings: these bounds make a hostile file fail at once, not after minutes
+# and gigabytes (a "billion laughs" of YAML aliases builds nothing until something walks it).
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_YAML_VALUES = 100_000
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: what it was doing, what is wrong, where."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())
+    mark = err.problem_mark or err.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return "; ".join(part for part in (err.context, err.problem) if part) + where
+
+
+def _expanded_values(root: yaml.Node, limit: int) -> int:
+    """How many values the document holds once every alias is expanded (stops counting past `limit`).
+
+    Aliases share one node, so the count is memoised per node: linear in the file, not in its expansion.
+    An alias inside its own anchor (`&a [*a]`) would expand forever: counted as over the limit.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if sizes.get(id(node)) == 0:  # still being counted: the node contains itself
+            return limit + 1
+        if id(node) not in sizes:
+            sizes[id(node)] = 0
+            if isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > limit:
+                    break
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    return size(root)
+
+
+def load_yaml_text(text: str, where: str):
+    """`yaml.safe_load` with the expansion bound; ConfigError (one line, naming `where`) otherwise."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_values(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values; "
+                              "a config never needs that many")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict:
+    """A config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8 YAML holding a mapping."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a device, FIFO or socket)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                size = os.fstat(fh.fileno()).st_size
+                raise ConfigError(f"config file {path} holds {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+        text = raw.decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+    data = load_yaml_text(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -59,7 +134,7 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=300")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = load_yaml_text(raw, f"--set {text!r}") if raw != "" else ""
     return nested(key.strip(), value)
 
 
@@ -78,10 +153,10 @@ def layered(preset: str | None, config_file: str | os.PathLike | None, overrides
     """(preset name, the merged dict) of preset < file < `--set` overrides, before validation."""
     data: dict = read_yaml(Path(config_file)) if config_file is not None else {}
     name = preset or data.get("preset") or "tiny"
-    preset_path = PRESET_DIR / f"{name}.yaml"
-    if not preset_path.exists():
+    # A preset is a name from PRESET_DIR, never a path: `--preset ../../x` would read any YAML.
+    if name not in available_presets():
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
-    merged = deep_merge(read_yaml(preset_path), data)
+    merged = deep_merge(read_yaml(PRESET_DIR / f"{name}.yaml"), data)
     merged["preset"] = name
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))

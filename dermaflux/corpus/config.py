@@ -12,6 +12,9 @@ from dermaflux.core.config import ConfigModel
 # Pixels an image may have before it is decoded: the presets train at 512 px and full-size
 # dermoscopy is 1-30 MP, so 50 MP leaves room while one decode stays near 150 MB of RGB.
 DEFAULT_MAX_PIXELS = 50_000_000
+# Bytes an image file may have before it is read: 50 MP of 16-bit RGB is 300 MB uncompressed; a
+# dermoscopy JPEG is 1-20 MB. A sparse or endless file is refused from its size, never read.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 RESERVED_NAME = "internal"  # evaluate's name for the test rows of the sources that also have train rows
 SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -96,6 +99,11 @@ class CurateConfig(ConfigModel):
         DEFAULT_MAX_PIXELS, ge=1,
         description="largest width x height decoded (checked from the header first); larger images are "
         "quarantined, and caption workers refuse them too",
+    )
+    max_image_bytes: int = Field(
+        DEFAULT_MAX_IMAGE_BYTES, ge=1,
+        description="largest image file read (its size checked first; devices and FIFOs are refused unread); "
+        "larger files are quarantined",
     )
     rows_per_shard: int = Field(1000, ge=1, description="rows per Parquet shard (about; Ray Data may round)")
     batch_size: int = Field(64, ge=1, description="images per Ray Data batch in the per-image tasks")

@@ -11,15 +11,17 @@ import contextlib
 import hashlib
 import io
 import math
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 
 import imagehash
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
-from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
+from dermaflux.corpus.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from dermaflux.corpus.sources.dermamnist import NPZ_SEPARATOR
 
 MIN_SIDE = 8
@@ -36,16 +38,30 @@ def _npz_array(path: str, array: str) -> np.ndarray:
         return np.asarray(archive[array])
 
 
-def read_image_bytes(locator: str) -> tuple[bytes, str | None]:
-    """The encoded bytes of an image file, or of one .npz array slot encoded as PNG (lossless)."""
+def read_image_bytes(locator: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[bytes, str | None]:
+    """The encoded bytes of an image file, or of one .npz array slot encoded as PNG (lossless).
+
+    A file is read only when it is a regular file of at most `max_bytes` (curate.max_image_bytes):
+    a sparse multi-gigabyte `.jpg` or a link to /dev/zero is refused from fstat, before any read.
+    """
     if NPZ_SEPARATOR in locator:
         path, array, index = locator.split(NPZ_SEPARATOR)
         pixels = _npz_array(path, array)[int(index)]
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         return buffer.getvalue(), "PNG"
-    with open(locator, "rb") as fh:
-        return fh.read(), None
+    fd = os.open(locator, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRefused(f"image file {locator} is not a regular file (a device, FIFO or socket): not read")
+        if info.st_size > max_bytes:
+            raise ImageRefused(f"image file {locator} holds {info.st_size:,} bytes, above curate.max_image_bytes = "
+                               f"{max_bytes:,}: not read")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew after fstat
+        raise ImageRefused(f"image file {locator} holds more than curate.max_image_bytes = {max_bytes:,}: not read")
+    return data, None
 
 
 def _megapixels(pixels: int) -> str:
@@ -75,7 +91,41 @@ def open_bounded(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[
         if width * height > max_pixels:
             raise ImageRefused(f"image cannot be read within curate.max_pixels: {width}x{height} px = "
                                f"{_megapixels(width * height)}, above the limit of {_megapixels(max_pixels)}")
+        _check_jpeg_data(image, len(data))
         yield image
+
+
+def _check_jpeg_data(image: Image.Image, size: int) -> None:
+    """A JPEG's bytes must be able to hold the blocks its header declares.
+
+    Every 8x8 block of every component costs at least one bit of Huffman-coded data (its DC code),
+    so a file shorter than blocks / 8 bytes is truncated or forged: libjpeg would only warn ("premature
+    end of data segment") and fill the rest grey, after allocating the whole image. (Arithmetic-coded
+    JPEGs can go below one bit a block; they are vanishingly rare in dermatology sets.)
+    """
+    layers = getattr(image, "layer", None) if image.format in ("JPEG", "MPO") else None
+    if not layers:
+        return
+    width, height = image.size
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    blocks = sum(math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8)
+                 for _, h, v, _ in layers)
+    if size < math.ceil(blocks / 8):
+        raise ImageRefused(f"image data does not match its header: a {width}x{height} px JPEG needs at least "
+                           f"{math.ceil(blocks / 8):,} bytes of coded data (one bit per 8x8 block), the file holds "
+                           f"{size:,} bytes (truncated or forged)")
+
+
+@contextlib.contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """Truncated data fails the decode even where another library set Pillow's process-wide
+    LOAD_TRUNCATED_IMAGES (which fills the missing part grey and returns)."""
+    allowed = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allowed
 
 
 def inspect_image(data: bytes, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
@@ -84,16 +134,17 @@ def inspect_image(data: bytes, hash_size: int = 16, max_pixels: int = DEFAULT_MA
     Returns {format, width, height, phash, sha256} or {error}.
     """
     try:
-        with open_bounded(data, max_pixels) as probe:
-            probe.verify()  # structure check; the image is unusable afterwards, so reopen
-        with open_bounded(data, max_pixels) as image:
-            image.load()  # full decode: catches truncated data that verify() lets through
-            image_format = image.format
-            width, height = image.size
-            rgb = image.convert("RGB")
+        with _strict_decoding():
+            with open_bounded(data, max_pixels) as probe:
+                probe.verify()  # structure check; the image is unusable afterwards, so reopen
+            with open_bounded(data, max_pixels) as image:
+                image.load()  # full decode: catches truncated data that verify() lets through
+                image_format = image.format
+                width, height = image.size
+                rgb = image.convert("RGB")
     except ImageRefused as err:
         return {"error": str(err)}
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, MemoryError) as err:
         return {"error": f"image does not decode ({type(err).__name__}: {err})"}
     if min(width, height) < MIN_SIDE:
         return {"error": f"image is {width}x{height}, smaller than {MIN_SIDE} px"}
@@ -106,12 +157,15 @@ def inspect_image(data: bytes, hash_size: int = 16, max_pixels: int = DEFAULT_MA
     }
 
 
-def scan_image(locator: str, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def scan_image(locator: str, hash_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> dict:
     try:
-        data, _ = read_image_bytes(locator)
+        data, _ = read_image_bytes(locator, max_bytes)
     except FileNotFoundError:
         return {"error": f"image file {locator} is missing"}
-    except (OSError, ValueError, IndexError, KeyError) as err:
+    except ImageRefused as err:
+        return {"error": str(err)}
+    except (OSError, ValueError, IndexError, KeyError, MemoryError) as err:
         return {"error": f"image {locator} cannot be read ({type(err).__name__}: {err})"}
     return inspect_image(data, hash_size, max_pixels)
 

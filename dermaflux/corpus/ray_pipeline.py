@@ -23,10 +23,10 @@ from dermaflux.corpus.schema import CORPUS_SCHEMA
 SCAN_COLUMNS = ["row", "error", "format", "width", "height", "phash", "sha256"]
 
 
-def _scan_batch(batch: pd.DataFrame, hash_size: int, max_pixels: int) -> pd.DataFrame:
+def _scan_batch(batch: pd.DataFrame, hash_size: int, max_pixels: int, max_bytes: int) -> pd.DataFrame:
     out = []
     for row, locator in zip(batch["row"], batch["image_path"]):
-        result = scan_image(locator, hash_size, max_pixels)
+        result = scan_image(locator, hash_size, max_pixels, max_bytes)
         out.append({"row": int(row), **{k: result.get(k) for k in SCAN_COLUMNS[1:]}})
     return pd.DataFrame(out, columns=SCAN_COLUMNS)
 
@@ -50,7 +50,8 @@ def scan(locators: list[str], cfg: CurateConfig) -> list[dict]:
     # One block per batch, so the per-image tasks spread over every worker from the start.
     ds = _dataset(items, cfg.batch_size)
     ds = ds.map_batches(_scan_batch, batch_size=cfg.batch_size, batch_format="pandas",
-                        fn_kwargs={"hash_size": cfg.phash_size, "max_pixels": cfg.max_pixels}, **_task_options(cfg))
+                        fn_kwargs={"hash_size": cfg.phash_size, "max_pixels": cfg.max_pixels,
+                                   "max_bytes": cfg.max_image_bytes}, **_task_options(cfg))
     parts = []
     with bar("curate", "curate: scan", len(locators), "images", ray_data=True) as shown:
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
@@ -62,10 +63,10 @@ def scan(locators: list[str], cfg: CurateConfig) -> list[dict]:
     return [clean_scan(r) for r in results.drop(columns="row").to_dict("records")]
 
 
-def _attach_images(batch: pd.DataFrame) -> pa.Table:
+def _attach_images(batch: pd.DataFrame, max_bytes: int) -> pa.Table:
     images = []
     for locator, sha in zip(batch["image_path"], batch["sha256"]):
-        data, _ = read_image_bytes(locator)
+        data, _ = read_image_bytes(locator, max_bytes)
         if hashlib.sha256(data).hexdigest() != sha:
             raise RuntimeError(f"{locator} changed between the scan and the write; re-run to scan it again")
         images.append(data)
@@ -85,6 +86,7 @@ def write_shards(kept: pd.DataFrame, folder: Path, cfg: CurateConfig) -> None:
     """`kept` rows (plan columns) -> `folder/*.parquet` with CORPUS_SCHEMA."""
     # One block per shard: each write task reads its images and writes one whole file.
     ds = _dataset(kept, cfg.rows_per_shard)
-    ds = ds.map_batches(_attach_images, batch_size=cfg.batch_size, batch_format="pandas", **_task_options(cfg))
+    ds = ds.map_batches(_attach_images, batch_size=cfg.batch_size, batch_format="pandas",
+                        fn_kwargs={"max_bytes": cfg.max_image_bytes}, **_task_options(cfg))
     ds.write_parquet(str(folder), filename_provider=_PartNames(), min_rows_per_file=cfg.rows_per_shard,
                      max_rows_per_file=cfg.rows_per_shard, schema=CORPUS_SCHEMA)

@@ -9,8 +9,10 @@ again only the images whose file changed; a run that keeps no row fails with the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import stat as stat_mod
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,17 +39,21 @@ SHARD_DIR = "shards"
 # Fields that change how a run is executed, not what it produces: not part of the fingerprint.
 EXECUTION_FIELDS = {"out", "force", "batch_size", "num_workers", "cpus_per_worker"}
 # Fields added after runs existed: left out of the fingerprint at their default, so those runs still resume.
-LATER_FIELDS = {"max_pixels", "test_overlap"}
+LATER_FIELDS = {"max_pixels", "test_overlap", "max_image_bytes"}
 # Source options that name a file or folder the reader reads.
 PATH_OPTIONS = ("images", "metadata", "gt")
 
 
 def _file_stamp(path: str) -> list:
+    """An index file (labels CSV, .npz) by its content: an edit that keeps the size and mtime
+    (`touch -r`, a same-length label) is another run, never a resume onto stale shards."""
     try:
-        stat = os.stat(path.split("::")[0])
-        return [path, stat.st_size, int(stat.st_mtime)]
+        with open(path.split("::")[0], "rb") as fh:
+            if not stat_mod.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return [path, None]
+            return [path, hashlib.file_digest(fh, "sha256").hexdigest()]
     except OSError:
-        return [path, None, None]
+        return [path, None]
 
 
 def index_sources(specs: list[str]) -> list[SourceIndex]:

@@ -50,14 +50,36 @@ def auth_required(auth, host: str | None) -> bool:
     return host is None or not is_loopback(host)
 
 
+MAX_TOKEN_FILE_BYTES = 4096  # a secret, not a document: a link to /dev/zero must not read forever
+
+
+def _token_file_text(path: Path) -> str:
+    """The token file's text; ConfigError saying what is wrong with the file (and naming it)."""
+    what = f"synth.auth.token_file: {path}"
+    if path.is_dir():
+        raise ConfigError(f"{what} is a folder, not a file")
+    if not path.exists():
+        raise ConfigError(f"{what} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{what} is not a regular file (a device, FIFO or socket)")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TOKEN_FILE_BYTES + 1)
+        if len(raw) > MAX_TOKEN_FILE_BYTES:
+            raise ConfigError(f"{what} holds more than {MAX_TOKEN_FILE_BYTES} bytes: not a token")
+        return raw.decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"{what} cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} is not UTF-8 text (byte {err.start})") from None
+
+
 def read_token(auth, required: bool) -> str | None:
     """The token from `synth.auth.token_file`, else `$<synth.auth.token_env>`; ConfigError when
     `required` and there is none, or when the one given is too short to be a secret."""
     if auth.token_file:
         path = Path(auth.token_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"synth.auth.token_file: {path} does not exist")
-        token, source = path.read_text().strip(), f"synth.auth.token_file ({path})"
+        token, source = _token_file_text(path).strip(), f"synth.auth.token_file ({path})"
     else:
         token, source = os.environ.get(auth.token_env, "").strip(), f"${auth.token_env} (synth.auth.token_env)"
     if not token:
