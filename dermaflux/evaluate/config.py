@@ -43,8 +43,9 @@ class EvaluateConfig(ConfigModel):
     )
     synthetic_only: bool = Field(False, description="also train on synthetic images alone (as many as the real set)")
     controls: bool = Field(
-        False, description="add the positive control (held-back real train images passed as synthetic) and the "
-        "negative control (the same images, labels shuffled) at every non-zero ratio"
+        False, description="add the positive control (held-back real train images passed as synthetic), the "
+        "negative control (the same images, labels shuffled) and, with a synthetic set, the matched control (real "
+        "images drawn to the synthetic images' class mix, duplicated where a class runs out) at every non-zero ratio"
     )
 
     # Training of one cell. A fixed number of optimiser steps keeps compute equal across cells: with a
@@ -70,6 +71,11 @@ class EvaluateConfig(ConfigModel):
         True, description="use timm pretrained weights when they are already in the local cache; never downloads"
     )
     max_test_images: int | None = Field(None, description="cap on the images of each test set (None: all)")
+    # DeLong's variance needs two images of each class; below that a test set/task pair is not scored.
+    min_test_per_class: int = Field(
+        2, ge=1, description="a test set scores a task only when at least two of its classes have this many "
+        "images; otherwise it is reported as not scorable for the task (counts, no metric, Δ or verdict)"
+    )
 
     # Paired statistics (recomputed from the saved predictions at every report).
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples (test images and seeds)")

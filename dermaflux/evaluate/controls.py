@@ -5,6 +5,13 @@
   synthetic gain of that size either.
 - shuffled (negative control): the same images with their labels permuted. Adding them must not
   help; a "gain" here is the harness's false-positive rate in person.
+- matched (positive control at the synthetic set's class mix; only with a synthetic set): real-extra
+  images drawn to the class counts the synthetic set gives the synthetic cell of the same seed, size
+  and ratio. A synthetic set balanced over classes moves the training set's positive share (the
+  melanoma task from 8 % to 14 % at 1:4), so part of a synthetic "gain" may be more positives rather
+  than these images; the synthetic set's verdict is also stated against this control. Where a
+  class's real pool runs out, its images are used again ("duplicated real", counted per cell): that
+  share of the control shows the class mix alone, without new images.
 
 A cell never receives a control image made from one of its own real images (`ImageTable.origin`,
 checked in `data.assemble_cell`). Both sets are also written in the synthetic-set format
@@ -26,7 +33,29 @@ from dermaflux.core import artifacts
 from dermaflux.evaluate.data import ImageTable, read_image_bytes
 from dermaflux.lesion import taxonomy
 
-ARMS = ("real-extra", "shuffled")
+MATCHED = "matched"
+
+
+@dataclass(frozen=True)
+class ControlArm:
+    name: str
+    label: str  # the added images, as the report names them
+    role: str
+    expected: int  # +1: must help (a positive control); 0: must not help (a negative control)
+    needs_synthetic: bool = False  # the matched control copies the synthetic set's class mix
+
+    @property
+    def words(self) -> str:
+        return f"{self.role} ({self.label})"
+
+
+CONTROL_ARMS = (
+    ControlArm("real-extra", "real-extra", "positive control", 1),
+    ControlArm("shuffled", "shuffled", "negative control", 0),
+    ControlArm(MATCHED, "matched real", "positive control at the synthetic set's class mix", 1, needs_synthetic=True),
+)
+BY_NAME = {arm.name: arm for arm in CONTROL_ARMS}
+ARMS = tuple(arm.name for arm in CONTROL_ARMS)
 SHUFFLE_SEED = 0  # one fixed permutation: every cell and seed sees the same wrong labels
 ROWS_PER_SHARD = 1000
 
@@ -40,8 +69,14 @@ class ControlSet:
     labels: np.ndarray
 
 
+def control_arms(has_synthetic: bool) -> tuple[str, ...]:
+    """The control arms a grid runs: the matched one only beside a synthetic set (no mix to copy otherwise)."""
+    return tuple(arm.name for arm in CONTROL_ARMS if has_synthetic or not arm.needs_synthetic)
+
+
 def build_controls(real: ImageTable) -> dict[str, ControlSet]:
-    """real-extra and shuffled over the whole real train pool (cells exclude their own images)."""
+    """real-extra and shuffled over the whole real train pool (cells exclude their own images); the
+    matched control draws from the real-extra set, so it has no set of its own on disk."""
     pool = np.flatnonzero(real.split == "train")
     labels = real.labels[pool]
     shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(labels)

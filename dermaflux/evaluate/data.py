@@ -13,9 +13,11 @@ not) are test rows only; a task scores the rows whose target it knows and counts
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,6 +262,7 @@ class CellData:
     classes: tuple[str, ...]
     synthetic_wanted: int = 0
     synthetic_shortfall: int = 0
+    synthetic_duplicated: int = 0  # matched control: added images that repeat one (its class's pool ran out)
 
     @property
     def test_ids(self) -> list[str]:
@@ -312,17 +315,28 @@ def assemble_cell(
     seed: int,
     synthetic_only: bool = False,
     max_test_images: int | None = None,
+    mix_of: ImageTable | None = None,
 ) -> CellData:
     """Train = a seeded stratified subsample of exactly `real_count` real train images (+ synthetic
     at 1:ratio); val and the test sets = real only. The real subset depends on the seed and size
-    alone, so the cells of one seed and size (real-only, synthetic, controls) share it."""
+    alone, so the cells of one seed and size (real-only, synthetic, controls) share it.
+
+    `mix_of` (the matched control): the added images are drawn from `synthetic` (a control pool) to
+    the class counts the synthetic set `mix_of` gives the synthetic cell of the same seed, size and
+    ratio (recomputed here with the same random stream), duplicating where a class runs out."""
     rng = np.random.default_rng(seed)
     classes = class_names(real, task)
     real_y = targets(real, task, classes)
     train_pool = np.flatnonzero(real.split == "train")
     # Stratified by diagnosis code (finer than benign/malignant), the same subsample for every task.
     real_sel = train_pool[stratified_subsample(real.labels[train_pool], real_count, rng)]
-    syn_sel, wanted = _synthetic_selection(real, real_sel, synthetic, task, classes, ratio, synthetic_only, rng)
+    duplicated = 0
+    if mix_of is not None:
+        mix_sel, _ = _synthetic_selection(real, real_sel, mix_of, task, classes, ratio, False, copy.deepcopy(rng))
+        syn_sel, duplicated = _matched_selection(real, real_sel, synthetic, mix_of, mix_sel, task, classes, rng)
+        wanted = len(mix_sel)
+    else:
+        syn_sel, wanted = _synthetic_selection(real, real_sel, synthetic, task, classes, ratio, synthetic_only, rng)
     if synthetic_only:
         real_sel = real_sel[:0]
     syn_y = targets(synthetic, task, classes)[syn_sel] if len(syn_sel) else np.zeros(0, np.int64)
@@ -337,6 +351,7 @@ def assemble_cell(
         val_ids=real.ids[val_idx].tolist(),
         tests=_test_sets(real, real_y, max_test_images),
         classes=classes, synthetic_wanted=wanted, synthetic_shortfall=wanted - len(syn_sel),
+        synthetic_duplicated=duplicated,
     )
     check_no_synthetic_in_eval(data, synthetic)
     return data
@@ -368,15 +383,45 @@ def _synthetic_selection(real: ImageTable, real_sel: np.ndarray, synthetic: Imag
         return np.zeros(0, dtype=np.int64), 0
     if synthetic is None:
         raise ValueError(f"cell with synthetic ratio {ratio} (synthetic_only={synthetic_only}) but no synthetic set")
-    usable = targets(synthetic, task, classes) >= 0
-    if synthetic.origin is not None:
-        usable &= ~np.isin(synthetic.origin, real.ids[real_sel])
-    usable = np.flatnonzero(usable)
+    usable = _usable(real, real_sel, synthetic, task, classes)
     want = len(real_sel) if synthetic_only else int(round(ratio * len(real_sel)))
     syn_sel = usable[sample_synthetic(real.labels[real_sel], synthetic.labels[usable], want, rng)]
     if want > len(syn_sel):
         log.warning("synthetic pool short by %d of %d images for %s ratio %s", want - len(syn_sel), want, task, ratio)
     return syn_sel, want
+
+
+def _usable(real: ImageTable, real_sel: np.ndarray, synthetic: ImageTable, task: str,
+            classes: tuple[str, ...]) -> np.ndarray:
+    """Rows of `synthetic` a cell may add: a known target, and not made from the cell's own real images."""
+    usable = targets(synthetic, task, classes) >= 0
+    if synthetic.origin is not None:
+        usable &= ~np.isin(synthetic.origin, real.ids[real_sel])
+    return np.flatnonzero(usable)
+
+
+def _matched_selection(real: ImageTable, real_sel: np.ndarray, pool: ImageTable, mix_of: ImageTable,
+                       mix_sel: np.ndarray, task: str, classes: tuple[str, ...],
+                       rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(rows of `pool`, how many repeat an earlier one): as many images of each diagnosis (or, for
+    a synthetic row without one, of each task target) as `mix_of[mix_sel]` holds. Distinct images
+    first; where a class's pool runs out its images are used again, as evenly as possible (the
+    "duplicated real" control: the synthetic set's class mix without new images of that class)."""
+    usable = _usable(real, real_sel, pool, task, classes)
+    pool_targets = targets(pool, task, classes)
+    mix_targets = targets(mix_of, task, classes)
+    wanted = Counter((mix_of.labels[i], int(mix_targets[i]) if mix_of.labels[i] is None else None) for i in mix_sel)
+    chosen, duplicated = [], 0
+    for (label, target), count in sorted(wanted.items(), key=str):
+        members = usable[pool.labels[usable] == label] if label is not None else usable[pool_targets[usable] == target]
+        if not len(members):
+            log.warning("matched control: no real image of %s for %d added images", label or f"target {target}", count)
+            continue
+        chosen.append(np.resize(rng.permutation(members), count))
+        duplicated += max(0, count - len(members))
+    if not chosen:
+        return np.zeros(0, dtype=np.int64), 0
+    return rng.permutation(np.concatenate(chosen)), duplicated
 
 
 def check_no_synthetic_in_eval(data: CellData, synthetic: ImageTable | None) -> None:

@@ -5,7 +5,7 @@ returns a JSON-able result plus its per-image predictions; the caller writes the
 `cells/<cell id>.json` and `cells/<cell id>.parquet`.
 
 Arms: "synthetic" (the synthetic set; ratio 0 is the real-only baseline) and, with
-`evaluate.controls`, "real-extra" and "shuffled" (see controls.py). The cells of one seed and
+`evaluate.controls`, "real-extra", "shuffled" and (with a synthetic set) "matched" (see controls.py). The cells of one seed and
 real size share the real subset, so each non-zero ratio pairs with the seed's baseline.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from dermaflux.evaluate.classifier import TrainSettings, predict_proba, train_classifier
 from dermaflux.evaluate.config import EvaluateConfig
-from dermaflux.evaluate.controls import ARMS as CONTROL_ARMS
+from dermaflux.evaluate.controls import MATCHED, control_arms
 from dermaflux.evaluate.data import CellData, ImageTable, assemble_cell
 from dermaflux.evaluate.metrics import choose_threshold, score_test_set
 
@@ -36,7 +36,7 @@ class Cell:
     seed: int
     synthetic_only: bool = False
     fraction: float | None = None
-    arm: str = "synthetic"  # synthetic | real-extra | shuffled
+    arm: str = "synthetic"  # synthetic | real-extra | shuffled | matched
 
     @property
     def id(self) -> str:
@@ -78,20 +78,24 @@ def build_cells(cfg: EvaluateConfig, n_train: int, has_synthetic: bool) -> list[
                         cells.append(Cell(task, model, size, float(ratio), seed, False, fraction))
                     if cfg.synthetic_only and has_synthetic:
                         cells.append(Cell(task, model, size, 0.0, seed, True, fraction))
-                    for arm in CONTROL_ARMS if cfg.controls else ():
+                    for arm in control_arms(has_synthetic) if cfg.controls else ():
                         cells += [Cell(task, model, size, float(r), seed, False, fraction, arm)
                                   for r in control_ratios(cfg)]
     return cells
 
 
-def run_cell(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg: EvaluateConfig) -> dict:
+def run_cell(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg: EvaluateConfig,
+             mix_of: ImageTable | None = None) -> dict:
     """Train one classifier for `cell` and score it on every real test set. `synthetic` is the
-    table of the cell's arm (the synthetic set or a control). The result holds "predictions"
-    (columns of per-image scores on val and every test set) for the caller to save apart."""
+    table of the cell's arm (the synthetic set or a control); `mix_of`, for the matched control,
+    the synthetic set whose class mix it copies. The result holds "predictions" (columns of
+    per-image scores on val and every test set) for the caller to save apart."""
     start = time.perf_counter()
+    if (cell.arm == MATCHED) != (mix_of is not None):
+        raise ValueError(f"cell {cell.id}: the matched control, and it alone, needs the synthetic set's class mix")
     data = assemble_cell(
         real, synthetic, cell.task, cell.real_size, cell.ratio, cell.seed,
-        synthetic_only=cell.synthetic_only, max_test_images=cfg.max_test_images,
+        synthetic_only=cell.synthetic_only, max_test_images=cfg.max_test_images, mix_of=mix_of,
     )
     settings = TrainSettings.from_config(cfg, cell.model)
     model, training = train_classifier(
@@ -123,6 +127,7 @@ def _make_up(data: CellData) -> dict:
     return {
         "train_real": int((~syn).sum()), "train_synthetic": int(syn.sum()),
         "synthetic_wanted": data.synthetic_wanted, "synthetic_shortfall": data.synthetic_shortfall,
+        "synthetic_duplicated": data.synthetic_duplicated,
         "train_real_label_counts": dict(sorted(Counter(data.train_labels[~syn].tolist()).items())),
         "train_synthetic_label_counts": dict(sorted(Counter(data.train_labels[syn].tolist()).items())),
     }

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+
+from dermaflux.evaluate import stats
 
 def binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
     positive = positive.astype(bool)
@@ -125,7 +129,60 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else None
 
 
-SUMMARY_METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "macro_f1")
+@dataclass(frozen=True)
+class Metric:
+    """One row of the metric table: the key `score_test_set` writes, its name in words, its column
+    head in the report, and - when the grid compares it pairwise - what the bootstrap resamples
+    (`paired_input`: the class probabilities or the predicted class) with which weighted form."""
+
+    key: str
+    name: str
+    column: str
+    in_report: bool = True  # a column of the report's summary table
+    paired_input: Literal["probs", "predicted"] | None = None  # None: not compared pairwise
+    weighted: stats.WeightedMetric | None = None
+
+
+# The one metric table: the seed summary, results.json, the paired statistics, the report's columns and
+# the plots all read it. The first paired metric is the primary one (verdicts, DeLong, resolvable difference).
+METRICS = (
+    Metric("auroc", "AUROC", "AUROC", paired_input="probs", weighted=stats.weighted_macro_auroc),
+    Metric("balanced_accuracy", "balanced accuracy", "bal. acc.", paired_input="predicted",
+           weighted=stats.weighted_balanced_accuracy),
+    Metric("sensitivity", "sensitivity", "sensitivity"),
+    Metric("specificity", "specificity", "specificity"),
+    Metric("accuracy", "accuracy", "accuracy", in_report=False),
+    Metric("macro_f1", "macro-F1", "macro-F1", in_report=False),
+)
+BY_KEY = {m.key: m for m in METRICS}
+SUMMARY_METRICS = tuple(m.key for m in METRICS)
+PAIRED_METRICS = tuple(m for m in METRICS if m.paired_input is not None)
+REPORT_METRICS = tuple(m for m in METRICS if m.in_report)
+PRIMARY = PAIRED_METRICS[0].key
+
+
+def class_counts(cells: list[dict]) -> dict[tuple[str, str], dict[str, int]]:
+    """{(task, test set): {class: images}} from the cells' scored test sets (the same test rows for
+    every cell of a task). Cells written before the counts were recorded give nothing."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for cell in cells:
+        for name, scored in cell["test_sets"].items():
+            if "label_counts" in scored:
+                out.setdefault((cell["task"], name), dict(zip(cell["classes"], scored["label_counts"])))
+    return out
+
+
+def not_scorable(cells: list[dict], min_per_class: int) -> list[dict]:
+    """The (task, test set) pairs a task cannot score: fewer than two classes with at least
+    `min_per_class` images each (e.g. a melanoma-only external set under the binary task holds
+    malignant rows alone). Such a pair gets no metric, Δ, p-value or verdict; this list says why."""
+    left_out = {(c["task"], name): s.get("left_out", 0) for c in cells for name, s in c["test_sets"].items()}
+    out = []
+    for (task, test_set), counts in sorted(class_counts(cells).items()):
+        if sum(n >= min_per_class for n in counts.values()) < 2:
+            out.append({"task": task, "test_set": test_set, "counts": counts, "images": sum(counts.values()),
+                        "left_out": left_out[(task, test_set)], "min_per_class": min_per_class})
+    return out
 
 
 def _group_key(cell: dict, test_set: str) -> tuple:
@@ -133,9 +190,11 @@ def _group_key(cell: dict, test_set: str) -> tuple:
             cell["ratio"], test_set)
 
 
-def summarise(cells: list[dict]) -> list[dict]:
+def summarise(cells: list[dict], unscorable: list[dict] = ()) -> list[dict]:
     """Mean and sample std over seeds per (task, model, real size, arm, ratio, test set), with the
-    actual training-set make-up (synthetic images really added, and their class mix)."""
+    actual training-set make-up (synthetic images really added, and their class mix). A pair in
+    `unscorable` (see `not_scorable`) keeps its row and counts but no metric (NaN, no spread)."""
+    skip = {(u["task"], u["test_set"]) for u in unscorable}
     groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
     for cell in cells:
         for name, scored in cell["test_sets"].items():
@@ -159,10 +218,12 @@ def summarise(cells: list[dict]) -> list[dict]:
             "synthetic_class_mix": _class_share(cells_, "train_synthetic_label_counts"),
             "optimizer_steps": sorted({c["training"].get("optimizer_steps") for c in cells_}, key=str),
         }
+        row["scorable"] = (task, test_set) not in skip
         for metric in SUMMARY_METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([s["metrics"].get(metric) for _, s in members])
+            values = [s["metrics"].get(metric) for _, s in members] if row["scorable"] else []
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(values)
         recalls: dict[str, list[float]] = defaultdict(list)
-        for _, scored in members:
+        for _, scored in members if row["scorable"] else ():
             for name, value in scored["metrics"]["per_class_recall"].items():
                 recalls[name].append(value)
         row["per_class_recall_mean"] = {name: _mean_std(v)[0] for name, v in recalls.items()}

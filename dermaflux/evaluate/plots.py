@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from dermaflux.core.artifacts import atomic_path
+from dermaflux.evaluate.metrics import PAIRED_METRICS
+from dermaflux.evaluate.paired import REAL_ONLY
 
 MIN_DELTA_SPAN = 0.1  # a Δ axis never zooms in closer than ±0.1
-STYLE = {"synthetic": "-s", "real-extra": "--^", "shuffled": ":v"}
+STYLE = {"synthetic": "-s", "real-extra": "--^", "shuffled": ":v", "matched": "-.D"}
 
 
 def _pyplot():
@@ -110,10 +112,11 @@ def write_plots(out: Path, results: dict) -> list[tuple[str, str]]:
     """The plots of a run: [(path relative to the report folder, caption)]."""
     (out / "plots").mkdir(exist_ok=True)
     plots = []
-    for metric, label in (("auroc", "AUROC"), ("balanced_accuracy", "balanced accuracy")):
-        if plot_deltas(results["comparisons"], out / "plots" / f"delta_{metric}.png", metric, label):
-            plots.append((f"plots/delta_{metric}.png", f"Δ {label} with vs without added images (paired by seed), "
-                          "95% CI; the grey band is the grid's resolvable difference"))
+    against_real = [c for c in results["comparisons"] if c.get("against", REAL_ONLY) == REAL_ONLY]
+    for metric in PAIRED_METRICS:
+        if plot_deltas(against_real, out / "plots" / f"delta_{metric.key}.png", metric.key, metric.name):
+            plots.append((f"plots/delta_{metric.key}.png", f"Δ {metric.name} with vs without added images (paired "
+                          "by seed), 95% CI; the grey band is the grid's resolvable difference"))
     if plot_auroc(results["summary"], out / "plots" / "auroc.png"):
         plots.append(("plots/auroc.png", "AUROC vs real training images (mean ± sd over seeds, axis 0.5-1)"))
     return plots

@@ -10,16 +10,18 @@ from typing import Callable
 
 from dermaflux.core.progress import bar as progress_bar
 from dermaflux.evaluate.config import EvaluateConfig
+from dermaflux.evaluate.controls import MATCHED
 from dermaflux.evaluate.data import ImageTable
 from dermaflux.evaluate.grid import Cell
 
 log = logging.getLogger(__name__)
 
 
-def _run_cell_task(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg: EvaluateConfig) -> dict:
+def _run_cell_task(cell: Cell, real: ImageTable, synthetic: ImageTable | None, cfg: EvaluateConfig,
+                   mix_of: ImageTable | None = None) -> dict:
     from dermaflux.evaluate.grid import run_cell
 
-    return run_cell(cell, real, synthetic, cfg)
+    return run_cell(cell, real, synthetic, cfg, mix_of)
 
 
 def _assess_task(real: ImageTable, synthetic: ImageTable, cfg: EvaluateConfig, synthetic_images: dict[str, bytes] | None) -> dict:
@@ -40,7 +42,8 @@ def run_grid(
     synthetic_images: dict[str, bytes] | None = None,
 ) -> list[str]:
     """Run `cells` (and the synthetic-set assessment when `assess`) on the connected Ray cluster.
-    A cell of a control arm trains on `controls[arm]`; the assessment gets the synthetic images'
+    A cell of a control arm trains on `controls[arm]` (the matched control: on the real-extra pool, to
+    the synthetic set's class mix); the assessment gets the synthetic images'
     encoded bytes (`synthetic_images`, by id) for the attribute extractor.
     Returns the ids of failed cells; finished ones have been handed to `on_cell`."""
     import ray
@@ -51,6 +54,8 @@ def run_grid(
     arm_refs = {"synthetic": ray.put(synthetic)}
     arm_refs.update({arm: ray.put(table) for arm, table in (controls or {}).items()})
     syn_ref = arm_refs["synthetic"]
+    if "real-extra" in arm_refs:
+        arm_refs[MATCHED] = arm_refs["real-extra"]
     queue: list[Cell | str] = (["assessment"] if assess else []) + list(cells)
     pending: dict = {}
     failed: list[str] = []
@@ -62,7 +67,8 @@ def run_grid(
                 if job == "assessment":
                     ref = ray.remote(_assess_task).options(**options).remote(real_ref, syn_ref, cfg, synthetic_images)
                 else:
-                    ref = cell_remote.remote(job, real_ref, arm_refs[job.arm], cfg)
+                    mix_ref = syn_ref if job.arm == MATCHED else None
+                    ref = cell_remote.remote(job, real_ref, arm_refs[job.arm], cfg, mix_ref)
                 pending[ref] = job
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:

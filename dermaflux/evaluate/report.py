@@ -19,7 +19,10 @@ from PIL import Image
 
 from dermaflux.core.artifacts import atomic_path, atomic_write_text
 from dermaflux.evaluate.adherence import ATTRIBUTES as ADHERENCE_ATTRIBUTES
+from dermaflux.evaluate.controls import BY_NAME as CONTROL_ARMS
+from dermaflux.evaluate.controls import MATCHED
 from dermaflux.evaluate.data import LABEL_ORDER, TASK_NAMES, ImageTable, read_image_bytes
+from dermaflux.evaluate.metrics import BY_KEY, PAIRED_METRICS, PRIMARY, REPORT_METRICS
 from dermaflux.lesion import taxonomy
 
 if TYPE_CHECKING:
@@ -114,8 +117,10 @@ def arm_label(arm: str, ratio: float, synthetic_only: bool = False) -> str:
         return "synthetic only"
     if ratio == 0:
         return "real only"
-    return {"synthetic": "+ synthetic", "real-extra": "+ real-extra (positive control)",
-            "shuffled": "+ shuffled (negative control)"}[arm] + f" 1:{ratio:g}"
+    if arm == "synthetic":
+        return f"+ synthetic 1:{ratio:g}"
+    control = CONTROL_ARMS[arm]
+    return f"+ {control.label} ({control.role}) 1:{ratio:g}"
 
 
 def added_images(wanted: float, got: float, real: float) -> str:
@@ -139,33 +144,51 @@ def _test_set(row: dict) -> str:
 
 
 def _added(row: dict) -> str:
-    return added_images(row["synthetic_wanted"], row["train_synthetic"], row["train_real"])
+    text = added_images(row["synthetic_wanted"], row["train_synthetic"], row["train_real"])
+    duplicated = row.get("synthetic_duplicated") or 0
+    return text + (f", {duplicated:.0f} duplicated real" if duplicated >= 0.5 else "")
 
 
-def summary_table(summary: list[dict]) -> Table:
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
+
+
+def summary_table(summary: list[dict], unscorable: list[dict] = ()) -> Table:
+    """Every cell group; the metric columns are the metric table's report columns. A test set the
+    task cannot score shows its class counts and no figure."""
+    counts = {(u["task"], u["test_set"]): u["counts"] for u in unscorable}
     head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)",
-            "positive share real / added", "steps", "seeds", "AUROC", "balanced acc.", "sensitivity", "specificity"]
+            "positive share real / added", "steps", "seeds", *(m.column for m in REPORT_METRICS)]
     rows = []
     for r in summary:
+        scorable = r.get("scorable", True)
+        test_set = _test_set(r) + ("" if scorable else
+                                   f"; not scorable for this task: {_counts(counts[(r['task'], r['test_set'])])}")
         rows.append([
-            r["task"], r["model"], _test_set(r), f"{r['train_real']:.0f}",
+            r["task"], r["model"], test_set, f"{r['train_real']:.0f}",
             arm_label(r["arm"], r["ratio"], r["synthetic_only"]),
             _added(r),
             f"{_share(r['real_class_mix'], r['task'])} / {_share(r['synthetic_class_mix'], r['task'])}",
-            ", ".join(str(s) for s in r["optimizer_steps"]), str(r["seeds"]), _pm(r, "auroc"),
-            _pm(r, "balanced_accuracy"), _pm(r, "sensitivity"), _pm(r, "specificity"),
+            ", ".join(str(s) for s in r["optimizer_steps"]), str(r["seeds"]),
+            *(_pm(r, m.key) if scorable else "–" for m in REPORT_METRICS),
         ])
     return Table("summary", head, rows)
 
 
 def comparisons_table(comparisons: list[dict], table_id: str) -> Table:
-    head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)", "seeds",
-            "ΔAUROC [95% CI]", "p (adj.)", "Δ bal. acc. [95% CI]", "p (adj.)", "resolvable ΔAUROC"]
+    """The paired comparisons; a pair of columns (Δ with CI, adjusted p) per paired metric."""
+    head = ["task", "model", "test set", "real images", "added", "synthetic added (actual ratio)", "against",
+            "seeds", *(h for m in PAIRED_METRICS for h in (f"Δ{m.column} [95% CI]", "p (adj.)")),
+            f"resolvable Δ{BY_KEY[PRIMARY].column}"]
     rows = [[c["task"], c["model"], f"{c['test_set']} ({c['test_images']})", str(c["real_size"]),
-             arm_label(c["arm"], c["ratio"]), _added(c),
-             str(len(c["seeds"])), _ci(c["auroc"]), _p(c["auroc"]["p_adjusted"]), _ci(c["balanced_accuracy"]),
-             _p(c["balanced_accuracy"]["p_adjusted"]), f"±{_fmt(c['auroc']['resolvable'])}"] for c in comparisons]
+             arm_label(c["arm"], c["ratio"]), _added(c), _against(c), str(len(c["seeds"])),
+             *(cell for m in PAIRED_METRICS for cell in (_ci(c[m.key]), _p(c[m.key]["p_adjusted"]))),
+             f"±{_fmt(c[PRIMARY]['resolvable'])}"] for c in comparisons]
     return Table(table_id, head, rows)
+
+
+def _against(c: dict) -> str:
+    return "matched real (same class mix)" if c.get("against") == MATCHED else "real only"
 
 
 def recall_table(summary: list[dict]) -> Table:
@@ -360,9 +383,29 @@ def run_facts(cfg: DermaFluxConfig, manifest: dict, cells: list[dict], synthetic
         "task": f"{ev.main_task} ({TASK_NAMES[ev.main_task]})",
         "statistics": f"paired by seed (same real subset and initialisation with and without added images); "
                       f"paired bootstrap over test images (within class) and seeds, {ev.bootstrap} resamples; "
-                      f"DeLong for two-class AUROC; {ev.adjustment} adjustment across the grid (synthetic set and "
-                      f"controls as separate families); resolvable difference at alpha {ev.alpha}, power {ev.power}",
+                      f"DeLong for two-class AUROC; {ev.adjustment} adjustment across the grid (the synthetic set "
+                      "against real only, the synthetic set against the matched control, and the controls as "
+                      f"separate families); resolvable difference at alpha {ev.alpha}, power {ev.power}",
+        "controls": _controls_method(ev.controls, bool(synthetic_images)),
+        "scoring": f"a test set scores a task only when at least two of its classes have {ev.min_test_per_class} or "
+                   "more images; otherwise it is reported as not scorable for that task, with its class counts, and "
+                   "gets no metric, Δ, p-value or verdict (e.g. a melanoma-only external set under the binary task)",
     }
+
+
+def _controls_method(controls: bool, has_synthetic: bool) -> str:
+    """The methods sentence on the controls (what each one adds, and what it is for)."""
+    if not controls:
+        return "none (evaluate.controls is off: the grid's power to see an effect is not shown)"
+    matched = ("matched real (positive control at the synthetic set's class mix): real-extra images drawn to the "
+               "class counts the synthetic set gives the same seed, size and ratio, so a synthetic gain that only "
+               "comes from more positive examples is matched; where a class's real images run out they are used "
+               "again (duplicated real, counted in the tables: the class mix without new images); the synthetic "
+               "set's verdict is also stated against it" if has_synthetic else
+               "no matched control (it copies a synthetic set's class mix, and there is none)")
+    return ("real-extra (positive control): real train images outside the cell's subset, added at the real subset's "
+            "class mix, must help; shuffled (negative control): the same images with permuted labels, must not; "
+            + matched)
 
 
 def _facts(results: dict) -> list[str]:
@@ -375,6 +418,8 @@ def _facts(results: dict) -> list[str]:
         "at the threshold chosen on the validation split (two-class tasks).",
         f"Test sets (each scored on its own): {test_sets}. Synthetic images only ever join training sets.",
         f"Statistics: {facts['statistics']}.",
+        f"Controls: {facts['controls']}.",
+        f"Scoring: {facts['scoring']}.",
         f"Inputs, relative to {inputs['paths_relative_to']}: corpus {inputs['corpus']}, synthetic set "
         f"{inputs['synthetic'] or 'none'}.",
     ]
@@ -384,26 +429,46 @@ def _facts(results: dict) -> list[str]:
     return lines
 
 
+def _ratio_parts(members: list[dict]) -> str:
+    name = BY_KEY[PRIMARY].column
+    return "; ".join(f"1:{c['ratio']:g} (added {_added(c)}): Δ{name} {_ci(c[PRIMARY])}, "
+                     f"adj. p {_p(c[PRIMARY]['p_adjusted'])}" for c in members)
+
+
 def _verdict_line(v: dict, alpha: float) -> str:
-    parts = []
-    for c in v["by_ratio"]:
-        a = c["auroc"]
-        parts.append(f"1:{c['ratio']:g} (added {_added(c)}): ΔAUROC {_ci(a)}, adj. p {_p(a['p_adjusted'])}")
+    name = BY_KEY[PRIMARY].column
+    versus = ""
+    if v.get("versus_matched"):
+        versus = (f" Against matched real images at the same class mix: {v['versus_matched'].upper()} — "
+                  f"{_ratio_parts(v['versus_matched_by_ratio'])}.")
     return (f"{v['task']} · {v['model']} · {v['test_set']} · {v['real_size']} real images: "
-            f"{v['verdict'].upper()} — {'; '.join(parts)}. Smallest resolvable ΔAUROC ≈ ±{_fmt(v['resolvable'])} "
-            f"(alpha {alpha}).")
+            f"{v['verdict'].upper()} — {_ratio_parts(v['by_ratio'])}. Smallest resolvable Δ{name} ≈ "
+            f"±{_fmt(v['resolvable'])} (alpha {alpha}).{versus}")
 
 
 def _control_line(c: dict) -> str:
-    a = c["auroc"]
-    name = "positive control (real-extra)" if c["arm"] == "real-extra" else "negative control (shuffled)"
+    a, control = c["auroc"], CONTROL_ARMS[c["arm"]]
     seen = {1: "gain detected", -1: "loss detected", 0: "no effect detected"}[c["detected"]]
     check = ("as expected" if c["as_expected"] else "NOT as expected: at this size and seed count the grid cannot "
              "see a real-image gain, so read its 'no detectable effect' as 'not measurable here'"
-             if c["arm"] == "real-extra" else "NOT as expected: a gain from wrong labels is a false positive; "
+             if control.expected else "NOT as expected: a gain from wrong labels is a false positive; "
              "distrust the synthetic set's gains at this size")
-    return (f"{name} · {c['task']} · {c['model']} · {c['test_set']} · {c['real_size']} real + 1:{c['ratio']:g}: "
-            f"ΔAUROC {_ci(a)}, adj. p {_p(a['p_adjusted'])} — {seen}, {check}.")
+    duplicated = c.get("synthetic_duplicated") or 0
+    dup = f" ({duplicated:.0f} of the added images duplicated real)" if duplicated >= 0.5 else ""
+    return (f"{control.words} · {c['task']} · {c['model']} · {c['test_set']} · {c['real_size']} real + "
+            f"1:{c['ratio']:g}{dup}: ΔAUROC {_ci(a)}, adj. p {_p(a['p_adjusted'])} — {seen}, {check}.")
+
+
+def not_scorable_note(unscorable: list[dict]) -> str | None:
+    """The one line that names every test set/task pair left unscored, with its counts."""
+    if not unscorable:
+        return None
+    pairs = "; ".join(f"{u['test_set']} under the {u['task']} task ({_counts(u['counts'])}"
+                      + (f"; {u['left_out']} rows without a target for it" if u["left_out"] else "") + ")"
+                      for u in unscorable)
+    return (f"Not scorable for this task: {pairs}. A task needs at least two classes with "
+            f"{unscorable[0]['min_per_class']} or more test images each, so these pairs get no metric, Δ, p-value "
+            "or verdict.")
 
 
 def _adherence_lines(adherence: dict | None) -> list[str]:
@@ -432,10 +497,10 @@ def report_data(results: dict, grids: dict, pairs: list[dict], plots: list[tuple
         verdicts=verdicts,
         controls=[_control_line(c) for c in results["control_checks"]],
         adherence_lines=_adherence_lines(results.get("adherence")),
-        notes=list(results.get("notes", [])),
+        notes=[*filter(None, [not_scorable_note(results.get("not_scorable", []))]), *results.get("notes", [])],
         comparisons=comparisons_table(study, "comparisons") if study else None,
         control_comparisons=comparisons_table(control, "controls") if control else None,
-        summary=summary_table(results["summary"]),
+        summary=summary_table(results["summary"], results.get("not_scorable", [])),
         plots=[Figure(src, title, title) for src, title in plots],
         recall=recall_table(results["summary"]),
         adherence=adherence_table(results["adherence"]) if results.get("adherence") else None,

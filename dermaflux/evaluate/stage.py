@@ -40,7 +40,7 @@ from dermaflux.evaluate.data import (
     read_synthetic,
 )
 from dermaflux.evaluate.grid import Cell, build_cells
-from dermaflux.evaluate.metrics import summarise
+from dermaflux.evaluate.metrics import PAIRED_METRICS, not_scorable, summarise
 from dermaflux.evaluate.plots import write_plots
 from dermaflux.evaluate.report import image_grids, near_copy_pairs, run_facts, write_report
 
@@ -215,7 +215,8 @@ def collect_results(out: Path, work: Work, inputs: Inputs, cfg: DermaFluxConfig,
     ev = cfg.evaluate
     cells = [read_json(out / "cells" / f"{c.id}.json") for c in work.cells if is_done(out, f"cell-{c.id}")]
     predictions = {c["id"]: read_predictions(out / "cells" / f"{c['id']}.parquet") for c in cells}
-    comparisons = paired.compare_grid(cells, predictions, ev)
+    unscorable = not_scorable(cells, ev.min_test_per_class)
+    comparisons = paired.compare_grid(cells, predictions, ev, unscorable)
     assessed = inputs.synthetic is not None and is_done(out, "assessment")
     assessment = read_json(out / "assessment.json") if assessed else None
     return {
@@ -225,10 +226,11 @@ def collect_results(out: Path, work: Work, inputs: Inputs, cfg: DermaFluxConfig,
         "settings": ev.model_dump(mode="json"),
         "primary_task": ev.main_task,
         "notes": _notes(inputs.synthetic_manifest, work.not_run, failed, cells),
+        "not_scorable": unscorable,
         "verdicts": [_verdict_record(v) for v in paired.verdicts(comparisons, ev.main_task, ev.alpha)],
         "control_checks": paired.control_checks(comparisons, ev.alpha),
         "comparisons": comparisons,
-        "summary": summarise(cells),
+        "summary": summarise(cells, unscorable),
         "cells": cells,
         "assessment": assessment,
         "adherence": assessment.get("adherence") if assessment else None,
@@ -238,10 +240,11 @@ def collect_results(out: Path, work: Work, inputs: Inputs, cfg: DermaFluxConfig,
 
 
 def _verdict_record(verdict: dict) -> dict:
-    keys = ("ratio", "train_synthetic", "synthetic_wanted", "train_real")
-    return {**{k: v for k, v in verdict.items() if k != "by_ratio"},
-            "by_ratio": [{**{k: c[k] for k in keys}, "auroc": c["auroc"], "balanced_accuracy": c["balanced_accuracy"]}
-                         for c in verdict["by_ratio"]]}
+    keys = ("ratio", "train_synthetic", "synthetic_wanted", "train_real", "against",
+            *(m.key for m in PAIRED_METRICS))
+    lists = ("by_ratio", "versus_matched_by_ratio")
+    return {**{k: v for k, v in verdict.items() if k not in lists},
+            **{name: [{k: c[k] for k in keys} for c in verdict[name]] for name in lists}}
 
 
 def _rel(path: Path | None, out: Path) -> str | None:
@@ -289,19 +292,24 @@ def write_outputs(out: Path, results: dict, inputs: Inputs, ev: EvaluateConfig) 
     write_report(out, results, grids, pairs, plots)
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
+
+
 def stage_summary(out: Path, results: dict, work: Work) -> dict:
     """What `dermaflux evaluate` prints: counts, failures, the verdicts and the headline AUROCs."""
     assessment = results["assessment"]
     headline = {
         f"{row['task']}/{row['model']}/{row['test_set']}/n{row['real_size']}/{row['arm']}/r{row['ratio']:g}":
             round(row["auroc_mean"], 4)
-        for row in results["summary"] if not row["synthetic_only"]
+        for row in results["summary"] if not row["synthetic_only"] and row["scorable"]
     }
     return {
         "out": str(out), "report": str(out / "report.html"), "cells": len(work.cells), "ran": len(work.todo),
         "not_run": len(work.not_run), "failed": results["failed"], "auroc": headline,
         "verdicts": [f"{v['task']}/{v['model']}/{v['test_set']}/n{v['real_size']}: {v['verdict']}"
-                     for v in results["verdicts"]],
+                     + (f", {v['versus_matched']}" if v.get("versus_matched") else "") for v in results["verdicts"]],
+        "not_scorable": [f"{u['task']}/{u['test_set']}: {_counts(u['counts'])}" for u in results["not_scorable"]],
         "near_copies": assessment["memorisation"]["flagged_count"] if assessment else None,
         "fid": assessment["fid"] if assessment else None,
     }

@@ -202,16 +202,26 @@ def _planted_copy(row: dict, how: str) -> Image.Image:
 
 
 def build_stand_in_synthetic(corpus: Path, out: Path, per_image: float = 1.0, seed: int = 0,
-                             planted: dict[str, str] | None = None) -> Path:
+                             planted: dict[str, str] | None = None, per_label: int | None = None) -> Path:
     """A stand-in for a synthetic set: the corpus's *train* images, heavily perturbed (it exercises
     the plumbing and is reported as a stand-in wherever it is used). `planted` maps corpus ids to
-    how an undisguised copy is added: "exact" (same pixels) or "resized_jpeg" (96 px, JPEG q=70, back to PNG)."""
+    how an undisguised copy is added: "exact" (same pixels) or "resized_jpeg" (96 px, JPEG q=70, back to PNG).
+    `per_label`: that many images of each diagnosis instead (balanced over classes, as `generate
+    --per-class` makes them) rather than `per_image` per train image at the corpus's mix."""
     rng = np.random.default_rng(seed)
     table = pq.read_table(sorted((corpus / "shards").glob("*.parquet"))).to_pylist()
     train = [r for r in table if r["split"] == "train"]
     count = int(round(per_image * len(train)))
+    picks = rng.choice(len(train), size=count, replace=count > len(train))
+    if per_label is not None:
+        by_label: dict[str, list[int]] = {}
+        for k, r in enumerate(train):
+            by_label.setdefault(r["label"], []).append(k)
+        picks = np.concatenate([rng.choice(ks, size=per_label, replace=per_label > len(ks))
+                                for _, ks in sorted(by_label.items())])
+        count = len(picks)
     rows = []
-    for i, idx in enumerate(rng.choice(len(train), size=count, replace=count > len(train))):
+    for i, idx in enumerate(picks):
         r = train[idx]
         img = Image.open(io.BytesIO(r["image"])).convert("RGB")
         where = f" on the {r['site']}" if r["site"] else ""

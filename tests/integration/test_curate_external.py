@@ -92,18 +92,38 @@ def test_a_binary_source_alone_curates_and_refuses_train_rows(ray_local, sources
     # Before: 1,512 of 1,512 such rows were quarantined ("unknown label melanoma='0.0'") and the run exited 0.
     spec = sources["clinic"]["spec"]
     assert main(["curate", "--source", spec, "--out", str(tmp_path / "alone")]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary, _ = json.JSONDecoder().raw_decode(capsys.readouterr().out)  # then the headline line
     assert summary["kept"] == sources["clinic"]["input_rows"] - 1 and summary["by_split"]["test"] == summary["kept"]
     assert main(["curate", "--source", spec.replace(",split=test", ""), "--out", str(tmp_path / "no-split")]) == 2
     err = capsys.readouterr().err
     assert "positive=mel gives rows without a diagnosis" in err and "add split=test" in err
 
 
-def test_evaluate_runs_on_the_corpus_with_an_external_test_set(curated, tmp_path):
+def test_evaluate_runs_on_the_corpus_with_an_external_test_set(curated, tmp_path, capsys):
+    # Issue 26: under the binary task the melanoma-only set holds malignant rows alone (its other rows have
+    # no malignancy): not scorable, so no metric, Δ, p-value, verdict or control line, and one note saying so.
     report = tmp_path / "report"
-    args = ["evaluate", "--corpus", str(curated), "--out", str(report), "--fractions", "1.0", "--ratios", "0",
-            "--seeds", "1", "--steps", "10"]  # the report names each test set; accuracy is not the point
-    assert main(args) == 0
+    # min_test_per_class 1: the internal set of this small corpus holds a single melanoma (the default, 2,
+    # would leave it unscored too; the unit tests pin that rule).
+    args = ["evaluate", "--corpus", str(curated), "--out", str(report), "--fractions", "0.5", "--ratios", "0",
+            "--seeds", "1", "--steps", "10", "--task", "melanoma", "--task", "binary", "--controls",
+            "--set", "evaluate.min_test_per_class=1"]
+    assert main(args) == 0  # the report names each test set; accuracy is not the point
+    summary, _ = json.JSONDecoder().raw_decode(capsys.readouterr().out)  # then the headline line
     results = json.loads((report / "results.json").read_text())
+    clinic = [r for r in read_rows(curated).values() if r["source"] == "clinic"]
+    melanomas = sum(r["label"] == "mel" for r in clinic)
+    assert results["not_scorable"] == [{"task": "binary", "test_set": "clinic", "images": melanomas,
+                                        "counts": {"benign": 0, "malignant": melanomas},
+                                        "left_out": len(clinic) - melanomas, "min_per_class": 1}]
+    assert summary["not_scorable"] == [f"binary/clinic: benign 0, malignant {melanomas}"]
+    assert not [k for k in summary["auroc"] if k.startswith("binary/") and "/clinic/" in k]
+    scored = {(c["task"], c["test_set"]) for c in results["comparisons"] + results["control_checks"]}
+    assert scored == {("melanoma", "internal"), ("melanoma", "clinic"), ("binary", "internal")}
+    rows = [r for r in results["summary"] if (r["task"], r["test_set"]) == ("binary", "clinic")]
+    assert rows and all(not r["scorable"] and r["balanced_accuracy_mean"] != r["balanced_accuracy_mean"] for r in rows)
     text = (report / "report.md").read_text()
     assert results["cells"] and "internal" in text and "clinic" in text
+    assert text.count("Not scorable for this task: clinic under the binary task") == 1
+    assert text.count(f"not scorable for this task: benign 0, malignant {melanomas}") == len(rows)
+    assert "binary · resnet18 · clinic" not in text and "Scoring: a test set scores a task only when" in text

@@ -199,3 +199,45 @@ def test_controls_never_give_a_cell_its_own_real_images_and_read_back_as_a_synth
     order = np.argsort(back.ids)
     assert (back.origin[order] == shuffled.origin[np.argsort(shuffled.ids)]).all()
     assert (back.labels[order] == shuffled.labels[np.argsort(shuffled.ids)]).all()
+
+
+def test_the_matched_control_copies_the_synthetic_cells_class_mix_and_duplicates_where_a_class_runs_out(small_inputs):
+    _, _, real, synthetic = small_inputs
+    extra = controls.control_table(real, controls.build_controls(real)["real-extra"])
+    # A set balanced over classes (3 per diagnosis), as `generate --per-class` makes: at 1:4 the pool
+    # runs short of the real subset's majority class and the draw fills from the others.
+    balanced = synthetic.take(np.concatenate([np.flatnonzero(synthetic.labels == lab)[:3]
+                                              for lab in sorted(set(synthetic.labels))]))
+    n_train = int((real.split == "train").sum())
+    size = n_train // 4
+    for seed in range(2):
+        syn = assemble_cell(real, balanced, "melanoma", size, 4.0, seed)
+        matched = assemble_cell(real, extra, "melanoma", size, 4.0, seed, mix_of=balanced)
+        assert matched.train_ids[:size] == syn.train_ids[:size]  # the same real subset
+        added = lambda d: sorted(d.train_labels[d.train_is_synthetic].tolist())  # noqa: E731
+        real_mix = sorted(syn.train_labels[~syn.train_is_synthetic].tolist())
+        assert added(matched) == added(syn) != sorted(real_mix * 4)[: len(added(syn))]
+        made_from = [i.split(":", 2)[2] for i, s in zip(matched.train_ids, matched.train_is_synthetic) if s]
+        assert not set(made_from) & set(matched.train_ids[:size])  # never the cell's own images
+        assert matched.synthetic_duplicated == len(made_from) - len(set(made_from)) == 0
+        assert matched.synthetic_wanted == syn.train_is_synthetic.sum() and matched.synthetic_shortfall == 0
+    # Ten times the synthetic cell's images of each class: the real pool of a class runs out, and its
+    # images are used again, as evenly as possible, and counted.
+    big = balanced.take(np.repeat(np.arange(len(balanced)), 10))
+    big.ids = np.array([f"{i}#{k}" for k, i in enumerate(big.ids)], dtype=object)
+    syn = assemble_cell(real, big, "binary", size, 4.0, 0)
+    matched = assemble_cell(real, extra, "binary", size, 4.0, 0, mix_of=big)
+    made_from = [i.split(":", 2)[2] for i, s in zip(matched.train_ids, matched.train_is_synthetic) if s]
+    assert matched.synthetic_duplicated == len(made_from) - len(set(made_from)) > 0
+    assert added(matched) == added(syn)
+    label_of = dict(zip(real.ids.tolist(), real.labels.tolist()))
+    for label in set(label_of[i] for i in made_from):
+        counts = np.unique([i for i in made_from if label_of[i] == label], return_counts=True)[1]
+        assert counts.max() - counts.min() <= 1, label
+    with pytest.raises(ValueError, match="matched control"):
+        from dermaflux.evaluate.grid import Cell, run_cell
+
+        run_cell(Cell("binary", "resnet10t", size, 4.0, 0, arm="matched"), real, extra, EvaluateConfig())
+    cells = build_cells(EvaluateConfig(ratios=[0, 4], seeds=1, controls=True), n_train, has_synthetic=True)
+    assert {c.arm for c in cells} == {"synthetic", "real-extra", "shuffled", "matched"}
+    assert "matched" not in {c.arm for c in build_cells(EvaluateConfig(controls=True), n_train, has_synthetic=False)}
