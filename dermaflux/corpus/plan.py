@@ -140,7 +140,7 @@ def build_plan(indexes: list[SourceIndex], scans: list[dict], cfg: CurateConfig)
     lesion, patient, placeholders = _grouping_ids(recs)
     rows = _Rows(recs, [scans[r] for r in valid], [f"{r.source}:{r.original_id}" for r in recs],
                  [r.source in test_only for r in recs], lesion, patient)
-    pairs = dedup.near_pairs(dedup.hash_words([s["phash"] for s in rows.scans]), cfg.phash_threshold)
+    pairs = dedup.indexed_near_pairs(dedup.hash_words([s["phash"] for s in rows.scans]), cfg.phash_threshold)
     fixed = {index.spec.name: index.spec.fixed_split for index in indexes if index.spec.fixed_split}
     pinned = [fixed.get(r.source) or (r.official_split if cfg.official_splits == "keep" else None) for r in recs]
     overlap = _overlaps(rows, pairs)
