@@ -140,6 +140,15 @@ def _no_diagnosis(keys: Counter) -> dict:
             "malignant": _flags(keys, "malignant", ("malignant", "benign"), label=None)}
 
 
+def _malignancy_only(keys: Counter) -> dict:
+    """Rows labelled only benign/malignant: trained on and scored by the binary task; the multiclass
+    task leaves them out."""
+    codes = taxonomy.MALIGNANCY_CODES
+    return {"rows": sum(_count(keys, label=code) for code in codes.values()),
+            "by_split": {split: {code: _count(keys, label=code, split=split) for code in sorted(codes.values())}
+                         for split in SPLITS}}
+
+
 def _overlap_summary(plan: CurationPlan, policy: str) -> dict:
     pairs = plan.test_overlap
     rows = {(o["test_source"], o["test_id"]): o["action"] for o in pairs}
@@ -180,6 +189,7 @@ def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], 
         "by_split": {split: _count(keys, split=split) for split in SPLITS},
         "by_label": {label: _count(keys, label=label) for label in taxonomy.CODES if any(k[1] == label for k in keys)},
         NO_DIAGNOSIS: _no_diagnosis(keys),
+        "malignancy_only": _malignancy_only(keys),
         "by_malignancy": _flags(keys, "malignant", ("malignant", "benign")),
         "by_melanoma": _flags(keys, "melanoma", ("melanoma", "not_melanoma")),
         "by_split_label": _nested(keys, 2, 1),

@@ -66,10 +66,12 @@ def test_csv_binary_melanoma_and_malignant_columns(ham10000_dir, tmp_path):
     spellings = {r["melanoma"] for r in built["rows"]}
     assert {"0", "0.0", "false", "no"} <= spellings
 
-    malignant = read_source(built["spec"].replace("positive=mel", "positive=malignant"))
+    # A benign/malignant column labels every row `benign`/`malignant`: training rows, no split=test needed.
+    malignant = read_source(built["spec"].replace("positive=mel", "positive=malignant").replace(",split=test", ""))
     for record in malignant.records:
         flag = record.original_id in built["melanoma"]
-        assert record.label is None and record.malignant is flag and record.melanoma is (None if flag else False)
+        assert record.label == ("malignant" if flag else "benign") and record.official_split is None
+        assert record.malignant is flag and record.melanoma is (None if flag else False)
 
     without_split = built["spec"].replace(",split=test", "")
     with pytest.raises(SourceError, match="clinic: positive=mel gives rows without a diagnosis.*add split=test"):

@@ -90,7 +90,8 @@ class SourceRecord:
     row: int  # 1-based line in that CSV (header = 1) or index in the .npz array
     image_path: str  # a file path, or `<npz>::<array>::<index>` for array sources
     source_label: str
-    label: str | None  # None: the source gives no diagnosis (a binary column's negatives); test rows only
+    label: str | None  # a taxonomy code (benign/malignant where only that is known); None: not even malignancy
+    # is known (a melanoma column's negatives): test rows only
     group_namespace: str  # lesion/patient ids are compared within one namespace
     lesion_id: str | None = None
     patient_id: str | None = None
@@ -106,8 +107,13 @@ class SourceRecord:
     melanoma: bool | None = None
 
     def __post_init__(self):
-        if self.label is not None:
-            self.malignant, self.melanoma = taxonomy.is_malignant(self.label), self.label == "mel"
+        if self.label is None:
+            return
+        self.malignant = taxonomy.is_malignant(self.label)
+        if taxonomy.is_diagnosis(self.label):
+            self.melanoma = self.label == "mel"
+        elif not self.malignant:
+            self.melanoma = False  # benign: not a melanoma either; a bare "malignant" may or may not be one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,13 +241,29 @@ def binary_value(value: object, true_words: tuple[str, ...] = (), false_words: t
 def binary_record_fields(positive: str, flag: bool) -> dict:
     """SourceRecord fields for one binary cell: `positive` "mel" or "malignant", `flag` its value.
 
-    mel 1 -> label mel; mel 0 -> no diagnosis, melanoma False (malignancy unknown: it may be a bcc);
-    malignant 1 -> no diagnosis, malignant True (melanoma unknown); malignant 0 -> no diagnosis,
-    benign, so not a melanoma either.
+    mel 1 -> label mel; mel 0 -> no label, melanoma False (malignancy unknown: it may be a bcc; test
+    rows only); malignant 1 -> label `malignant` (melanoma unknown); malignant 0 -> label `benign`
+    (so not a melanoma either). The two malignancy labels are training rows like any other.
     """
     if positive == "mel":
         return {"label": "mel"} if flag else {"label": None, "melanoma": False}
-    return {"label": None, "malignant": True} if flag else {"label": None, "malignant": False, "melanoma": False}
+    return {"label": taxonomy.malignancy_code(flag)}
+
+
+def diagnosis_fields(vocabulary: str, diagnosis: object, malignant: bool | None) -> tuple[dict | None, str | None]:
+    """(SourceRecord fields, None) for a row with a finer diagnosis and/or a benign/malignant flag, or
+    (None, why) when it cannot be labelled. The diagnosis goes through the taxonomy table of
+    `vocabulary`; one the table does not know keeps the flag's `benign`/`malignant` label; one
+    whose malignancy contradicts the flag is refused (which of the two is wrong is for a person)."""
+    code = taxonomy.map_label(vocabulary, diagnosis) if text(diagnosis) is not None else None
+    if code is not None and malignant is not None and taxonomy.is_malignant(code) != malignant:
+        return None, (f"diagnosis {diagnosis!r} ({'malignant' if taxonomy.is_malignant(code) else 'benign'} in the "
+                      f"taxonomy) contradicts the source's {'malignant' if malignant else 'benign'} flag")
+    if code is not None:
+        return {"label": code}, None
+    if malignant is None:
+        return None, f"no known diagnosis ({diagnosis!r}) and no benign/malignant flag"
+    return {"label": taxonomy.malignancy_code(malignant)}, None
 
 
 # Grouping ids that are placeholders, not ids: a run of zeros after a prefix (ISIC metadata's
