@@ -20,6 +20,8 @@ MANIFEST_VERSION = 2  # 2: rows without a diagnosis, melanoma counts, test-only 
 QUARANTINE_FILE = "quarantine.csv"
 DUPLICATES_FILE = "duplicates.csv"
 OVERLAP_FILE = "test_overlap.csv"
+CAPPED_FILE = "capped.csv"
+CAPPED_COLUMNS = ["id", "source", "label", "reason", "file"]
 QUARANTINE_COLUMNS = ["source", "file", "row", "original_id", "reason"]
 DUPLICATE_COLUMNS = ["dropped_id", "kept_id", "distance", "dropped_source", "kept_source", "dropped_label",
                      "kept_label", "label_conflict", "cross_source", "dropped_file", "kept_file"]
@@ -149,6 +151,16 @@ def _malignancy_only(keys: Counter) -> dict:
                          for split in SPLITS}}
 
 
+def _caps_summary(plan: CurationPlan) -> dict:
+    """Each capped source's caps and what they left out, by cap and by label (rows in capped.csv)."""
+    out = {}
+    for source, caps in plan.caps.items():
+        rows = [c for c in plan.capped if c["source"] == source]
+        out[source] = {"caps": caps, "left_out": len(rows), "by_reason": dict(Counter(c["reason"] for c in rows)),
+                       "by_label": dict(Counter(str(c["label"]) for c in rows))}
+    return {"sources": out, "rows": len(plan.capped), "file": CAPPED_FILE}
+
+
 def _overlap_summary(plan: CurationPlan, policy: str) -> dict:
     pairs = plan.test_overlap
     rows = {(o["test_source"], o["test_id"]): o["action"] for o in pairs}
@@ -197,6 +209,7 @@ def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], 
                                 for split in SPLITS},
         "published_splits": _published(plan),
         "test_overlap": _overlap_summary(plan, config.get("test_overlap", "drop")),
+        "caps": _caps_summary(plan),
         "duplicates": {
             "near_pairs_within_threshold": plan.near_pairs,
             "dropped": len(dups),

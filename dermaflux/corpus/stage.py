@@ -166,6 +166,11 @@ def _write_lists(plan, out: Path) -> None:
         plan.duplicates, manifest_mod.DUPLICATE_COLUMNS))
     artifacts.atomic_write_text(out / manifest_mod.OVERLAP_FILE, manifest_mod.csv_text(
         plan.test_overlap, manifest_mod.OVERLAP_COLUMNS))
+    artifacts.atomic_write_text(out / manifest_mod.CAPPED_FILE, manifest_mod.csv_text(
+        plan.capped, manifest_mod.CAPPED_COLUMNS))
+    for source, caps in plan.caps.items():
+        log.info("source %s: caps %s left out %d rows (%s)", source, caps,
+                 sum(c["source"] == source for c in plan.capped), out / manifest_mod.CAPPED_FILE)
     if plan.test_overlap:
         dropped = plan.summary["test_overlap"]
         log.warning("test overlap: %d pairs between test-only sources (%s) and the training sources; %s (%s)",

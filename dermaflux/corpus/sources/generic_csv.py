@@ -27,7 +27,8 @@ from dermaflux.corpus.sources.base import (
 )
 
 MAPPED = ("id", "label", "image", "lesion", "patient", "age", "sex", "site", "skin_type", "method")
-OPTIONS = {*MAPPED, "images", "vocab", "name", "split", "split_col", "positive"}
+OPTIONS = {*MAPPED, "images", "vocab", "name", "split", "split_col", "positive", "max_rows", "max_per_label",
+           "malignant_share"}  # the last three: caps, read by corpus/caps.py for every reader
 # Words a binary column may hold besides 0/1, true/false, yes/no, per `positive=`.
 BINARY_WORDS = {"mel": (("mel", "melanoma"), ()), "malignant": (("malignant",), ("benign",))}
 
