@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
 from dermaflux.corpus.sources.dermamnist import NPZ_SEPARATOR
+from dermaflux.corpus.hdf5 import is_hdf5_locator, read_hdf5_bytes
 
 MIN_SIDE = 8
 
@@ -37,7 +38,10 @@ def _npz_array(path: str, array: str) -> np.ndarray:
 
 
 def read_image_bytes(locator: str) -> tuple[bytes, str | None]:
-    """The encoded bytes of an image file, or of one .npz array slot encoded as PNG (lossless)."""
+    """The encoded bytes of an image file, of one HDF5 dataset (`<file.hdf5>::<key>`, ISIC 2024), or
+    of one .npz array slot encoded as PNG (lossless)."""
+    if is_hdf5_locator(locator):
+        return read_hdf5_bytes(locator), None
     if NPZ_SEPARATOR in locator:
         path, array, index = locator.split(NPZ_SEPARATOR)
         pixels = _npz_array(path, array)[int(index)]

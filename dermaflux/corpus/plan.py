@@ -268,6 +268,7 @@ def _corpus_row(rows: _Rows, i: int, split: str, split_origin: str) -> dict:
         "lesion_id": rows.lesion[i], "patient_id": rows.patient[i],
         "split": split, "split_origin": split_origin, "phash": scan["phash"],
         "age": record.age, "sex": record.sex, "site": record.site, "skin_type": record.skin_type,
+        "skin_tone": record.skin_tone, "modality": record.modality,
         "diagnosis_method": record.diagnosis_method, "mm_per_pixel": record.mm_per_pixel,
         "metadata_json": metadata_json,
         "image_path": record.image_path, "sha256": scan["sha256"],

@@ -45,6 +45,8 @@ CORPUS_SCHEMA = pa.schema(
         pa.field("sex", pa.string()),
         pa.field("site", pa.string()),  # body site, normalised words ("lower extremity")
         pa.field("skin_type", pa.string()),  # Fitzpatrick I-VI where known
+        pa.field("skin_tone", pa.string()),  # a source's coarser tone, with its scale: "fitzpatrick I-II" (DDI)
+        pa.field("modality", pa.string()),  # dermoscopic | clinical | total-body crop; null: not told
         pa.field("diagnosis_method", pa.string()),  # e.g. histo, follow_up, consensus, confocal
         pa.field("mm_per_pixel", pa.float32()),  # physical scale where the source gives one
         pa.field("metadata_json", pa.string()),  # every other source field, verbatim

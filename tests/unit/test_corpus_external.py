@@ -145,7 +145,7 @@ def test_external_test_set_never_changes_the_training_rows_and_its_overlap_is_au
     assert plan.test_overlap[0]["distance"] <= 24 and plan.test_only == ["clinic"]
     entry = plan.summary["per_source"]["clinic"]
     assert entry == {"input_rows": ext["input_rows"], "kept": ext["input_rows"] - 2, "duplicates": 0,
-                     "test_overlap": 1, "quarantined": 1}
+                     "test_overlap": 1, "quarantined": 1, "capped": 0}
 
     kept = _plan([f"ham10000={ham['root']}", ext["spec"]], test_overlap="keep")
     assert training(kept) == training(alone)

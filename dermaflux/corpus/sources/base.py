@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dermaflux.lesion import taxonomy
 
+MODALITIES = ("dermoscopic", "clinical", "total-body crop")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MISSING = {"", "na", "nan", "none", "null", "unknown"}
 SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -100,6 +101,8 @@ class SourceRecord:
     sex: str | None = None
     site: str | None = None
     skin_type: str | None = None
+    skin_tone: str | None = None  # a coarser tone with its scale ("fitzpatrick I-II"), where that is all there is
+    modality: str | None = None  # one of MODALITIES
     diagnosis_method: str | None = None
     mm_per_pixel: float | None = None
     metadata_json: str = "{}"
@@ -332,3 +335,26 @@ class RowChecks:
         if path is None:
             self.reject(line, original_id, problem + where)
         return path
+
+
+def find_file(reader: str, root: Path, patterns: tuple[str, ...], what: str) -> Path:
+    """The first file under `root` (searched recursively) matching the patterns in order of preference;
+    `root` itself when it is a file. Fails naming the folder and the names looked for."""
+    if not root.exists():
+        raise SourceError(f"{reader}: {root} does not exist")
+    if root.is_file():
+        return root
+    for pattern in patterns:
+        hits = sorted(root.rglob(pattern))
+        if hits:
+            return hits[0]
+    raise SourceError(f"{reader}: no {what} under {root} (looked for {', '.join(patterns)})")
+
+
+def labelled_fields(checks: RowChecks, line: int, original_id: str, vocabulary: str, diagnosis: object,
+                    malignant: bool | None) -> dict | None:
+    """`diagnosis_fields` for one row; a row it cannot label becomes a Reject naming the row."""
+    fields, why = diagnosis_fields(vocabulary, diagnosis, malignant)
+    if fields is None:
+        checks.reject(line, original_id, why)
+    return fields
