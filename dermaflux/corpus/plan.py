@@ -14,6 +14,7 @@ lesion/patient id between the two is a test overlap, listed and, with `curate.te
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class CurationPlan:
     capped: list[dict] = field(default_factory=list)  # rows a source cap left out (after dedup)
     caps: dict[str, dict] = field(default_factory=dict)  # source -> its caps as given
     summary: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # dedup, splits: where the driver's time went
 
 
 @dataclass
@@ -142,7 +144,9 @@ def build_plan(indexes: list[SourceIndex], scans: list[dict], cfg: CurateConfig)
     lesion, patient, placeholders = _grouping_ids(recs)
     rows = _Rows(recs, [scans[r] for r in valid], [f"{r.source}:{r.original_id}" for r in recs],
                  [r.source in test_only for r in recs], lesion, patient)
+    dedup_started = time.perf_counter()
     pairs = dedup.indexed_near_pairs(dedup.hash_words([s["phash"] for s in rows.scans]), cfg.phash_threshold)
+    dedup_seconds = time.perf_counter() - dedup_started
     fixed = {index.spec.name: index.spec.fixed_split for index in indexes if index.spec.fixed_split}
     pinned = [fixed.get(r.source) or (r.official_split if cfg.official_splits == "keep" else None) for r in recs]
     overlap = _overlaps(rows, pairs)
@@ -182,6 +186,7 @@ def build_plan(indexes: list[SourceIndex], scans: list[dict], cfg: CurateConfig)
         {name: c.describe() for name, c in source_caps.items() if c.any},
     )
     result.summary = reconcile(result)
+    result.seconds = {"dedup": round(dedup_seconds, 3), "plan": round(time.perf_counter() - dedup_started, 3)}
     return result
 
 
