@@ -143,3 +143,52 @@ def test_folders_reads_mednode_and_kaggle_layouts_and_refuses_an_unknown_class(t
     _write(kaggle / "train" / "psoriasis" / "x.jpg", _jpeg(9))
     with pytest.raises(SourceError, match=r"class folder .*psoriasis.* is not in the label mapping.*naevus"):
         read_source(f"folders={kaggle},name=kaggle")
+
+
+def test_milk10k_groups_both_images_of_a_lesion_and_records_modality_and_tone(tmp_path):
+    root = tmp_path / "milk10k"
+    classes = ["AKIEC", "BCC", "BEN_OTH", "BKL", "DF", "INF", "MAL_OTH", "MEL", "NV", "SCCKA", "VASC"]
+    _csv(root / "MILK10k_Training_GroundTruth.csv", [
+        {"lesion_id": lesion, **{c: "1.0" if c == hot else "0.0" for c in classes}}
+        for lesion, hot in (("IL_1", "MEL"), ("IL_2", "BEN_OTH"))])
+    meta = []
+    for k, (lesion, kind) in enumerate([("IL_1", "dermoscopic"), ("IL_1", "clinical: close-up"),
+                                        ("IL_2", "dermoscopic"), ("IL_2", "clinical: close-up")]):
+        isic_id = f"ISIC_{k:07d}"
+        meta.append({"lesion_id": lesion, "isic_id": isic_id, "image_type": kind, "age_approx": "50", "sex": "female",
+                     "skin_tone_class": "3", "site": "trunk"})
+        _write(root / lesion / f"{isic_id}.jpg", _jpeg(k))
+    _csv(root / "MILK10k_Training_Metadata.csv", meta)
+    index = read_source(f"milk10k={root}")
+    got = sorted((r.original_id, r.label, r.lesion_id, r.modality, r.skin_tone) for r in index.records)
+    assert got == [("ISIC_0000000", "mel", "IL_1", "dermoscopic", "milk10k class 3"),
+                   ("ISIC_0000001", "mel", "IL_1", "clinical", "milk10k class 3"),
+                   ("ISIC_0000002", "benign", "IL_2", "dermoscopic", "milk10k class 3"),
+                   ("ISIC_0000003", "benign", "IL_2", "clinical", "milk10k class 3")]
+
+
+def test_isic_archive_export_and_derm12345(tmp_path):
+    archive = tmp_path / "hiba"
+    _csv(archive / "metadata.csv", [
+        {"isic_id": "ISIC_1", "attribution": "HIBA", "copyright_license": "CC-BY", "benign_malignant": "malignant",
+         "diagnosis_1": "Malignant", "diagnosis_2": "", "diagnosis_3": "Basal cell carcinoma",
+         "fitzpatrick_skin_type": "III", "image_type": "dermoscopic", "lesion_id": "IL_9", "patient_id": "IP_9"},
+        {"isic_id": "ISIC_2", "attribution": "HIBA", "copyright_license": "CC-BY", "benign_malignant": "",
+         "diagnosis_1": "Benign", "diagnosis_2": "", "diagnosis_3": "", "fitzpatrick_skin_type": "",
+         "image_type": "clinical: close-up", "lesion_id": "IL_8", "patient_id": "IP_9"}])
+    for k in (1, 2):
+        _write(archive / f"ISIC_{k}.jpg", _jpeg(k))
+    index = read_source(f"isic-archive={archive},name=hiba")
+    assert sorted((r.original_id, r.label, r.skin_type, r.modality) for r in index.records) == [
+        ("ISIC_1", "bcc", "III", "dermoscopic"), ("ISIC_2", "benign", None, "clinical")]
+
+    derm = tmp_path / "derm12345"
+    for part, image_id, sub_class, malignancy in (("train", "d1", "melanoma", "malignant"),
+                                                  ("test", "d2", "blue nevus", "benign")):
+        _csv(derm / f"derm12345_metadata_{part}.csv", [
+            {"image_id": image_id, "split": part, "super_class": "melanocytic", "malignancy": malignancy,
+             "main_class_1": "x", "main_class_2": "y", "sub_class": sub_class, "label": "lbl"}])
+        _write(derm / part / "lbl" / f"{image_id}.jpg", _jpeg(len(image_id)))
+    index = read_source(f"derm12345={derm}")
+    assert sorted((r.original_id, r.label, r.official_split) for r in index.records) == [
+        ("d1", "mel", "train"), ("d2", "benign", "test")]

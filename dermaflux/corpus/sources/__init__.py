@@ -14,7 +14,7 @@ from dermaflux.corpus.sources.base import Reject, SourceError, SourceIndex, Sour
 Reader = Callable[[SourceSpec], SourceIndex]
 _READERS: dict[str, Reader] = {}
 _READER_MODULES = ("ham10000", "dermamnist", "isic", "pad_ufes_20", "generic_csv", "isic2020", "isic2024", "ddi",
-                   "folders")
+                   "folders", "milk10k", "isic_archive", "derm12345")
 
 
 def register(name: str) -> Callable[[Reader], Reader]:
