@@ -1,6 +1,7 @@
 """Curation throughput: a plain single-process loop vs Ray Data with 1 and 2 workers, same images.
 
     .venv/bin/python bench/curate.py [--quick] [--data DIR]
+    .venv/bin/python bench/curate.py --scale 20000     (the reference-scale mode: bench/curate_scale.py)
 
 Per-image work is the same in every row: read, verify, fully decode, perceptual-hash (scan) and
 read again for the Parquet write. "scan img/s" times the per-image pass alone; "end-to-end img/s"
@@ -95,8 +96,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="600 images instead of all 5,984")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000-224"))
     parser.add_argument("--batch-size", type=int, default=None, help="images per Ray Data task batch")
+    parser.add_argument("--scale", type=int, default=None, metavar="N",
+                        help="write an N-image multi-source corpus of small JPEGs and curate it (bench/curate_scale.py)")
+    parser.add_argument("--workers", type=int, default=None, help="--scale: concurrent per-image Ray tasks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.scale:
+        from bench.curate_scale import run as run_at_scale
+
+        return run_at_scale(args.scale, args.workers, ROOT)
     import ray
 
     from dermaflux.core.runtime import init_ray

@@ -23,6 +23,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from dermaflux.corpus.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from dermaflux.corpus.sources.dermamnist import NPZ_SEPARATOR
+from dermaflux.corpus.hdf5 import is_hdf5_locator, read_hdf5_bytes
 
 MIN_SIDE = 8
 
@@ -39,11 +40,14 @@ def _npz_array(path: str, array: str) -> np.ndarray:
 
 
 def read_image_bytes(locator: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[bytes, str | None]:
-    """The encoded bytes of an image file, or of one .npz array slot encoded as PNG (lossless).
+    """The encoded bytes of an image file, of one HDF5 dataset (`<file.hdf5>::<key>`, ISIC 2024), or
+    of one .npz array slot encoded as PNG (lossless).
 
     A file is read only when it is a regular file of at most `max_bytes` (curate.max_image_bytes):
     a sparse multi-gigabyte `.jpg` or a link to /dev/zero is refused from fstat, before any read.
     """
+    if is_hdf5_locator(locator):
+        return read_hdf5_bytes(locator), None
     if NPZ_SEPARATOR in locator:
         path, array, index = locator.split(NPZ_SEPARATOR)
         pixels = _npz_array(path, array)[int(index)]

@@ -20,6 +20,8 @@ MANIFEST_VERSION = 2  # 2: rows without a diagnosis, melanoma counts, test-only 
 QUARANTINE_FILE = "quarantine.csv"
 DUPLICATES_FILE = "duplicates.csv"
 OVERLAP_FILE = "test_overlap.csv"
+CAPPED_FILE = "capped.csv"
+CAPPED_COLUMNS = ["id", "source", "label", "reason", "file"]
 QUARANTINE_COLUMNS = ["source", "file", "row", "original_id", "reason"]
 DUPLICATE_COLUMNS = ["dropped_id", "kept_id", "distance", "dropped_source", "kept_source", "dropped_label",
                      "kept_label", "label_conflict", "cross_source", "dropped_file", "kept_file"]
@@ -140,6 +142,25 @@ def _no_diagnosis(keys: Counter) -> dict:
             "malignant": _flags(keys, "malignant", ("malignant", "benign"), label=None)}
 
 
+def _malignancy_only(keys: Counter) -> dict:
+    """Rows labelled only benign/malignant: trained on and scored by the binary task; the multiclass
+    task leaves them out."""
+    codes = taxonomy.MALIGNANCY_CODES
+    return {"rows": sum(_count(keys, label=code) for code in codes.values()),
+            "by_split": {split: {code: _count(keys, label=code, split=split) for code in sorted(codes.values())}
+                         for split in SPLITS}}
+
+
+def _caps_summary(plan: CurationPlan) -> dict:
+    """Each capped source's caps and what they left out, by cap and by label (rows in capped.csv)."""
+    out = {}
+    for source, caps in plan.caps.items():
+        rows = [c for c in plan.capped if c["source"] == source]
+        out[source] = {"caps": caps, "left_out": len(rows), "by_reason": dict(Counter(c["reason"] for c in rows)),
+                       "by_label": dict(Counter(str(c["label"]) for c in rows))}
+    return {"sources": out, "rows": len(plan.capped), "file": CAPPED_FILE}
+
+
 def _overlap_summary(plan: CurationPlan, policy: str) -> dict:
     pairs = plan.test_overlap
     rows = {(o["test_source"], o["test_id"]): o["action"] for o in pairs}
@@ -180,6 +201,7 @@ def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], 
         "by_split": {split: _count(keys, split=split) for split in SPLITS},
         "by_label": {label: _count(keys, label=label) for label in taxonomy.CODES if any(k[1] == label for k in keys)},
         NO_DIAGNOSIS: _no_diagnosis(keys),
+        "malignancy_only": _malignancy_only(keys),
         "by_malignancy": _flags(keys, "malignant", ("malignant", "benign")),
         "by_melanoma": _flags(keys, "melanoma", ("melanoma", "not_melanoma")),
         "by_split_label": _nested(keys, 2, 1),
@@ -187,6 +209,7 @@ def build_manifest(plan: CurationPlan, shards: list[dict], sources: list[dict], 
                                 for split in SPLITS},
         "published_splits": _published(plan),
         "test_overlap": _overlap_summary(plan, config.get("test_overlap", "drop")),
+        "caps": _caps_summary(plan),
         "duplicates": {
             "near_pairs_within_threshold": plan.near_pairs,
             "dropped": len(dups),

@@ -14,12 +14,13 @@ lesion/patient id between the two is a test overlap, listed and, with `curate.te
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from dermaflux.corpus import dedup, splits
+from dermaflux.corpus import caps as caps_mod, dedup, splits
 from dermaflux.corpus.config import CurateConfig
 from dermaflux.corpus.sources.base import Reject, SourceIndex, SourceRecord, is_placeholder_id
 
@@ -29,7 +30,7 @@ SPLIT_RANK = {"test": 0, "val": 1, "train": 2, None: 3}
 # More images than any lesion has (HAM10000: at most 6 per lesion): a lesion id this common in one
 # source is a placeholder, and as a key it would pull a whole source into one split.
 MAX_IMAGES_PER_LESION = 100
-BUCKETS = ("input_rows", "kept", "duplicates", "test_overlap", "quarantined")
+BUCKETS = ("input_rows", "kept", "duplicates", "test_overlap", "quarantined", "capped")
 
 
 @dataclass
@@ -46,7 +47,10 @@ class CurationPlan:
     test_only: list[str] = field(default_factory=list)  # sources whose rows are all test rows
     fixed_splits: dict[str, str] = field(default_factory=dict)  # source -> split=... of its spec
     placeholder_ids: dict[str, dict] = field(default_factory=dict)  # source -> grouping ids ignored
+    capped: list[dict] = field(default_factory=list)  # rows a source cap left out (after dedup)
+    caps: dict[str, dict] = field(default_factory=dict)  # source -> its caps as given
     summary: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # dedup, splits: where the driver's time went
 
 
 @dataclass
@@ -140,7 +144,9 @@ def build_plan(indexes: list[SourceIndex], scans: list[dict], cfg: CurateConfig)
     lesion, patient, placeholders = _grouping_ids(recs)
     rows = _Rows(recs, [scans[r] for r in valid], [f"{r.source}:{r.original_id}" for r in recs],
                  [r.source in test_only for r in recs], lesion, patient)
-    pairs = dedup.near_pairs(dedup.hash_words([s["phash"] for s in rows.scans]), cfg.phash_threshold)
+    dedup_started = time.perf_counter()
+    pairs = dedup.indexed_near_pairs(dedup.hash_words([s["phash"] for s in rows.scans]), cfg.phash_threshold)
+    dedup_seconds = time.perf_counter() - dedup_started
     fixed = {index.spec.name: index.spec.fixed_split for index in indexes if index.spec.fixed_split}
     pinned = [fixed.get(r.source) or (r.official_split if cfg.official_splits == "keep" else None) for r in recs]
     overlap = _overlaps(rows, pairs)
@@ -159,21 +165,40 @@ def build_plan(indexes: list[SourceIndex], scans: list[dict], cfg: CurateConfig)
     audit_given = splits.audit_splits([r.official_split or "" for r in recs], groups, pairs, rows.ids,
                                       [True] * len(recs))
     kept_mask = chosen.kept.tolist()
+    source_caps = {index.spec.name: caps_mod.SourceCaps.from_spec(index.spec) for index in indexes}
+    capped = _apply_caps(rows, source_caps, kept_mask, groups, cfg.seed)
+    for row in capped:
+        kept_mask[row] = False
     strata = [f"{r.source}/{r.label}" for r in recs]
     assigned = splits.assign_splits(groups, strata, pinned, cfg.fractions, cfg.seed, active=kept_mask)
     origin = ["spec" if recs[i].source in fixed else assigned.origin[i] for i in range(len(recs))]
     result = CurationPlan(
         _kept_frame(rows, kept_mask, assigned.split, origin),
         [_duplicate_row(rows, i, int(chosen.duplicate_of[i]), int(chosen.distance[i]))
-         for i in range(len(recs)) if not kept_mask[i] and i not in dropped],
+         for i in range(len(recs)) if not kept_mask[i] and i not in dropped and i not in capped],
         quarantine, {index.spec.name: index.input_rows for index in indexes},
         {index.spec.name: index.published_splits for index in indexes if index.published_splits},
         audit_given, splits.audit_splits(assigned.split, groups, pairs, rows.ids, kept_mask), len(pairs),
         [_overlap_row(rows, o, assigned.split, kept_mask, o["test_row"] in dropped) for o in overlap],
         test_only, fixed, placeholders,
+        [{"id": rows.ids[i], "source": recs[i].source, "label": recs[i].label, "reason": reason,
+          "file": recs[i].image_path} for i, reason in sorted(capped.items())],
+        {name: c.describe() for name, c in source_caps.items() if c.any},
     )
     result.summary = reconcile(result)
+    result.seconds = {"dedup": round(dedup_seconds, 3), "plan": round(time.perf_counter() - dedup_started, 3)}
     return result
+
+
+def _apply_caps(rows: _Rows, source_caps: dict, kept: list[bool], groups: list[int], seed: int) -> dict[int, str]:
+    """{row: cap} of the kept rows each source's caps leave out (see corpus/caps.py)."""
+    left_out: dict[int, str] = {}
+    for source, caps in source_caps.items():
+        if caps.any:
+            members = [i for i, r in enumerate(rows.recs) if r.source == source and kept[i]]
+            left_out.update(caps_mod.cap_source(members, source, caps, [r.label for r in rows.recs],
+                                                [r.malignant for r in rows.recs], groups, rows.ids, seed))
+    return left_out
 
 
 def _valid_rows(records: list[SourceRecord], scans: list[dict], quarantine: list[Reject]) -> list[int]:
@@ -248,6 +273,7 @@ def _corpus_row(rows: _Rows, i: int, split: str, split_origin: str) -> dict:
         "lesion_id": rows.lesion[i], "patient_id": rows.patient[i],
         "split": split, "split_origin": split_origin, "phash": scan["phash"],
         "age": record.age, "sex": record.sex, "site": record.site, "skin_type": record.skin_type,
+        "skin_tone": record.skin_tone, "modality": record.modality,
         "diagnosis_method": record.diagnosis_method, "mm_per_pixel": record.mm_per_pixel,
         "metadata_json": metadata_json,
         "image_path": record.image_path, "sha256": scan["sha256"],
@@ -262,13 +288,14 @@ def reconcile(plan: CurationPlan) -> dict:
     overlap = Counter(source for source, _ in {(o["test_source"], o["test_id"]) for o in plan.test_overlap
                                                 if o["action"] == "dropped"})
     quarantined = Counter(r.source for r in plan.quarantine)
+    capped = Counter(c["source"] for c in plan.capped)
     per_source = {}
     for source, total in plan.input_rows.items():
         entry = {"input_rows": total, "kept": kept[source], "duplicates": dups[source],
-                 "test_overlap": overlap[source], "quarantined": quarantined[source]}
+                 "test_overlap": overlap[source], "quarantined": quarantined[source], "capped": capped[source]}
         if sum(entry[k] for k in BUCKETS[1:]) != total:
             raise AssertionError(f"source {source}: {entry} does not reconcile "
-                                 "(kept + duplicates + test_overlap + quarantined != input rows)")
+                                 "(kept + duplicates + test_overlap + quarantined + capped != input rows)")
         per_source[source] = entry
     totals = {key: sum(e[key] for e in per_source.values()) for key in BUCKETS}
     return {**totals, "balanced": True, "per_source": per_source}

@@ -2,8 +2,10 @@
 
 `<corpus>/shards/part-*.parquet` rows (one per kept image) and `<corpus>/manifest.json`.
 
-Rows without a diagnosis (`label` null: a source with only a binary melanoma or malignant column)
-are test rows only; `malignant` and `melanoma` are null where the source does not tell. Corpora
+Rows whose source says only benign or malignant have the label `benign` / `malignant` (taxonomy
+level `malignancy`) and are training rows like any other. Rows without even that (`label` null: a
+melanoma-vs-rest column's negatives) are test rows only; `malignant` and `melanoma` are null where
+the source does not tell. Corpora
 written before the `melanoma` column existed lack it: readers derive it from `label`
 (`with_melanoma`).
 """
@@ -30,7 +32,7 @@ CORPUS_SCHEMA = pa.schema(
         pa.field("image_format", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
-        pa.field("label", pa.string()),  # taxonomy code: mel, nv, bcc, akiec, bkl, df, vasc, scc; null: no diagnosis
+        pa.field("label", pa.string()),  # taxonomy code: mel, nv, ..., scc, or benign/malignant; null: neither known
         pa.field("source_label", pa.string()),  # the label as the source wrote it
         pa.field("malignant", pa.bool_()),  # null: unknown (a melanoma-vs-rest column's negatives)
         pa.field("melanoma", pa.bool_()),  # label == mel where a diagnosis is known; else the source's flag
@@ -43,6 +45,8 @@ CORPUS_SCHEMA = pa.schema(
         pa.field("sex", pa.string()),
         pa.field("site", pa.string()),  # body site, normalised words ("lower extremity")
         pa.field("skin_type", pa.string()),  # Fitzpatrick I-VI where known
+        pa.field("skin_tone", pa.string()),  # a source's coarser tone, with its scale: "fitzpatrick I-II" (DDI)
+        pa.field("modality", pa.string()),  # dermoscopic | clinical | total-body crop; null: not told
         pa.field("diagnosis_method", pa.string()),  # e.g. histo, follow_up, consensus, confocal
         pa.field("mm_per_pixel", pa.float32()),  # physical scale where the source gives one
         pa.field("metadata_json", pa.string()),  # every other source field, verbatim
@@ -53,7 +57,9 @@ CORPUS_SCHEMA = pa.schema(
 def with_melanoma(table: pa.Table) -> pa.Table:
     """`table` with a `melanoma` column: as stored where the corpus has one, else derived from
     `label` (older corpora), placed after `malignant` as in CORPUS_SCHEMA."""
-    derived = pc.equal(table.column("label"), "mel")  # null label -> null
+    label = table.column("label")
+    # null label -> null; a bare "malignant" (malignancy-only row) may or may not be a melanoma -> null
+    derived = pc.if_else(pc.equal(label, "malignant"), pa.scalar(None, pa.bool_()), pc.equal(label, "mel"))
     if "melanoma" in table.column_names:
         return table.set_column(table.column_names.index("melanoma"), "melanoma",
                                 pc.coalesce(table.column("melanoma"), derived))

@@ -172,6 +172,11 @@ def _write_lists(plan, out: Path) -> None:
         plan.duplicates, manifest_mod.DUPLICATE_COLUMNS))
     artifacts.atomic_write_text(out / manifest_mod.OVERLAP_FILE, manifest_mod.csv_text(
         plan.test_overlap, manifest_mod.OVERLAP_COLUMNS))
+    artifacts.atomic_write_text(out / manifest_mod.CAPPED_FILE, manifest_mod.csv_text(
+        plan.capped, manifest_mod.CAPPED_COLUMNS))
+    for source, caps in plan.caps.items():
+        log.info("source %s: caps %s left out %d rows (%s)", source, caps,
+                 sum(c["source"] == source for c in plan.capped), out / manifest_mod.CAPPED_FILE)
     if plan.test_overlap:
         dropped = plan.summary["test_overlap"]
         log.warning("test overlap: %d pairs between test-only sources (%s) and the training sources; %s (%s)",
@@ -193,13 +198,18 @@ def run(cfg: DermaFluxConfig) -> dict:
     started = time.time()
     out = Path(section.out)
     indexes = index_sources(section.sources)
+    seconds = {"index": time.time() - started}
     run_fingerprint = run_fingerprint_of(section, indexes)
     resumed = artifacts.claim_run(cfg, out, STAGE, run_fingerprint, force=section.force, inputs=input_paths(indexes))
     if resumed:
         log.info("%s: resuming the run already there (fingerprint %s)", out, run_fingerprint)
 
+    step = time.time()
     scans = _scan(indexes, out, cfg)
+    seconds["scan"], step = time.time() - step, time.time()
     plan = build_plan(indexes, scans, section)
+    seconds.update(plan.seconds)
+    step = time.time()
     _write_lists(plan, out)
     if not len(plan.kept):
         raise nothing_kept(plan, out)
@@ -214,6 +224,7 @@ def run(cfg: DermaFluxConfig) -> dict:
     else:
         log.info("shards: already written in %s", shard_dir)
 
+    seconds["write"] = time.time() - step
     sources = [{"name": i.spec.name, "reader": i.spec.reader, "path": i.spec.path, "options": i.spec.options,
                 "files": i.files} for i in indexes]
     manifest = manifest_mod.build_manifest(plan, manifest_mod.shard_counts(shard_dir), sources,
@@ -224,6 +235,8 @@ def run(cfg: DermaFluxConfig) -> dict:
                     "splits kept as given; set curate.official_splits=resplit to re-split)",
                     audit["groups_across_splits"], audit["near_duplicate_pairs_across_splits"])
     manifest["seconds"] = round(time.time() - started, 2)
+    # index, scan (decode + hash, Ray Data), dedup (within plan), plan (dedup + caps + splits), write (Ray Data)
+    manifest["seconds_by_step"] = {k: round(v, 2) for k, v in seconds.items()}
     artifacts.atomic_write_json(out / "manifest.json", manifest)
     artifacts.mark_done(out, "manifest")
     counts = manifest["reconciliation"]

@@ -134,8 +134,8 @@ def _known_flags(row: dict) -> tuple[bool | None, bool | None]:
     if malignant is None and label in taxonomy.LABELS:
         malignant = taxonomy.is_malignant(label)
     melanoma = row.get("melanoma")
-    if melanoma is None and label is not None:
-        melanoma = label == "mel"
+    if melanoma is None and label is not None and label != taxonomy.malignancy_code(True):
+        melanoma = label == "mel"  # a bare "malignant" may or may not be a melanoma: unknown
     return (None if malignant is None else bool(malignant)), (None if melanoma is None else bool(melanoma))
 
 
@@ -223,7 +223,9 @@ def class_names(real: ImageTable, task: str) -> tuple[str, ...]:
         return BINARY_CLASSES
     if task == "melanoma":
         return MELANOMA_CLASSES
-    present = {lab for lab in real.labels[real.split == "train"].tolist() if lab is not None}
+    # Rows labelled only benign/malignant have no diagnosis to predict: the multiclass task leaves them out.
+    present = {lab for lab in real.labels[real.split == "train"].tolist()
+               if lab is not None and (lab not in taxonomy.LABELS or taxonomy.is_diagnosis(lab))}
     return tuple(c for c in LABEL_ORDER if c in present) + tuple(sorted(present - set(LABEL_ORDER)))
 
 
@@ -327,7 +329,10 @@ def assemble_cell(
     rng = np.random.default_rng(seed)
     classes = class_names(real, task)
     real_y = targets(real, task, classes)
-    train_pool = np.flatnonzero(real.split == "train")
+    train_pool = np.flatnonzero((real.split == "train") & (real_y >= 0))
+    unknown = int(np.sum(real.split == "train")) - len(train_pool)
+    if unknown:  # e.g. benign/malignant-only rows in the multiclass task, a bare "malignant" in the melanoma task
+        log.info("%s task: %d train rows without a target for it left out of the pool", task, unknown)
     # Stratified by diagnosis code (finer than benign/malignant), the same subsample for every task.
     real_sel = train_pool[stratified_subsample(real.labels[train_pool], real_count, rng)]
     duplicated = 0

@@ -24,6 +24,9 @@ DIAGNOSIS_NAMES: dict[str, tuple[str, ...]] = {
     "df": ("dermatofibroma",),
     "vasc": ("vascular lesion", "vascular lesion (angioma)"),
     "scc": ("squamous cell carcinoma",),
+    # Malignancy-only labels: the reference work's captions ("This photo depicts a benign lesion").
+    "benign": ("benign lesion",),
+    "malignant": ("malignant lesion",),
 }
 if set(DIAGNOSIS_NAMES) != set(CODES):
     raise RuntimeError(f"caption wording covers {sorted(DIAGNOSIS_NAMES)} but the taxonomy has {sorted(CODES)}")
@@ -44,7 +47,7 @@ FITZPATRICK = ("I", "II", "III", "IV", "V", "VI")
 class LesionAttributes(ConfigModel):
     """What a caption says about one lesion; everything but the diagnosis is optional."""
 
-    diagnosis: str = Field(..., description="taxonomy code: mel, nv, bcc, akiec, bkl, df, vasc, scc")
+    diagnosis: str = Field(..., description="taxonomy code: mel, nv, bcc, akiec, bkl, df, vasc, scc; benign or malignant where only that is known")
     malignant: bool | None = Field(None, description="None: implied by the diagnosis")
     asymmetry: float | None = Field(None, ge=0.0, le=1.0, description="mean mirror mismatch about the principal axes")
     asymmetry_axes: int | None = Field(None, ge=0, le=2, description="ABCD rule: axes of asymmetry (0, 1, 2)")

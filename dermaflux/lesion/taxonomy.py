@@ -1,7 +1,10 @@
 """The one label taxonomy across sources, read from two data tables beside this module.
 
 `taxonomy_codes.csv`: code, display name, malignant flag (the benign-vs-malignant task is the
-reference work's headline). `taxonomy.csv`: (source, source label) -> code; rows of source "*"
+reference work's headline), level: `diagnosis` codes are the multiclass task's classes;
+`malignancy` codes (`benign`, `malignant`) label rows whose source says only that (ISIC 2024's
+`target`, a Kaggle benign/malignant folder, ISIC 2020's `unknown` diagnoses): such rows are trained
+on, captioned ("a benign lesion") and generated like any class, and scored by the binary task only. `taxonomy.csv`: (source, source label) -> code; rows of source "*"
 apply to sources with no rows of their own (generic CSV). A label with no row is unknown: callers
 quarantine it, never guess.
 
@@ -27,6 +30,10 @@ class Label:
     code: str
     name: str
     malignant: bool
+    level: str  # diagnosis | malignancy
+
+
+LEVELS = ("diagnosis", "malignancy")
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -40,13 +47,28 @@ def _read_labels() -> dict[str, Label]:
         flag = row["malignant"].strip().lower()
         if flag not in ("true", "false"):
             raise ValueError(f"{CODES_TABLE}: code {row['code']!r}: malignant must be true or false, got {flag!r}")
-        labels[row["code"]] = Label(row["code"], row["name"], flag == "true")
+        level = row["level"].strip().lower()
+        if level not in LEVELS:
+            raise ValueError(f"{CODES_TABLE}: code {row['code']!r}: level must be one of {', '.join(LEVELS)}, got {level!r}")
+        labels[row["code"]] = Label(row["code"], row["name"], flag == "true", level)
     return labels
 
 
 LABELS: dict[str, Label] = _read_labels()
 CODES: tuple[str, ...] = tuple(LABELS)
 MALIGNANT_CODES: frozenset[str] = frozenset(c for c, label in LABELS.items() if label.malignant)
+DIAGNOSIS_CODES: tuple[str, ...] = tuple(c for c, label in LABELS.items() if label.level == "diagnosis")
+MALIGNANCY_CODES: dict[bool, str] = {label.malignant: c for c, label in LABELS.items() if label.level == "malignancy"}
+
+
+def is_diagnosis(code: str) -> bool:
+    """A diagnosis (a multiclass class), not a bare benign/malignant label."""
+    return _label(code).level == "diagnosis"
+
+
+def malignancy_code(malignant: bool) -> str:
+    """The label of a row whose source says only benign or malignant."""
+    return MALIGNANCY_CODES[bool(malignant)]
 
 
 def is_malignant(code: str) -> bool:

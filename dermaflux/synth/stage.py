@@ -31,7 +31,7 @@ def class_targets(cfg: DermaFluxConfig) -> dict[str, int]:
             log.info("generate: %d per class for the classes of corpus %s: %s", synth.per_class, synth.corpus,
                      ", ".join(classes))
         else:
-            classes = list(taxonomy.CODES)
+            classes = list(taxonomy.DIAGNOSIS_CODES)  # benign/malignant only where a corpus has them
             log.info("generate: no synth.corpus given, so %d per class for every taxonomy class (%s); set "
                      "synth.corpus to generate only the classes a corpus has", synth.per_class, ", ".join(classes))
         targets = {code: synth.per_class for code in classes}

@@ -25,15 +25,15 @@ def test_generate_writes_exact_counts_and_resumes(ray_local, tiny_config, dermaf
             "--steps", "2", "--set", "synth.shard_size=5", "--set", "synth.width=32", "--set", "synth.height=32"]
     assert main(argv) == 0
 
-    n_classes = len(taxonomy.CODES)
+    n_classes = len(taxonomy.DIAGNOSIS_CODES)
     table = pq.read_table(out / "shards")
     assert table.schema.equals(pq.read_schema(next((out / "shards").glob("*.parquet"))))
     labels = table["label"].to_pylist()
-    assert {code: labels.count(code) for code in taxonomy.CODES} == {code: 2 for code in taxonomy.CODES}
+    assert {code: labels.count(code) for code in taxonomy.DIAGNOSIS_CODES} == {code: 2 for code in taxonomy.DIAGNOSIS_CODES}
     assert table.num_rows == 2 * n_classes and len(set(table["id"].to_pylist())) == table.num_rows
     assert set(table["adapter"].to_pylist()) == {"lora_a"} and set(table["width"].to_pylist()) == {32}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {code: 2 for code in taxonomy.CODES} and manifest["adapter_path"] == str(lora)
+    assert manifest["counts"] == {code: 2 for code in taxonomy.DIAGNOSIS_CODES} and manifest["adapter_path"] == str(lora)
     assert (out / "config.yaml").exists()
 
     # Lose the last shard as a crash would (file and marker gone, manifest not yet written): a rerun

@@ -32,7 +32,7 @@ def test_every_diagnosis_is_named_with_its_malignancy(code):
     for seed in range(10):
         text = caption_from_attributes({"diagnosis": code, "colours": ["dark_brown"]}, seed=seed).lower()
         assert any(name in text for name in DIAGNOSIS_NAMES[code]), text
-        malignant = code in {"mel", "bcc", "akiec", "scc"}
+        malignant = code in {"mel", "bcc", "akiec", "scc", "malignant"}
         assert ("malignant" in text) == malignant and ("benign" in text) == (not malignant), text
 
 

@@ -175,3 +175,22 @@ def test_published_split_audit_finds_a_leak_and_resplit_replaces_it(ham10000_dir
 
     resplit = build_plan(indexes, scans, base.model_copy(update={"official_splits": "resplit"}))
     assert set(resplit.kept["split_origin"]) == {"dermaflux"} and resplit.summary["duplicates"] == 1
+
+
+def test_source_caps_leave_out_whole_lesions_and_reconcile(sources):
+    specs = specs_of(sources)
+    specs[0] += ",max_per_label=3"
+    cfg = load_config("tiny", overrides=[]).curate.model_copy(update={"sources": specs})
+    indexes = [read_source(s) for s in cfg.sources]
+    scans = [scan_image(r.image_path, cfg.phash_size) for index in indexes for r in index.records]
+    plan = build_plan(indexes, scans, cfg)
+    ham = plan.kept[plan.kept["source"] == "ham10000"]
+    assert max(Counter(ham["label"]).values()) <= 3 and plan.capped
+    assert {c["source"] for c in plan.capped} == {"ham10000"} and plan.caps == {"ham10000": {"max_per_label": 3}}
+    assert plan.summary["per_source"]["ham10000"]["capped"] == len(plan.capped) and plan.summary["balanced"]
+    capped_ids = {c["id"] for c in plan.capped}
+    kept_lesions = set(ham["lesion_id"].dropna())
+    capped_lesions = {r.lesion_id for r in indexes[0].records if f"ham10000:{r.original_id}" in capped_ids}
+    assert not kept_lesions & capped_lesions  # a lesion is kept or left out whole
+    again = build_plan(indexes, scans, cfg)
+    assert [c["id"] for c in again.capped] == [c["id"] for c in plan.capped]

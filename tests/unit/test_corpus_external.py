@@ -66,10 +66,12 @@ def test_csv_binary_melanoma_and_malignant_columns(ham10000_dir, tmp_path):
     spellings = {r["melanoma"] for r in built["rows"]}
     assert {"0", "0.0", "false", "no"} <= spellings
 
-    malignant = read_source(built["spec"].replace("positive=mel", "positive=malignant"))
+    # A benign/malignant column labels every row `benign`/`malignant`: training rows, no split=test needed.
+    malignant = read_source(built["spec"].replace("positive=mel", "positive=malignant").replace(",split=test", ""))
     for record in malignant.records:
         flag = record.original_id in built["melanoma"]
-        assert record.label is None and record.malignant is flag and record.melanoma is (None if flag else False)
+        assert record.label == ("malignant" if flag else "benign") and record.official_split is None
+        assert record.malignant is flag and record.melanoma is (None if flag else False)
 
     without_split = built["spec"].replace(",split=test", "")
     with pytest.raises(SourceError, match="clinic: positive=mel gives rows without a diagnosis.*add split=test"):
@@ -143,7 +145,7 @@ def test_external_test_set_never_changes_the_training_rows_and_its_overlap_is_au
     assert plan.test_overlap[0]["distance"] <= 24 and plan.test_only == ["clinic"]
     entry = plan.summary["per_source"]["clinic"]
     assert entry == {"input_rows": ext["input_rows"], "kept": ext["input_rows"] - 2, "duplicates": 0,
-                     "test_overlap": 1, "quarantined": 1}
+                     "test_overlap": 1, "quarantined": 1, "capped": 0}
 
     kept = _plan([f"ham10000={ham['root']}", ext["spec"]], test_overlap="keep")
     assert training(kept) == training(alone)

@@ -241,3 +241,37 @@ def test_the_matched_control_copies_the_synthetic_cells_class_mix_and_duplicates
     cells = build_cells(EvaluateConfig(ratios=[0, 4], seeds=1, controls=True), n_train, has_synthetic=True)
     assert {c.arm for c in cells} == {"synthetic", "real-extra", "shuffled", "matched"}
     assert "matched" not in {c.arm for c in build_cells(EvaluateConfig(controls=True), n_train, has_synthetic=False)}
+
+
+def test_benign_malignant_rows_train_the_binary_task_and_the_others_say_how_many_they_leave_out(small_inputs, tmp_path):
+    """Rows labelled only `benign`/`malignant` (in every split): the binary task trains and scores on
+    them; the multiclass task leaves them out of its pool and test sets; the melanoma task leaves
+    out only the bare `malignant` ones (a benign lesion is not a melanoma)."""
+    import pyarrow as pa
+
+    from dermaflux.corpus.schema import CORPUS_SCHEMA
+
+    corpus_dir, _, _, _ = small_inputs
+    rows = pq.read_table(sorted((corpus_dir / "shards").glob("*.parquet"))).to_pylist()
+    coarse = []
+    for i, r in enumerate(rows):
+        r["melanoma"] = r["label"] == "mel"
+        if i % 3 == 0:  # a third of every split: the source says only benign or malignant
+            malignant = bool(r["malignant"])
+            coarse.append({**r, "id": f"bm:{i}", "source": "bm", "label": "malignant" if malignant else "benign",
+                           "melanoma": None if malignant else False})
+    (tmp_path / "corpus" / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows + coarse, schema=CORPUS_SCHEMA), tmp_path / "corpus" / "shards" / "p.parquet")
+    real = read_corpus(tmp_path / "corpus", 32)
+    coarse_test = [i for i in find_test_sets(real)["internal"] if real.labels[i] in ("benign", "malignant")]
+    bare_malignant = sum(real.labels[i] == "malignant" for i in coarse_test)
+    assert coarse_test and bare_malignant
+
+    binary = assemble_cell(real, None, "binary", 60, 0.0, 0)
+    assert {lab for lab in binary.train_labels} & {"benign", "malignant"} and binary.tests["internal"].left_out == 0
+    multiclass = assemble_cell(real, None, "multiclass", 40, 0.0, 0)
+    assert not {"benign", "malignant"} & set(multiclass.classes) and (multiclass.train_y >= 0).all()
+    assert not {"benign", "malignant"} & set(multiclass.train_labels.tolist())
+    assert multiclass.tests["internal"].left_out == len(coarse_test)
+    melanoma = assemble_cell(real, None, "melanoma", 40, 0.0, 0)
+    assert melanoma.tests["internal"].left_out == bare_malignant and (melanoma.train_y >= 0).all()

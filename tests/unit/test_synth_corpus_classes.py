@@ -28,7 +28,7 @@ def test_per_class_generates_only_the_corpus_classes(corpus, caplog):
     assert "classes of corpus" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dermaflux.synth.stage"):  # no corpus: as before, and said
-        assert class_targets(load_config("tiny", extra={"synth": {"per_class": 1}})) == {c: 1 for c in sorted(taxonomy.CODES)}
+        assert class_targets(load_config("tiny", extra={"synth": {"per_class": 1}})) == {c: 1 for c in sorted(taxonomy.DIAGNOSIS_CODES)}
     assert "no synth.corpus given" in caplog.text
 
 

@@ -13,7 +13,8 @@ from dermaflux.corpus.sources.base import Reject, SourceError, SourceIndex, Sour
 
 Reader = Callable[[SourceSpec], SourceIndex]
 _READERS: dict[str, Reader] = {}
-_READER_MODULES = ("ham10000", "dermamnist", "isic", "pad_ufes_20", "generic_csv")
+_READER_MODULES = ("ham10000", "dermamnist", "isic", "pad_ufes_20", "generic_csv", "isic2020", "isic2024", "ddi",
+                   "folders", "milk10k", "isic_archive", "derm12345")
 
 
 def register(name: str) -> Callable[[Reader], Reader]:

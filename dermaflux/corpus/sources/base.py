@@ -19,6 +19,7 @@ from pathlib import Path
 from dermaflux.corpus.config import SPLIT_WORDS, SourceSpec  # noqa: F401  (the spec parser lives beside its config field)
 from dermaflux.lesion import taxonomy
 
+MODALITIES = ("dermoscopic", "clinical", "total-body crop")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MISSING = {"", "na", "nan", "none", "null", "unknown"}
 # `positive=` of a binary label column: what its 1 means. "mel": 1 is melanoma, 0 is "not
@@ -42,7 +43,8 @@ class SourceRecord:
     row: int  # 1-based line in that CSV (header = 1) or index in the .npz array
     image_path: str  # a file path, or `<npz>::<array>::<index>` for array sources
     source_label: str
-    label: str | None  # None: the source gives no diagnosis (a binary column's negatives); test rows only
+    label: str | None  # a taxonomy code (benign/malignant where only that is known); None: not even malignancy
+    # is known (a melanoma column's negatives): test rows only
     group_namespace: str  # lesion/patient ids are compared within one namespace
     lesion_id: str | None = None
     patient_id: str | None = None
@@ -51,6 +53,8 @@ class SourceRecord:
     sex: str | None = None
     site: str | None = None
     skin_type: str | None = None
+    skin_tone: str | None = None  # a coarser tone with its scale ("fitzpatrick I-II"), where that is all there is
+    modality: str | None = None  # one of MODALITIES
     diagnosis_method: str | None = None
     mm_per_pixel: float | None = None
     metadata_json: str = "{}"
@@ -58,8 +62,13 @@ class SourceRecord:
     melanoma: bool | None = None
 
     def __post_init__(self):
-        if self.label is not None:
-            self.malignant, self.melanoma = taxonomy.is_malignant(self.label), self.label == "mel"
+        if self.label is None:
+            return
+        self.malignant = taxonomy.is_malignant(self.label)
+        if taxonomy.is_diagnosis(self.label):
+            self.melanoma = self.label == "mel"
+        elif not self.malignant:
+            self.melanoma = False  # benign: not a melanoma either; a bare "malignant" may or may not be one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,13 +196,29 @@ def binary_value(value: object, true_words: tuple[str, ...] = (), false_words: t
 def binary_record_fields(positive: str, flag: bool) -> dict:
     """SourceRecord fields for one binary cell: `positive` "mel" or "malignant", `flag` its value.
 
-    mel 1 -> label mel; mel 0 -> no diagnosis, melanoma False (malignancy unknown: it may be a bcc);
-    malignant 1 -> no diagnosis, malignant True (melanoma unknown); malignant 0 -> no diagnosis,
-    benign, so not a melanoma either.
+    mel 1 -> label mel; mel 0 -> no label, melanoma False (malignancy unknown: it may be a bcc; test
+    rows only); malignant 1 -> label `malignant` (melanoma unknown); malignant 0 -> label `benign`
+    (so not a melanoma either). The two malignancy labels are training rows like any other.
     """
     if positive == "mel":
         return {"label": "mel"} if flag else {"label": None, "melanoma": False}
-    return {"label": None, "malignant": True} if flag else {"label": None, "malignant": False, "melanoma": False}
+    return {"label": taxonomy.malignancy_code(flag)}
+
+
+def diagnosis_fields(vocabulary: str, diagnosis: object, malignant: bool | None) -> tuple[dict | None, str | None]:
+    """(SourceRecord fields, None) for a row with a finer diagnosis and/or a benign/malignant flag, or
+    (None, why) when it cannot be labelled. The diagnosis goes through the taxonomy table of
+    `vocabulary`; one the table does not know keeps the flag's `benign`/`malignant` label; one
+    whose malignancy contradicts the flag is refused (which of the two is wrong is for a person)."""
+    code = taxonomy.map_label(vocabulary, diagnosis) if text(diagnosis) is not None else None
+    if code is not None and malignant is not None and taxonomy.is_malignant(code) != malignant:
+        return None, (f"diagnosis {diagnosis!r} ({'malignant' if taxonomy.is_malignant(code) else 'benign'} in the "
+                      f"taxonomy) contradicts the source's {'malignant' if malignant else 'benign'} flag")
+    if code is not None:
+        return {"label": code}, None
+    if malignant is None:
+        return None, f"no known diagnosis ({diagnosis!r}) and no benign/malignant flag"
+    return {"label": taxonomy.malignancy_code(malignant)}, None
 
 
 # Grouping ids that are placeholders, not ids: a run of zeros after a prefix (ISIC metadata's
@@ -262,3 +287,26 @@ class RowChecks:
         if path is None:
             self.reject(line, original_id, problem + where)
         return path
+
+
+def find_file(reader: str, root: Path, patterns: tuple[str, ...], what: str) -> Path:
+    """The first file under `root` (searched recursively) matching the patterns in order of preference;
+    `root` itself when it is a file. Fails naming the folder and the names looked for."""
+    if not root.exists():
+        raise SourceError(f"{reader}: {root} does not exist")
+    if root.is_file():
+        return root
+    for pattern in patterns:
+        hits = sorted(root.rglob(pattern))
+        if hits:
+            return hits[0]
+    raise SourceError(f"{reader}: no {what} under {root} (looked for {', '.join(patterns)})")
+
+
+def labelled_fields(checks: RowChecks, line: int, original_id: str, vocabulary: str, diagnosis: object,
+                    malignant: bool | None) -> dict | None:
+    """`diagnosis_fields` for one row; a row it cannot label becomes a Reject naming the row."""
+    fields, why = diagnosis_fields(vocabulary, diagnosis, malignant)
+    if fields is None:
+        checks.reject(line, original_id, why)
+    return fields

@@ -9,10 +9,10 @@ taxonomy's generic rows (codes and English names), or through another source's r
 `vocab=ham10000`. `split=test` sends every row to the test split (an external test set);
 `split_col=COL` reads each row's split from a column (`split=COL` with a column name, the older
 spelling, still works). `positive=mel` reads `label` as a binary column (1/0, 1.0/0.0, true/false,
-yes/no): 1 is a melanoma, 0 "not a melanoma" with no diagnosis; `positive=malignant` reads a
-malignant/benign column (also the words malignant/benign) with no diagnosis either way. Rows
-without a diagnosis are test rows only, so `positive=` needs `split=test`. Several CSV sources in
-one run need distinct `name=`s.
+yes/no): 1 is a melanoma, 0 "not a melanoma" with no diagnosis (test rows only, so it needs
+`split=test`); `positive=malignant` reads a malignant/benign column (also the words
+malignant/benign): its rows get the labels `malignant` / `benign` and are training rows like any
+other. Several CSV sources in one run need distinct `name=`s.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from dermaflux.corpus.sources.base import (
 )
 
 MAPPED = ("id", "label", "image", "lesion", "patient", "age", "sex", "site", "skin_type", "method")
-OPTIONS = {*MAPPED, "images", "vocab", "name", "split", "split_col", "positive"}
+OPTIONS = {*MAPPED, "images", "vocab", "name", "split", "split_col", "positive", "max_rows", "max_per_label",
+           "malignant_share"}  # the last three: caps, read by corpus/caps.py for every reader
 # Words a binary column may hold besides 0/1, true/false, yes/no, per `positive=`.
 BINARY_WORDS = {"mel": (("mel", "melanoma"), ()), "malignant": (("malignant",), ("benign",))}
 
@@ -45,7 +46,7 @@ def _check_options(spec: SourceSpec) -> str | None:
     positive = POSITIVES.get(spec.options["positive"].lower())
     if positive is None:
         raise SourceError(f"csv source {spec.name}: positive={spec.options['positive']!r}: expected mel or malignant")
-    if spec.fixed_split != "test":
+    if positive == "mel" and spec.fixed_split != "test":
         raise SourceError(f"csv source {spec.name}: positive={spec.options['positive']} gives rows without a diagnosis, "
                           "which can only be test rows: add split=test (an external test set)")
     return positive
