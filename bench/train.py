@@ -50,7 +50,7 @@ def build_cache(data: Path, work: Path, cfg, n_train: int) -> Path:
     import pyarrow.parquet as pq
 
     from dermaflux.testing.ham10000 import build_captioned_set
-    from dermaflux.train.cache import CACHE_SCHEMA
+    from dermaflux.train.cache import write_cache_shard
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
 
     captions = build_captioned_set(data, work / "captions", n_train=n_train, n_test=0)
@@ -58,8 +58,7 @@ def build_cache(data: Path, work: Path, cfg, n_train: int) -> Path:
     rows = encode_rows(load_text_and_vae(cfg.model, None), table.to_pydict(), cfg.model.resolution,
                        cfg.model.max_sequence_length)
     cache = work / "cache"
-    (cache / "shards").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pydict(rows, schema=CACHE_SCHEMA), cache / "shards" / "part-00000.parquet")
+    write_cache_shard(rows, cache / "shards" / "part-00000.arrow")
     return cache
 
 

@@ -414,13 +414,11 @@ def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dermaflux.train.cache import ensure_split_file
     from dermaflux.train.ray_tracking import TrackingCallback, check_trackers
 
     tc = cfg.train
     check_trackers(tc.tracking)
     run_dir = Path(run_dir).resolve()
-    ensure_split_file(cache_dir, "train")  # once here, not raced by every worker
     storage = tc.storage_path or str(run_dir / "ray")
     # --resume looks for local checkpoints; on remote storage Ray Train restores the run by its name itself.
     resume_from = latest_checkpoint(storage) if resume and "://" not in storage else None

@@ -9,7 +9,6 @@ import shutil
 import sys
 import time
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -36,7 +35,7 @@ json.dump({"nodes": nodes, "error": None if result.error is None else repr(resul
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
     """Pre-computed inputs written with the pure encoders (the Ray Data job is tested in test_train_ray.py)."""
-    from dermaflux.train.cache import CACHE_SCHEMA
+    from dermaflux.train.cache import write_cache_shard
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
 
     captions = build_captioned_set(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=32, n_test=0)
@@ -44,8 +43,7 @@ def cache_dir(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
     pipe = load_text_and_vae(tiny_config.model, None)
     rows = encode_rows(pipe, table.to_pydict(), 64, tiny_config.model.max_sequence_length)
     cache = tmp_path_factory.mktemp("cache")
-    (cache / "shards").mkdir()
-    pq.write_table(pa.Table.from_pydict(rows, schema=CACHE_SCHEMA), cache / "shards" / "part-00000.parquet")
+    write_cache_shard(rows, cache / "shards" / "part-00000.arrow")
     return captions, cache
 
 
