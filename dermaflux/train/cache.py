@@ -104,6 +104,11 @@ class CachedSet:
         shape = self._value("latents_shape", 0)
         return shape[0] if len(shape) == 4 else 1
 
+    def sample_shapes(self) -> tuple[tuple[int, ...], int]:
+        """([C, h, w] of a latent, T5 tokens) of every sample."""
+        latents, prompt_embeds, _ = self.rows([0])
+        return tuple(latents.shape[1:]), int(prompt_embeds.shape[1])
+
     def _value(self, column: str, logical: int):
         shard, row = self.where[logical]
         return self.shards[shard].column(column)[int(row)].as_py()

@@ -127,6 +127,16 @@ class TrainConfig(ConfigModel):
     )
     validation_seeds: list[int] = Field(default_factory=lambda: [0, 1])
     validation_steps: int | None = Field(None, description="sampling steps (None: model.num_inference_steps)")
+    encode: Literal["auto", "cached", "online"] = Field(
+        "auto", description="cached: encode every image (its views) and caption once into <out>/cache, train from the "
+        "mapped shards; online: no cache, each worker decodes its share of the caption shards (Ray Data), draws a "
+        "dihedral view and encodes with the frozen VAE/CLIP/T5 it holds; auto: cached when the planned epochs are >= 2 "
+        "and the cache (sized from the shapes) fits under cache_max_bytes, else online (train/encode_plan.py)"
+    )
+    cache_max_bytes: int = Field(256 * 2**30, ge=0, description="encode auto: the largest cache written (bytes)")
+    online_shuffle_rows: int = Field(
+        1024, ge=1, description="encode online: rows each worker shuffles over (Ray Data's local shuffle buffer)"
+    )
     precompute_batch: int = Field(32, ge=1)
     precompute_workers: int = Field(1, ge=1)
     vae_fit: VaeFitConfig = Field(default_factory=VaeFitConfig)
