@@ -360,6 +360,114 @@ def gpu_product_bench(args) -> dict:
     return result
 
 
+# --- issue 21: cached vs online encoding ------------------------------------------------------------------------
+
+def sizing_rows() -> list[dict]:
+    """Cached bytes per image and for 500,000 images, per preset, from the shapes (8 dihedral views)."""
+    from dermaflux.config import load_config
+    from dermaflux.train.encode_plan import RowShapes, row_shapes
+
+    tiny = load_config("tiny")
+    shapes = [("tiny", row_shapes(tiny.model, None, 8, 64))]
+    # FLUX.1-dev at 512 px: its VAE (16 channels, 8x down) and transformer widths (T5 4096, pooled CLIP 768), bf16.
+    shapes += [("flux-dev", RowShapes(16, 64, 8, tokens, 4096, 768, 2)) for tokens in (128, 512)]
+    return [{"preset": name, "text_tokens": s.text_tokens, "bytes_per_image": s.bytes_per_row(),
+             "bytes_500k": 500_000 * s.bytes_per_row()} for name, s in shapes]
+
+
+def encode_corpus(data: Path, out: Path, rows: int) -> Path:
+    """A captioned set of `rows` train rows: HAM10000's first images by id, repeated under new ids past 10,015."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermaflux.caption.schema import CAPTION_SCHEMA
+    from dermaflux.testing.ham10000 import build_captioned_set, read_metadata
+
+    base = build_captioned_set(data, out, n_train=min(rows, len(read_metadata(data))), n_test=0, shard_rows=512)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((base / "shards").glob("*.parquet"))])
+    copy, shard = 1, len(list((base / "shards").glob("*.parquet")))
+    while table.num_rows * copy < rows:
+        extra = table.slice(0, rows - table.num_rows * copy)
+        extra = extra.set_column(extra.schema.get_field_index("id"), "id",
+                                 pa.array([f"{i}-copy{copy}" for i in extra["id"].to_pylist()]))
+        for start in range(0, extra.num_rows, 512):
+            pq.write_table(extra.slice(start, 512).cast(CAPTION_SCHEMA), base / "shards" / f"part-{shard:05d}.parquet")
+            shard += 1
+        copy += 1
+    return base
+
+
+class FirstStepTime:
+    """Trainer hook: rank 0 writes the wall-clock time of its first optimiser step."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __call__(self, trainer, step: int) -> None:
+        if trainer.rank == 0 and not self.path.exists():
+            self.path.write_text(str(time.time()))
+
+
+def encode_run(captions: Path, out: Path, mode: str, steps: int) -> dict:
+    """The train stage's steps after the VAE fit (tiny preset, its random VAE): plan, pre-compute or not,
+    Ray Train; seconds from the start to the first optimiser step, and samples/s of the steps after it."""
+    from dermaflux.config import load_config
+    from dermaflux.train.ray_precompute import encode_validation_prompts
+    from dermaflux.train.ray_trainer import run_training
+    from dermaflux.train.stage import _encode_plan, _precompute
+
+    cfg = load_config("tiny", extra={"train": {
+        "captions": str(captions), "out": str(out), "encode": mode, "steps": steps, "micro_batch": 8,
+        "checkpoint_every": steps, "validate_every": 10**6, "validate_final": False, "log_every": 1,
+        "warmup_steps": 0, "tracking": [], "max_failures": 0, "vae_fit": {"enabled": False}}})
+    started = time.time()
+    plan = _encode_plan(cfg, None)
+    if plan["mode"] == "cached":
+        _precompute(cfg, out / "cache", None)
+    else:
+        encode_validation_prompts(cfg, out / "cache", None, plan["text_tokens"])
+    first = out / "first_step.txt"
+    result = run_training(cfg, out / "cache", None, out, encode=plan, hooks=[FirstStepTime(first)])
+    if result.error is not None:
+        raise RuntimeError(result.error)
+    with result.checkpoint.as_directory() as ckpt, open(Path(ckpt) / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return {"mode": plan["mode"], "first_step_s": float(first.read_text()) - started,
+            "samples_per_s": statistics.median(float(r["samples_per_s"]) for r in rows[1:]),
+            "cache_bytes": sum(f.stat().st_size for f in (out / "cache").rglob("*") if f.is_file())}
+
+
+def encode_bench(args) -> dict:
+    import ray
+
+    from dermaflux.config import load_config
+    from dermaflux.core.runtime import init_ray
+
+    sizes = [int(n) for n in args.rows.split(",")]
+    init_ray(load_config("tiny").ray.model_copy(update={"num_cpus": 4}),
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dfx-bench-encode-") as tmp:
+        for n in sizes:
+            captions = encode_corpus(Path(args.data), Path(tmp) / f"captions-{n}", n)
+            for mode in ("cached", "online"):  # interleaved per size: the machine is shared
+                rows.append({"rows": n, **encode_run(captions, Path(tmp) / f"{mode}-{n}", mode, args.encode_steps)})
+    ray.shutdown()
+    by = {(r["rows"], r["mode"]): r for r in rows}
+    small, large = sizes[0], sizes[-1]
+    return {"kind": "encode", "steps": args.encode_steps, "rows": rows, "sizing": sizing_rows(),
+            "online_vs_cached_samples_per_s": by[(small, "online")]["samples_per_s"] / by[(small, "cached")]["samples_per_s"],
+            "first_step_growth": {mode: by[(large, mode)]["first_step_s"] / by[(small, mode)]["first_step_s"]
+                                  for mode in ("cached", "online")}}
+
+
+def print_sizing(sizing: list[dict]) -> None:
+    print(f"{'preset':<10}{'T5 tokens':>10}{'per image':>12}{'500,000 images':>16}")
+    for r in sizing:
+        print(f"{r['preset']:<10}{r['text_tokens']:>10}{r['bytes_per_image'] / 2**20:>10.2f} MiB"
+              f"{r['bytes_500k'] / 2**30:>12.0f} GiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps")
@@ -377,7 +485,26 @@ def main() -> None:
     parser.add_argument("--plain-steps", type=int, default=8, help="gpu-product: timed steps of each plain loop")
     parser.add_argument("--work", help="gpu-product: work folder (default: a new temporary one)")
     parser.add_argument("--json", help="where to write the result (default bench/results/<kind>.json)")
+    parser.add_argument("--sizing", action="store_true", help="print the cache sizing table (from the shapes)")
+    parser.add_argument("--encode", action="store_true", help="cached vs online: samples/s, time to first step")
+    parser.add_argument("--rows", default="1000,20000", help="encode: corpus sizes for the time to first step")
+    parser.add_argument("--encode-steps", type=int, default=12, help="encode: optimiser steps per run")
     args = parser.parse_args()
+    if args.sizing or args.encode:
+        result = encode_bench(args) if args.encode else {"kind": "sizing", "sizing": sizing_rows()}
+        print_sizing(result["sizing"])
+        if args.encode:
+            print(f"\n{'rows':>7}{'mode':>8}{'first step s':>14}{'samples/s':>11}{'cache MiB':>11}")
+            for r in result["rows"]:
+                print(f"{r['rows']:>7}{r['mode']:>8}{r['first_step_s']:>14.1f}{r['samples_per_s']:>11.1f}"
+                      f"{r['cache_bytes'] / 2**20:>11.1f}")
+            print(f"online / cached samples/s: {result['online_vs_cached_samples_per_s']:.2f}; time to first step, "
+                  f"largest / smallest corpus: " + ", ".join(f"{m} {g:.2f}x" for m, g in result["first_step_growth"].items()))
+        path = Path(args.json or RESULTS / f"train_{result['kind']}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "host": platform.node()}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     if args.gpu_product:
         os.environ["DS_ACCELERATOR"] = "cuda"  # before Ray starts: its workers inherit it (the default above is cpu)
         args.steps = args.steps if args.steps != 5 else 12

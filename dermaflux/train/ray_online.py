@@ -7,6 +7,7 @@ asked Ray Data first: rank r's stream is its share, epoch after epoch, in an ord
 (blocks in order, Ray Data's local shuffle seeded). A worker's position in that stream is
 micro_step x micro_batch, so a restarted worker skips (reads, does not decode) the rows its checkpoint had
 already trained on in the current epoch and continues with the next: none twice, none skipped.
+Each rank's id filter is pushed into the Parquet scan, so a worker receives only its share's image bytes.
 Read tasks ask for no CPU: the decoding and encoding happen in the Train workers, which hold the CPUs.
 """
 
@@ -37,13 +38,16 @@ def _keep_share(batch: pa.Table, share: pa.Array, rank: int, world: int) -> pa.T
 def online_datasets(cfg: DermaFluxConfig, ids: list[str], world: int):
     """({"train_<rank>": Dataset}, DataConfig) for the TorchTrainer: rank r streams ids[r::world]."""
     import ray.data
+    from ray.data.expressions import col
     from ray.train import DataConfig
 
     paths = [str(p) for p in caption_shards(cfg.train.captions)]
     datasets = {}
     for rank in range(world):
         share = pa.array(ids[rank::world], pa.string())
-        ds = ray.data.read_parquet(paths, columns=STREAM_COLUMNS + ["split"], ray_remote_args={"num_cpus": 0})
+        ds = ray.data.read_parquet(paths, columns=STREAM_COLUMNS, num_cpus=0)
+        # Pushed down into the Parquet scan: other ranks' rows (their image bytes) never leave the read task.
+        ds = ds.filter(expr=col("id").is_in(share.to_pylist()))
         datasets[f"train_{rank}"] = ds.map_batches(
             functools.partial(_keep_share, share=share, rank=rank, world=world), batch_format="pyarrow", num_cpus=0)
     options = DataConfig.default_ingest_options()
@@ -107,6 +111,7 @@ class OnlineData:
         self.stream = ShareStream(ray.train.get_dataset_shard(f"train_{rank}"), share_rows, tc.seed, rank,
                                   tc.online_shuffle_rows)
         self._last: tuple | None = None  # (micro_step, tensors): a repeated request (the compile probe) re-reads none
+        self.last_ids: list[str] = []
 
     def __len__(self) -> int:
         return self.rows_total
@@ -129,6 +134,7 @@ class OnlineData:
             self.pipe, rows, epochs, self.cfg.model.resolution, self.text_tokens, tc.caption_style, self.views,
             tc.seed, tc.caption_dropout))
         self._last = (micro_step, encoded)
+        self.last_ids = list(rows["id"])  # what a test hook reads: the rows this micro-batch trained on
         return tuple(t.clone() for t in encoded)
 
 

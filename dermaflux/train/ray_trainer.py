@@ -307,7 +307,7 @@ class Trainer:
 
         tc, step = self.tc, self.step
         save = step % tc.checkpoint_every == 0 or step == tc.steps
-        render = self.validation is not None and (step % tc.validate_every == 0 or step == tc.steps)
+        render = self.validation is not None and (step % tc.validate_every == 0 or (step == tc.steps and tc.validate_final))
         if not (save or render or step % tc.log_every == 0):
             return
         metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * self.world / len(self.data),

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (how long, how wide, how it fails).
 _RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "cpus_per_worker", "use_gpu", "resume",
-                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile"}
+                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile", "validate_final"}
 
 
 def run_fingerprint(cfg: DermaFluxConfig) -> str:
