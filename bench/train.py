@@ -4,8 +4,15 @@ GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient check
 (`--gpu-product`, run by scripts/gpu-check.sh) the product's own trainer on a random FLUX.1-dev folder.
 
     .venv/bin/python bench/train.py [--quick] [--data DIR]
+    .venv/bin/python bench/train.py --encode [--rows 1000,20000] [--encode-steps 12]   (cached vs online)
+    .venv/bin/python bench/train.py --sizing   (cache bytes per image and for 500,000 images, per preset)
     .venv/bin/python bench/train.py --full-size [--layers N] [--resolution 512] [--steps 5]
-    python3 bench/train.py --gpu-product --model DIR [--data DIR] [--steps 12] [--json FILE]
+    python3 bench/train.py --gpu-product --model DIR [--data DIR] [--steps 12] [--gpu-encode online] [--json FILE]
+
+--encode (issue 21): on the tiny preset, for each corpus size in --rows (HAM10000's images, repeated under new ids
+past 10,015), the train stage's steps after the VAE fit in both modes, interleaved: seconds from the start to the
+first optimiser step (token count, cache sizing, pre-compute or not, Ray Train start, model load) and samples/s
+of the steps after it; the ratio largest/smallest corpus per mode. The machine is shared: read the ratios.
 
 --gpu-product: `dermaflux train` (flux-dev preset: micro_batch auto, compile, T5 length from the captions,
 dihedral views; one worker, ZeRO-2, bf16) on captions in the caption template's wording, its samples/s
@@ -268,7 +275,7 @@ def product_run(args, work: Path) -> dict:
         "captions": str(captions), "out": str(work / "run"), "workers": 1, "zero_stage": 2, "steps": args.steps,
         "checkpoint_every": args.steps, "validate_every": 10**6, "log_every": 1, "tracking": [],
         "validation_prompts": ["dermoscopic image of a melanoma"], "validation_seeds": [0], "validation_steps": 2,
-        "precompute_workers": 1, "cpus_per_worker": 8}})
+        "precompute_workers": 1, "cpus_per_worker": 8, "encode": args.gpu_encode}})
     started = time.perf_counter()
     summary = run("train", cfg)
     with open(work / "run" / "loss.csv") as fh:
@@ -277,7 +284,7 @@ def product_run(args, work: Path) -> dict:
     return {"samples_per_s": statistics.median(steady), "wall_s": time.perf_counter() - started,
             "peak_gib": max(float(r["peak_mem_mb"]) for r in rows) / 1024, "steps": len(rows),
             **{k: summary["train"][k] for k in ("micro_batch", "gradient_checkpointing", "compiled", "text_tokens")},
-            "caption_tokens": summary["precompute"]["text_tokens"]}
+            "caption_tokens": summary["encode"]["text_token_plan"], "encode": summary["encode"]["mode"]}
 
 
 def plain_loops(args, product: dict) -> dict:
@@ -351,6 +358,9 @@ def gpu_product_bench(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="dfx-bench-gpu-"))
     product = product_run(args, work)
     ray.shutdown()  # the Ray Train worker (and its GPU memory) is gone; the plain loops get the whole GPU
+    if args.gpu_encode == "online":  # its cost: compare with the cached bench-train.json of the same call
+        return {"kind": "gpu-product-online", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "product": product}
     plain = plain_loops(args, product)
     result = {"kind": "gpu-product", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "product": product, **plain, "bf16_peak_tflops": H100_BF16_DENSE_TFLOPS}
@@ -484,6 +494,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48, help="gpu-product: captioned images to pre-compute")
     parser.add_argument("--plain-steps", type=int, default=8, help="gpu-product: timed steps of each plain loop")
     parser.add_argument("--work", help="gpu-product: work folder (default: a new temporary one)")
+    parser.add_argument("--gpu-encode", choices=["cached", "online"], default="cached",
+                        help="gpu-product: train.encode (online: the product run only, no plain loops)")
     parser.add_argument("--json", help="where to write the result (default bench/results/<kind>.json)")
     parser.add_argument("--sizing", action="store_true", help="print the cache sizing table (from the shapes)")
     parser.add_argument("--encode", action="store_true", help="cached vs online: samples/s, time to first step")

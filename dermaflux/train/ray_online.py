@@ -80,9 +80,15 @@ class ShareStream:
                     yield epoch, row
             epoch, offset = epoch + 1, 0
 
+    def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()
+        self._rows, self._position = None, None
+
     def take(self, start: int, count: int) -> tuple[dict, list[int]]:
         """Rows at stream positions [start, start + count) as columns, and the epoch each was drawn in."""
         if self._position != start:
+            self.close()
             self._rows = self._stream(start)
         taken = [next(self._rows) for _ in range(count)]
         self._position = start + count
@@ -115,6 +121,9 @@ class OnlineData:
 
     def __len__(self) -> int:
         return self.rows_total
+
+    def close(self) -> None:
+        self.stream.close()
 
     def sample_shapes(self) -> tuple[tuple[int, ...], int]:
         """([C, h, w] of a latent, T5 tokens) of every sample."""
