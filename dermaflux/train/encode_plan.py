@@ -38,16 +38,24 @@ def planned_epochs(steps: int, micro_batch: int | str, grad_accum: int, workers:
     return steps * per_step / max(rows, 1)
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def choose_encode(setting: str, epochs: float, cache_bytes: int, max_bytes: int) -> tuple[str, str]:
     """(mode, reason) for `train.encode` `setting` (auto|cached|online)."""
-    size = f"cache {cache_bytes / 2**30:.2f} GiB"
+    size = f"cache {human_bytes(cache_bytes)}"
     if setting != "auto":
         return setting, f"train.encode: {setting} ({epochs:.2f} planned epochs, {size})"
     if epochs < MIN_CACHED_EPOCHS:
         return "online", (f"auto: {epochs:.2f} planned epochs < {MIN_CACHED_EPOCHS:g}: each cached row would be read "
                           f"about once ({size} not written)")
     if cache_bytes > max_bytes:
-        return "online", (f"auto: {size} > train.cache_max_bytes {max_bytes / 2**30:.2f} GiB "
+        return "online", (f"auto: {size} > train.cache_max_bytes {human_bytes(max_bytes)} "
                           f"({epochs:.2f} planned epochs)")
     return "cached", f"auto: {epochs:.2f} planned epochs >= {MIN_CACHED_EPOCHS:g} and {size} <= train.cache_max_bytes"
 

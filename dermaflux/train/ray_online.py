@@ -38,18 +38,27 @@ def _keep_share(batch: pa.Table, share: pa.Array, rank: int, world: int) -> pa.T
 def online_datasets(cfg: DermaFluxConfig, ids: list[str], world: int):
     """({"train_<rank>": Dataset}, DataConfig) for the TorchTrainer: rank r streams ids[r::world]."""
     import ray.data
+    from ray.data import DataContext
     from ray.data.expressions import col
     from ray.train import DataConfig
 
     paths = [str(p) for p in caption_shards(cfg.train.captions)]
     datasets = {}
-    for rank in range(world):
-        share = pa.array(ids[rank::world], pa.string())
-        ds = ray.data.read_parquet(paths, columns=STREAM_COLUMNS, num_cpus=0)
-        # Pushed down into the Parquet scan: other ranks' rows (their image bytes) never leave the read task.
-        ds = ds.filter(expr=col("id").is_in(share.to_pylist()))
-        datasets[f"train_{rank}"] = ds.map_batches(
-            functools.partial(_keep_share, share=share, rank=rank, world=world), batch_format="pyarrow", num_cpus=0)
+    context = DataContext.get_current()
+    # Ray Data's V2 Parquet reader plans each read with a ListFiles task and a pool of footer-reading actors, one
+    # CPU each: with one dataset per rank on a node whose CPUs the Train workers hold, they waited for CPUs (a CPU
+    # test cluster hung). The V1 reader reads the footers here once and its read tasks ask for no CPU.
+    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        for rank in range(world):
+            share = pa.array(ids[rank::world], pa.string())
+            ds = ray.data.read_parquet(paths, columns=STREAM_COLUMNS, num_cpus=0)
+            # Pushed down into the Parquet scan: other ranks' rows (their image bytes) never leave the read task.
+            ds = ds.filter(expr=col("id").is_in(share.to_pylist()), num_cpus=0)
+            datasets[f"train_{rank}"] = ds.map_batches(
+                functools.partial(_keep_share, share=share, rank=rank, world=world), batch_format="pyarrow", num_cpus=0)
+    finally:
+        context.use_datasource_v2 = use_v2
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # the same block order every epoch and after a restart: a resumable position
     return datasets, DataConfig(datasets_to_split=[], execution_options=options)
