@@ -7,7 +7,7 @@ asked Ray Data first: rank r's stream is its share, epoch after epoch, in an ord
 (blocks in order, Ray Data's local shuffle seeded). A worker's position in that stream is
 micro_step x micro_batch, so a restarted worker skips (reads, does not decode) the rows its checkpoint had
 already trained on in the current epoch and continues with the next: none twice, none skipped.
-Each rank's id filter is pushed into the Parquet scan, so a worker receives only its share's image bytes.
+Each rank's id filter runs in the read stage, so a worker receives only its share's rows.
 Read tasks ask for no CPU: the decoding and encoding happen in the Train workers, which hold the CPUs.
 """
 
@@ -53,7 +53,7 @@ def online_datasets(cfg: DermaFluxConfig, ids: list[str], world: int):
         for rank in range(world):
             share = pa.array(ids[rank::world], pa.string())
             ds = ray.data.read_parquet(paths, columns=STREAM_COLUMNS, num_cpus=0)
-            # Pushed down into the Parquet scan: other ranks' rows (their image bytes) never leave the read task.
+            # Filtered in the read stage (Ray Data may push it into the Parquet scan): other ranks' rows never reach it.
             ds = ds.filter(expr=col("id").is_in(share.to_pylist()), num_cpus=0)
             datasets[f"train_{rank}"] = ds.map_batches(
                 functools.partial(_keep_share, share=share, rank=rank, world=world), batch_format="pyarrow", num_cpus=0)
