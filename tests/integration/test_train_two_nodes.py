@@ -27,7 +27,7 @@ spec = json.load(open(sys.argv[1]))
 
 
 class RecordShare:
-    """Trainer hook (online): each rank appends its node and the ids its step trained on."""
+    # Trainer hook (online): each rank appends its node and the ids its step trained on.
 
     def __call__(self, trainer, step):
         with open(spec["out"] + "/rows.jsonl", "a") as fh:
