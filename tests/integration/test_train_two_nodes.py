@@ -32,7 +32,7 @@ class RecordShare:
     def __call__(self, trainer, step):
         with open(spec["out"] + "/rows.jsonl", "a") as fh:
             fh.write(json.dumps({"rank": trainer.rank, "node": ray.get_runtime_context().get_node_id(),
-                                 "ids": trainer.data.last_ids}) + "\n")
+                                 "ids": trainer.data.last_ids}) + "\\n")
 
 
 ray.init()  # the job's cluster (RAY_ADDRESS)
