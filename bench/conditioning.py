@@ -227,7 +227,7 @@ def run_stage(args: list[str], log_path: Path) -> dict:
 def phase_seconds(out: Path, started: float) -> dict:
     """Wall seconds of the train stage's phases, from when each wrote its output: VAE fit, pre-compute
     (the cache), then Ray Train to the final adapter."""
-    ends = {"vae_fit": out / "vae", "precompute": out / "cache" / "train.arrow", "train": out / "final"}
+    ends = {"vae_fit": out / "vae", "precompute": out / "cache" / "validation.pt", "train": out / "final"}
     phases, previous = {}, started
     for name, path in ends.items():
         end = path.stat().st_mtime

@@ -4,8 +4,15 @@ GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient check
 (`--gpu-product`, run by scripts/gpu-check.sh) the product's own trainer on a random FLUX.1-dev folder.
 
     .venv/bin/python bench/train.py [--quick] [--data DIR]
+    .venv/bin/python bench/train.py --encode [--rows 1000,20000] [--encode-steps 12]   (cached vs online)
+    .venv/bin/python bench/train.py --sizing   (cache bytes per image and for 500,000 images, per preset)
     .venv/bin/python bench/train.py --full-size [--layers N] [--resolution 512] [--steps 5]
-    python3 bench/train.py --gpu-product --model DIR [--data DIR] [--steps 12] [--json FILE]
+    python3 bench/train.py --gpu-product --model DIR [--data DIR] [--steps 12] [--gpu-encode online] [--json FILE]
+
+--encode (issue 21): on the tiny preset, for each corpus size in --rows (HAM10000's images, repeated under new ids
+past 10,015), the train stage's steps after the VAE fit in both modes, interleaved: seconds from the start to the
+first optimiser step (token count, cache sizing, pre-compute or not, Ray Train start, model load) and samples/s
+of the steps after it; the ratio largest/smallest corpus per mode. The machine is shared: read the ratios.
 
 --gpu-product: `dermaflux train` (flux-dev preset: micro_batch auto, compile, T5 length from the captions,
 dihedral views; one worker, ZeRO-2, bf16) on captions in the caption template's wording, its samples/s
@@ -54,7 +61,7 @@ def build_cache(data: Path, work: Path, cfg, n_train: int) -> Path:
     import pyarrow.parquet as pq
 
     from dermaflux.testing.ham10000 import build_captioned_set
-    from dermaflux.train.cache import CACHE_SCHEMA
+    from dermaflux.train.cache import write_cache_shard
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
 
     captions = build_captioned_set(data, work / "captions", n_train=n_train, n_test=0)
@@ -62,8 +69,7 @@ def build_cache(data: Path, work: Path, cfg, n_train: int) -> Path:
     rows = encode_rows(load_text_and_vae(cfg.model, None), table.to_pydict(), cfg.model.resolution,
                        cfg.model.max_sequence_length)
     cache = work / "cache"
-    (cache / "shards").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pydict(rows, schema=CACHE_SCHEMA), cache / "shards" / "part-00000.parquet")
+    write_cache_shard(rows, cache / "shards" / "part-00000.arrow")
     return cache
 
 
@@ -279,7 +285,7 @@ def product_run(args, work: Path) -> dict:
         "captions": str(captions), "out": str(work / "run"), "workers": 1, "zero_stage": 2, "steps": args.steps,
         "checkpoint_every": args.steps, "validate_every": 10**6, "log_every": 1, "tracking": [],
         "validation_prompts": ["dermoscopic image of a melanoma"], "validation_seeds": [0], "validation_steps": 2,
-        "precompute_workers": 1, "cpus_per_worker": 8}})
+        "precompute_workers": 1, "cpus_per_worker": 8, "encode": args.gpu_encode}})
     started = time.perf_counter()
     summary = run("train", cfg)
     with open(work / "run" / "loss.csv") as fh:
@@ -288,7 +294,7 @@ def product_run(args, work: Path) -> dict:
     return {"samples_per_s": statistics.median(steady), "wall_s": time.perf_counter() - started,
             "peak_gib": max(float(r["peak_mem_mb"]) for r in rows) / 1024, "steps": len(rows),
             **{k: summary["train"][k] for k in ("micro_batch", "gradient_checkpointing", "compiled", "text_tokens")},
-            "caption_tokens": summary["precompute"]["text_tokens"]}
+            "caption_tokens": summary["encode"]["text_token_plan"], "encode": summary["encode"]["mode"]}
 
 
 def plain_loops(args, product: dict) -> dict:
@@ -362,6 +368,9 @@ def gpu_product_bench(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="dfx-bench-gpu-"))
     product = product_run(args, work)
     ray.shutdown()  # the Ray Train worker (and its GPU memory) is gone; the plain loops get the whole GPU
+    if args.gpu_encode == "online":  # its cost: compare with the cached bench-train.json of the same call
+        return {"kind": "gpu-product-online", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "product": product}
     plain = plain_loops(args, product)
     result = {"kind": "gpu-product", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "product": product, **plain, "bf16_peak_tflops": H100_BF16_DENSE_TFLOPS}
@@ -369,6 +378,114 @@ def gpu_product_bench(args) -> dict:
     result["vs_reference"] = product["samples_per_s"] / plain["reference_samples_per_s"]
     result["vs_plain_same_settings"] = product["samples_per_s"] / plain["plain_same_settings_samples_per_s"]
     return result
+
+
+# --- issue 21: cached vs online encoding ------------------------------------------------------------------------
+
+def sizing_rows() -> list[dict]:
+    """Cached bytes per image and for 500,000 images, per preset, from the shapes (8 dihedral views)."""
+    from dermaflux.config import load_config
+    from dermaflux.train.encode_plan import RowShapes, row_shapes
+
+    tiny = load_config("tiny")
+    shapes = [("tiny", row_shapes(tiny.model, None, 8, 64))]
+    # FLUX.1-dev at 512 px: its VAE (16 channels, 8x down) and transformer widths (T5 4096, pooled CLIP 768), bf16.
+    shapes += [("flux-dev", RowShapes(16, 64, 8, tokens, 4096, 768, 2)) for tokens in (128, 512)]
+    return [{"preset": name, "text_tokens": s.text_tokens, "bytes_per_image": s.bytes_per_row(),
+             "bytes_500k": 500_000 * s.bytes_per_row()} for name, s in shapes]
+
+
+def encode_corpus(data: Path, out: Path, rows: int) -> Path:
+    """A captioned set of `rows` train rows: HAM10000's first images by id, repeated under new ids past 10,015."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermaflux.caption.schema import CAPTION_SCHEMA
+    from dermaflux.testing.ham10000 import build_captioned_set, read_metadata
+
+    base = build_captioned_set(data, out, n_train=min(rows, len(read_metadata(data))), n_test=0, shard_rows=512)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((base / "shards").glob("*.parquet"))])
+    copy, shard = 1, len(list((base / "shards").glob("*.parquet")))
+    while table.num_rows * copy < rows:
+        extra = table.slice(0, rows - table.num_rows * copy)
+        extra = extra.set_column(extra.schema.get_field_index("id"), "id",
+                                 pa.array([f"{i}-copy{copy}" for i in extra["id"].to_pylist()]))
+        for start in range(0, extra.num_rows, 512):
+            pq.write_table(extra.slice(start, 512).cast(CAPTION_SCHEMA), base / "shards" / f"part-{shard:05d}.parquet")
+            shard += 1
+        copy += 1
+    return base
+
+
+class FirstStepTime:
+    """Trainer hook: rank 0 writes the wall-clock time of its first optimiser step."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __call__(self, trainer, step: int) -> None:
+        if trainer.rank == 0 and not self.path.exists():
+            self.path.write_text(str(time.time()))
+
+
+def encode_run(captions: Path, out: Path, mode: str, steps: int) -> dict:
+    """The train stage's steps after the VAE fit (tiny preset, its random VAE): plan, pre-compute or not,
+    Ray Train; seconds from the start to the first optimiser step, and samples/s of the steps after it."""
+    from dermaflux.config import load_config
+    from dermaflux.train.ray_precompute import encode_validation_prompts
+    from dermaflux.train.ray_trainer import run_training
+    from dermaflux.train.stage import _encode_plan, _precompute
+
+    cfg = load_config("tiny", extra={"train": {
+        "captions": str(captions), "out": str(out), "encode": mode, "steps": steps, "micro_batch": 8,
+        "checkpoint_every": steps, "validate_every": 10**6, "validate_final": False, "log_every": 1,
+        "warmup_steps": 0, "tracking": [], "max_failures": 0, "vae_fit": {"enabled": False}}})
+    started = time.time()
+    plan = _encode_plan(cfg, None)
+    if plan["mode"] == "cached":
+        _precompute(cfg, out / "cache", None)
+    else:
+        encode_validation_prompts(cfg, out / "cache", None, plan["text_tokens"])
+    first = out / "first_step.txt"
+    result = run_training(cfg, out / "cache", None, out, encode=plan, hooks=[FirstStepTime(first)])
+    if result.error is not None:
+        raise RuntimeError(result.error)
+    with result.checkpoint.as_directory() as ckpt, open(Path(ckpt) / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return {"mode": plan["mode"], "first_step_s": float(first.read_text()) - started,
+            "samples_per_s": statistics.median(float(r["samples_per_s"]) for r in rows[1:]),
+            "cache_bytes": sum(f.stat().st_size for f in (out / "cache").rglob("*") if f.is_file())}
+
+
+def encode_bench(args) -> dict:
+    import ray
+
+    from dermaflux.config import load_config
+    from dermaflux.core.runtime import init_ray
+
+    sizes = [int(n) for n in args.rows.split(",")]
+    init_ray(load_config("tiny").ray.model_copy(update={"num_cpus": 4}),
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dfx-bench-encode-") as tmp:
+        for n in sizes:
+            captions = encode_corpus(Path(args.data), Path(tmp) / f"captions-{n}", n)
+            for mode in ("cached", "online"):  # interleaved per size: the machine is shared
+                rows.append({"rows": n, **encode_run(captions, Path(tmp) / f"{mode}-{n}", mode, args.encode_steps)})
+    ray.shutdown()
+    by = {(r["rows"], r["mode"]): r for r in rows}
+    small, large = sizes[0], sizes[-1]
+    return {"kind": "encode", "steps": args.encode_steps, "rows": rows, "sizing": sizing_rows(),
+            "online_vs_cached_samples_per_s": by[(small, "online")]["samples_per_s"] / by[(small, "cached")]["samples_per_s"],
+            "first_step_growth": {mode: by[(large, mode)]["first_step_s"] / by[(small, mode)]["first_step_s"]
+                                  for mode in ("cached", "online")}}
+
+
+def print_sizing(sizing: list[dict]) -> None:
+    print(f"{'preset':<10}{'T5 tokens':>10}{'per image':>12}{'500,000 images':>16}")
+    for r in sizing:
+        print(f"{r['preset']:<10}{r['text_tokens']:>10}{r['bytes_per_image'] / 2**20:>10.2f} MiB"
+              f"{r['bytes_500k'] / 2**30:>12.0f} GiB")
 
 
 def main() -> None:
@@ -387,8 +504,29 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48, help="gpu-product: captioned images to pre-compute")
     parser.add_argument("--plain-steps", type=int, default=8, help="gpu-product: timed steps of each plain loop")
     parser.add_argument("--work", help="gpu-product: work folder (default: a new temporary one)")
+    parser.add_argument("--gpu-encode", choices=["cached", "online"], default="cached",
+                        help="gpu-product: train.encode (online: the product run only, no plain loops)")
     parser.add_argument("--json", help="where to write the result (default bench/results/<kind>.json)")
+    parser.add_argument("--sizing", action="store_true", help="print the cache sizing table (from the shapes)")
+    parser.add_argument("--encode", action="store_true", help="cached vs online: samples/s, time to first step")
+    parser.add_argument("--rows", default="1000,20000", help="encode: corpus sizes for the time to first step")
+    parser.add_argument("--encode-steps", type=int, default=12, help="encode: optimiser steps per run")
     args = parser.parse_args()
+    if args.sizing or args.encode:
+        result = encode_bench(args) if args.encode else {"kind": "sizing", "sizing": sizing_rows()}
+        print_sizing(result["sizing"])
+        if args.encode:
+            print(f"\n{'rows':>7}{'mode':>8}{'first step s':>14}{'samples/s':>11}{'cache MiB':>11}")
+            for r in result["rows"]:
+                print(f"{r['rows']:>7}{r['mode']:>8}{r['first_step_s']:>14.1f}{r['samples_per_s']:>11.1f}"
+                      f"{r['cache_bytes'] / 2**20:>11.1f}")
+            print(f"online / cached samples/s: {result['online_vs_cached_samples_per_s']:.2f}; time to first step, "
+                  f"largest / smallest corpus: " + ", ".join(f"{m} {g:.2f}x" for m, g in result["first_step_growth"].items()))
+        path = Path(args.json or RESULTS / f"train_{result['kind']}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "host": platform.node()}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     if args.gpu_product:
         os.environ["DS_ACCELERATOR"] = "cuda"  # before Ray starts: its workers inherit it (the default above is cpu)
         args.steps = args.steps if args.steps != 5 else 12

@@ -13,6 +13,7 @@
 #   model        `dermaflux model random --like flux-dev` into /tmp/dfx-gpu/flux-dev-random (~34 GB, once)
 #   tests        pytest tests/gpu (train ZeRO-2 + resume + diffusers reload, ZeRO-3, generate, serve)
 #   bench-train  bench/train.py --gpu-product: the product's trainer against plain loops, MFU
+#   bench-online bench/train.py --gpu-product --gpu-encode online: the same run encoding online (issue 21)
 #   report       $OUT/h200-product.json (copy it to bench/reference/ and commit it)
 # Outputs: /tmp/dfx-gpu/results (kept while the machine is warm), copied at the end of each call to $OUT (set by
 # the device tool; default bench/results/gpu-check): gpu-check.log, steps.tsv, gpu-tests-*.xml,
@@ -37,7 +38,7 @@ OUT_DIR="${OUT:-$ROOT/bench/results/gpu-check}"
 RESULTS="$OUT_DIR"  # there: $WORK/results, kept across calls on a warm machine and copied to $OUT_DIR
 PYTHON="${PYTHON:-python3}"
 HAM_IMAGES="${DFX_GPU_HAM_IMAGES:-48}"
-ALL_STEPS="install smoke model tests bench-train report"
+ALL_STEPS="install smoke model tests bench-train bench-online report"
 
 MODE=run
 DRY_RUN=0
@@ -180,6 +181,17 @@ step_bench_train() {
     --work "$WORK/bench-train" --json "$RESULTS/bench-train.json"
 }
 
+step_bench_online() {
+  if [[ "$1" == plan ]]; then
+    echo "python bench/train.py --gpu-product --gpu-encode online --model $MODEL --data $CARRY/data/ham10000-224"
+    echo "  --json $RESULTS/bench-train-online.json   (the product run of bench-train, encoding online on the GPU:"
+    echo "   its samples/s against bench-train.json's cached run on the same batch)"
+    return 0
+  fi
+  "$PYTHON" "$ROOT/bench/train.py" --gpu-product --gpu-encode online --model "$MODEL" \
+    --data "$CARRY/data/ham10000-224" --work "$WORK/bench-online" --json "$RESULTS/bench-train-online.json"
+}
+
 step_report() {
   if [[ "$1" == plan ]]; then
     echo "python scripts/gpu_check.py report $RESULTS -> $RESULTS/h200-product.json (keys of issue 11)"
@@ -260,6 +272,7 @@ else
   run_step model 300 step_model
   run_step tests 1500 step_tests
   run_step bench-train 600 step_bench_train
+  run_step bench-online 600 step_bench_online
   run_step report 60 step_report
 fi
 log "done: $FAILED step(s) failed; steps.tsv: name, exit code, seconds"

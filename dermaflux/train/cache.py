@@ -1,24 +1,23 @@
 """Pre-computed training inputs on disk: VAE latents and CLIP/T5 embeddings, one row per image.
 
-`<out>/cache/shards/part-*.parquet` (CACHE_SCHEMA; with dihedral augmentation a row's latents hold its
-8 views, [8, C, h, w], and its caption embeddings once) + `<out>/cache/validation.pt` (the validation
-prompts' embeddings) + `<out>/cache/vae_factors.json`; training reads `<out>/cache/train.arrow`,
-the train rows gathered into one memory-mapped Arrow file. Tensors are stored as raw bytes with their
-shape and dtype, so bf16 embeddings round-trip exactly. Latents are stored already shifted and
-scaled by the VAE's factors: the transformer never sees the VAE.
+`<out>/cache/shards/part-*.arrow` (CACHE_SCHEMA, one uncompressed Arrow IPC file per pre-compute batch; with
+dihedral augmentation a row's latents hold its 8 views, [8, C, h, w], and its caption embeddings once) +
+`<out>/cache/validation.pt` (the validation prompts' embeddings) + `<out>/cache/vae_factors.json`. Workers
+memory-map every shard in place and index the split's rows across them (`CachedSet`): no copy of the split
+is ever gathered (at 500,000 FLUX.1-dev images the cache is about a terabyte, issue 21). Tensors are stored
+as raw bytes with their shape and dtype, so bf16 embeddings round-trip exactly. Latents are stored already
+shifted and scaled by the VAE's factors: the transformer never sees the VAE.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from dermaflux.core.artifacts import atomic_path, atomic_write_json
+from dermaflux.core.artifacts import atomic_path
 from dermaflux.model.loading import torch_dtype
 
 CACHE_SCHEMA = pa.schema(
@@ -37,6 +36,9 @@ CACHE_SCHEMA = pa.schema(
     ]
 )
 
+SHARD_GLOB = "part-*.arrow"
+
+
 def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
@@ -47,62 +49,51 @@ def bytes_to_tensor(blob: bytes, shape, dtype_name: str) -> torch.Tensor:
 
 
 def cache_shards(cache_dir: str | Path) -> list[Path]:
-    return sorted((Path(cache_dir) / "shards").glob("part-*.parquet"))
+    return sorted((Path(cache_dir) / "shards").glob(SHARD_GLOB))
 
 
-SPLIT_FILE = "{split}.arrow"  # beside shards/: one split's rows as an uncompressed Arrow IPC file
-
-
-def _shard_listing(cache_dir: Path) -> list[list]:
-    return [[p.name, p.stat().st_size] for p in cache_shards(cache_dir)]
-
-
-def ensure_split_file(cache_dir: str | Path, split: str = "train") -> Path:
-    """`<cache>/<split>.arrow`: the split's rows gathered from the shards, rebuilt when the shards change.
-
-    Written one record batch at a time (bounded memory) and atomically, so concurrent builders
-    (workers of one node) only waste time. Parquet shards stay the resumable format; this file
-    exists to be memory-mapped.
-    """
-    cache_dir = Path(cache_dir)
-    shards = cache_shards(cache_dir)
-    if not shards:
-        raise FileNotFoundError(f"{cache_dir}/shards: no pre-computed shards (run the pre-compute step first)")
-    path = cache_dir / SPLIT_FILE.format(split=split)
-    stamp = path.with_name(path.name + ".json")
-    listing = _shard_listing(cache_dir)
-    if path.exists() and stamp.exists() and json.loads(stamp.read_text()).get("shards") == listing:
-        return path
-    rows = 0
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+def write_cache_shard(rows: pa.Table | dict, path: str | Path) -> int:
+    """One shard, atomically: an uncompressed Arrow IPC file (memory-mappable in place); returns its rows."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pydict(
+        {k: list(rows[k]) for k in CACHE_SCHEMA.names}, schema=CACHE_SCHEMA)
+    table = table.cast(CACHE_SCHEMA)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path)) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, CACHE_SCHEMA) as writer:
-            for shard in shards:
-                for batch in pq.ParquetFile(shard).iter_batches(batch_size=64):
-                    batch = pa.Table.from_batches([batch]).cast(CACHE_SCHEMA)
-                    batch = batch.filter(pa.compute.equal(batch["split"], split))
-                    if batch.num_rows:
-                        writer.write_table(batch)
-                        rows += batch.num_rows
-    atomic_write_json(stamp, {"shards": listing, "rows": rows})
-    return path
+            writer.write_table(table)
+    return table.num_rows
+
+
+def open_shard(path: str | Path) -> pa.Table:
+    """A shard's rows as zero-copy views of its memory map."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def check_no_legacy_shards(cache_dir: Path) -> None:
+    if not cache_shards(cache_dir) and any((cache_dir / "shards").glob("part-*.parquet")):
+        raise ValueError(f"{cache_dir}/shards: Parquet shards of an older DermaFlux (the cache is now one Arrow IPC "
+                         "file per shard, mapped in place): remove the cache folder to re-encode")
 
 
 class CachedSet:
-    """One split's cached rows, memory-mapped: a batch reads only its own rows.
+    """One split's cached rows, memory-mapped shard by shard: a batch reads only its own rows.
 
     FLUX.1-dev's T5 embeddings take 4 MiB per image (512 x 4096 bf16), so 10,000 images would be
     40 GiB in every worker if loaded; mapped, the workers of a node share one copy in the page
-    cache and each holds only its batch. Logical row i is the i-th id in sorted order, so the
-    sample stream (and a resumed run's position) does not depend on the shard layout.
+    cache and each holds only its batch. Logical row i is the i-th id of the split in sorted order (a global
+    row index over all shards), so the sample stream (and a resumed run's position) does not depend on the
+    shard layout.
     """
 
-    def __init__(self, path: str | Path, max_rows: int | None = None):
-        self.path = Path(path)
-        self.table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()  # zero-copy views of the map
-        ids = self.table["id"].to_pylist()
-        order = sorted(range(len(ids)), key=ids.__getitem__)[:max_rows]
-        self.order = np.asarray(order, dtype=np.int64)
-        self.ids = [ids[i] for i in order]
+    def __init__(self, shards: list[Path], split: str = "train", max_rows: int | None = None):
+        self.shards = [open_shard(p) for p in shards]
+        keys = []
+        for number, table in enumerate(self.shards):
+            ids, splits = table["id"].to_pylist(), table["split"].to_pylist()
+            keys += [(row_id, number, row) for row, (row_id, s) in enumerate(zip(ids, splits)) if s == split]
+        keys = sorted(keys)[:max_rows]
+        self.ids = [k[0] for k in keys]
+        self.where = np.asarray([k[1:] for k in keys], dtype=np.int64).reshape(-1, 2)  # (shard, row) per logical row
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,31 +101,47 @@ class CachedSet:
     @property
     def views(self) -> int:
         """Latent views cached per row: 8 with dihedral augmentation, else 1."""
-        shape = self.table.column("latents_shape")[0].as_py()
+        shape = self._value("latents_shape", 0)
         return shape[0] if len(shape) == 4 else 1
+
+    def sample_shapes(self) -> tuple[tuple[int, ...], int]:
+        """([C, h, w] of a latent, T5 tokens) of every sample."""
+        latents, prompt_embeds, _ = self.rows([0])
+        return tuple(latents.shape[1:]), int(prompt_embeds.shape[1])
+
+    def _value(self, column: str, logical: int):
+        shard, row = self.where[logical]
+        return self.shards[shard].column(column)[int(row)].as_py()
+
+    def column(self, name: str) -> list:
+        """A plain column (id, label, caption, ...) in logical order."""
+        return [self._value(name, i) for i in range(len(self))]
 
     def rows(self, indices, views=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents, prompt_embeds, pooled_prompt_embeds) of logical rows `indices`, stacked; `views` picks each
         row's latent view (None: view 0, the image as it is). The embeddings are the row's own in every view."""
-        # Row by row, not Table.take: take() concatenates a chunked column first, i.e. copies the split.
-        physical = [int(i) for i in self.order[np.asarray(indices, dtype=np.int64)]]
-        views = [0] * len(physical) if views is None else [int(v) for v in views]
+        logical = [int(i) for i in np.asarray(indices, dtype=np.int64)]
+        views = [0] * len(logical) if views is None else [int(v) for v in views]
 
         def tensor(col, i):
-            values, shapes, dtypes = (self.table.column(c) for c in (col, col + "_shape", "dtype"))
-            return bytes_to_tensor(values[i].as_py(), shapes[i].as_py(), dtypes[i].as_py())
+            return bytes_to_tensor(self._value(col, i), self._value(col + "_shape", i), self._value("dtype", i))
 
         def latent(i, view):
             cached = tensor("latents", i)
             return cached[view] if cached.dim() == 4 else cached  # [C, h, w]: a cache of one view
 
-        latents = torch.stack([latent(i, view) for i, view in zip(physical, views)])
-        return (latents, torch.stack([tensor("prompt_embeds", i) for i in physical]),
-                torch.stack([tensor("pooled_prompt_embeds", i) for i in physical]))
+        latents = torch.stack([latent(i, view) for i, view in zip(logical, views)])
+        return (latents, torch.stack([tensor("prompt_embeds", i) for i in logical]),
+                torch.stack([tensor("pooled_prompt_embeds", i) for i in logical]))
 
 
 def load_cached_set(cache_dir: str | Path, split: str = "train", max_rows: int | None = None) -> CachedSet:
-    data = CachedSet(ensure_split_file(cache_dir, split), max_rows)
+    cache_dir = Path(cache_dir)
+    check_no_legacy_shards(cache_dir)
+    shards = cache_shards(cache_dir)
+    if not shards:
+        raise FileNotFoundError(f"{cache_dir}/shards: no pre-computed shards (run the pre-compute step first)")
+    data = CachedSet(shards, split, max_rows)
     if len(data) == 0:
         raise ValueError(f"{cache_dir}: no cached rows of split {split!r}")
     return data

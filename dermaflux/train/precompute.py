@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from dermaflux.core.artifacts import parquet_shards
@@ -14,11 +18,24 @@ from dermaflux.train.cache import tensor_to_bytes
 from dermaflux.train.encode import decode_images, encode_captions, encode_images
 from dermaflux.train.prompts import training_prompt
 
+if TYPE_CHECKING:
+    from dermaflux.config import DermaFluxConfig
+
 CAPTION_COLUMNS = ["id", "split", "label", "caption", "image"]
 
 
 def caption_shards(captions_dir: str | Path) -> list[Path]:
     return parquet_shards(captions_dir, CAPTION_COLUMNS, "caption", "dermaflux caption")
+
+
+def train_rows(cfg: DermaFluxConfig) -> pa.Table:
+    """The train split's rows without their image bytes (id, split, label, caption), sorted by id, the first
+    train.max_images: what training samples from, in both modes."""
+    shards = caption_shards(cfg.train.captions)
+    columns = [c for c in CAPTION_COLUMNS if c != "image"]
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in shards], promote_options="default")
+    table = table.filter(pc.equal(table["split"], "train")).sort_by("id")
+    return table.slice(0, cfg.train.max_images) if cfg.train.max_images is not None else table
 
 
 def load_text_and_vae(model_cfg: ModelConfig, vae_dir: str | None):

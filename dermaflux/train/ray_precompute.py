@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dermaflux.core.artifacts import atomic_path, atomic_write_json
+from dermaflux.core.artifacts import atomic_write_json
 from dermaflux.train.augment import VIEWS
-from dermaflux.train.cache import CACHE_SCHEMA, cache_shards
+from dermaflux.train.cache import check_no_legacy_shards, cache_shards, open_shard, write_cache_shard
 from dermaflux.train.config import TrainConfig
 from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae, styled_captions
 from dermaflux.train.prompts import sampling_prompt
@@ -51,7 +51,7 @@ class CaptionEncoder:
 def _existing_ids(cache_dir: Path) -> set[str]:
     ids: set[str] = set()
     for path in cache_shards(cache_dir):
-        ids.update(pq.read_table(path, columns=["id"])["id"].to_pylist())
+        ids.update(open_shard(path)["id"].to_pylist())
     return ids
 
 
@@ -80,7 +80,7 @@ def _check_cached_length(cache_dir: Path, text_tokens: int) -> None:
     shards = cache_shards(cache_dir)
     if not shards:
         return
-    first = pq.read_table(shards[0], columns=["prompt_embeds_shape"])["prompt_embeds_shape"]
+    first = open_shard(shards[0])["prompt_embeds_shape"]
     cached = first[0].as_py()[0] if len(first) else text_tokens
     if cached != text_tokens:
         raise ValueError(f"{cache_dir}: rows cached at {cached} T5 tokens, but these captions need {text_tokens} "
@@ -107,6 +107,7 @@ def run_precompute(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | N
             parts.append(sub.slice(0, limit) if limit is not None else sub)
         table = pa.concat_tables(parts)
     text_tokens = text_token_plan(cfg, table)
+    check_no_legacy_shards(cache_dir)
     _check_cached_length(cache_dir, text_tokens["length"])
     done = _existing_ids(cache_dir)
     todo = table.filter(pa.compute.invert(pa.compute.is_in(table["id"], value_set=pa.array(sorted(done), pa.string()))))
@@ -130,11 +131,8 @@ def run_precompute(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | N
     (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
     for batch in encoded.iter_batches(batch_size=max(cfg.train.precompute_batch, 256), batch_format="numpy"):
         rows = {k: [v.tolist() if hasattr(v, "tolist") and k.endswith("_shape") else v for v in batch[k]] for k in batch}
-        out = pa.Table.from_pydict({k: list(rows[k]) for k in CACHE_SCHEMA.names}, schema=CACHE_SCHEMA)
-        with atomic_path(cache_dir / "shards" / f"part-{part:05d}.parquet") as tmp:
-            pq.write_table(out, tmp)
+        summary["encoded"] += write_cache_shard(rows, cache_dir / "shards" / f"part-{part:05d}.arrow")
         part += 1
-        summary["encoded"] += out.num_rows
         log.info("pre-compute: %d / %d rows encoded", summary["encoded"], todo.num_rows)
     atomic_write_json(cache_dir / "manifest.json", {**summary, "shards": part})
     return summary

@@ -72,7 +72,7 @@ class Trainer:
         self.dtype = torch.bfloat16 if use_bf16(tc) else torch.float32
         self.base_dir = resolve_pretrained(self.cfg.model)
         self.state_mb: float | None = None  # measured once per process, see train_step
-        self._load_data(Path(loop_cfg["cache_dir"]), loop_cfg.get("vae_dir"))
+        self._load_data(Path(loop_cfg["cache_dir"]), loop_cfg.get("vae_dir"), loop_cfg.get("encode"))
         self.transformer = FluxTransformer2DModel.from_pretrained(self.base_dir, subfolder="transformer")
         self.tc = self._resolve_batch(tc)  # ints from here on: micro_batch "auto" measured once
         self._build_engine()
@@ -87,12 +87,11 @@ class Trainer:
         transformer moves there) and this cache's tokens per sample; without CUDA, 1 and the configured value."""
         from dermaflux.train.memory import pick_micro_batch, size_class
 
-        latents, prompt_embeds, _ = self.data.rows([0])
-        self.text_tokens = int(prompt_embeds.shape[1])
+        latent_shape, self.text_tokens = self.data.sample_shapes()
         if tc.micro_batch != "auto":
             return tc
         free_gib = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
-        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) + self.text_tokens
+        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2) + self.text_tokens
         shards = self.world if strategy_class(tc.strategy).shards_parameters(tc) else 1
         picked = pick_micro_batch(free_gib, size_class(self.transformer.config), tokens, shards)
         micro_batch, checkpointing = picked or (1, tc.gradient_checkpointing)
@@ -151,12 +150,18 @@ class Trainer:
         log.info("rank %d: resumed at step %d from %s", self.rank, step, checkpoint.path)
         return step, history
 
-    def _load_data(self, cache_dir: Path, vae_dir: str | None) -> None:
+    def _load_data(self, cache_dir: Path, vae_dir: str | None, encode: dict | None = None) -> None:
+        """The sample source (`train.encode`): the mapped cache, or online the caption stream Ray Data feeds this
+        rank and the frozen encoders that turn it into inputs; the validation prompts' embeddings either way."""
         from diffusers import AutoencoderKL
 
         from dermaflux.train.cache import load_cached_set
+        from dermaflux.train.ray_online import OnlineData
 
-        self.data = load_cached_set(cache_dir, "train", self.cfg.train.max_images)
+        if encode is not None and encode["mode"] == "online":
+            self.data = OnlineData(self.cfg, encode, self.rank, self.world, vae_dir, self.device)
+        else:
+            self.data = load_cached_set(cache_dir, "train", self.cfg.train.max_images)
         self.validation = torch.load(cache_dir / "validation.pt") if (cache_dir / "validation.pt").exists() else None
         self.empty_prompt = None
         if self.cfg.train.caption_dropout > 0:
@@ -213,9 +218,11 @@ class Trainer:
         """(FlowBatch, noise generator) of this rank's micro-batch `micro_step`: rows, their augmented views and
         the noise are functions of the data position, so a resumed run continues the same stream."""
         from dermaflux.train.cache import micro_batch_dropped, micro_batch_indices, micro_batch_views
-        from dermaflux.train.flow import FlowBatch
 
         tc, n = self.tc, len(self.data)
+        if getattr(self.data, "online", False):  # encoded now; views and caption dropout drawn per (epoch, row)
+            latents, prompt_embeds, pooled = self.data.micro_batch(micro_step, tc.micro_batch)
+            return self._flow_batch(micro_step, latents, prompt_embeds, pooled)
         position = (micro_step, self.rank, self.world, tc.micro_batch)
         idx = micro_batch_indices(n, tc.seed, *position)
         views = micro_batch_views(n, tc.seed, *position, self.data.views)
@@ -223,8 +230,13 @@ class Trainer:
         dropped = torch.from_numpy(micro_batch_dropped(n, tc.seed, *position, tc.caption_dropout))
         if dropped.any():  # train.caption_dropout: these samples learn the unconditional velocity
             prompt_embeds[dropped], pooled[dropped] = self.empty_prompt
+        return self._flow_batch(micro_step, latents, prompt_embeds, pooled)
+
+    def _flow_batch(self, micro_step: int, latents, prompt_embeds, pooled):
+        from dermaflux.train.flow import FlowBatch
+
         batch = FlowBatch(latents, prompt_embeds, pooled).to(self.device, self.dtype)
-        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + micro_step * 1_009 + self.rank)
+        gen = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + micro_step * 1_009 + self.rank)
         return batch, gen
 
     def report(self, record: dict) -> None:
@@ -233,7 +245,7 @@ class Trainer:
 
         tc, step = self.tc, self.step
         save = step % tc.checkpoint_every == 0 or step == tc.steps
-        render = self.validation is not None and (step % tc.validate_every == 0 or step == tc.steps)
+        render = self.validation is not None and (step % tc.validate_every == 0 or (step == tc.steps and tc.validate_final))
         if not (save or render or step % tc.log_every == 0):
             return
         metrics = {**record, "epoch": step * tc.micro_batch * tc.grad_accum * self.world / len(self.data),
@@ -274,7 +286,9 @@ class Trainer:
 
 def train_worker(loop_cfg: dict) -> None:
     """The function Ray Train runs on each worker."""
-    Trainer(loop_cfg).train()
+    trainer = Trainer(loop_cfg)
+    trainer.train()
+    getattr(trainer.data, "close", lambda: None)()  # online: end the stream while Ray is up (no teardown noise)
 
 
 def latest_checkpoint(storage_dir: str | Path) -> Path | None:
@@ -300,34 +314,51 @@ def _flat_params(cfg: DermaFluxConfig) -> dict[str, str]:
     return flat
 
 
+def _online_inputs(cfg: DermaFluxConfig, encode: dict | None) -> dict:
+    """TorchTrainer arguments of online encoding: a dataset per rank and their DataConfig (none when cached)."""
+    if encode is None or encode["mode"] != "online":
+        return {}
+    from dermaflux.train.precompute import train_rows
+    from dermaflux.train.ray_online import online_datasets
+
+    ids = train_rows(cfg)["id"].to_pylist()
+    if len(ids) != encode["rows"]:
+        raise ValueError(f"{cfg.train.captions}: {len(ids)} train rows, but the run was planned on {encode['rows']} "
+                         "(the captions changed under a started run?)")
+    datasets, data_config = online_datasets(cfg, ids, cfg.train.workers)
+    return {"datasets": datasets, "dataset_config": data_config}
+
+
 def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | None, run_dir: str | Path,
-                 resume: bool = False, hooks: Sequence[Callable[[Trainer, int], None]] = ()):
+                 resume: bool = False, hooks: Sequence[Callable[[Trainer, int], None]] = (), encode: dict | None = None):
     """Start the TorchTrainer; returns the Ray Train result. Checkpoints land in <run_dir>/ray/train/step-*.
 
-    `hooks` (picklable; Ray ships them to the workers) run after every step, see `Trainer`.
+    `hooks` (picklable; Ray ships them to the workers) run after every step, see `Trainer`. `encode`: the stage's
+    plan (train/encode_plan.py); None or mode cached trains from the shards in `cache_dir`, mode online streams
+    the caption shards into the workers (ray_online.py) and uses `cache_dir` for validation.pt only.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dermaflux.train.cache import ensure_split_file
     from dermaflux.train.ray_tracking import TrackingCallback, check_trackers
 
     tc = cfg.train
     check_trackers(tc.tracking)
     run_dir = Path(run_dir).resolve()
-    ensure_split_file(cache_dir, "train")  # once here, not raced by every worker
     storage = tc.storage_path or str(run_dir / "ray")
     # --resume looks for local checkpoints; on remote storage Ray Train restores the run by its name itself.
     resume_from = latest_checkpoint(storage) if resume and "://" not in storage else None
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
+    data = _online_inputs(cfg, encode)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "cache_dir": str(Path(cache_dir).resolve()),
             "vae_dir": str(vae_dir) if vae_dir else None, "resume_from": str(resume_from) if resume_from else None,
-            "hooks": list(hooks),
+            "hooks": list(hooks), "encode": encode,
         },
+        **data,
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=tc.workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (how long, how wide, how it fails).
 _RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "cpus_per_worker", "use_gpu", "resume",
-                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile"}
+                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile", "validate_final"}
 
 
 def run_fingerprint(cfg: DermaFluxConfig) -> str:
@@ -53,12 +53,21 @@ def run(cfg: DermaFluxConfig) -> dict:
             mark_done(out, "vae_fit", _vae_fit(cfg, out))
         vae_dir = str(out / "vae")
         summary["vae"] = _marker(out, "vae_fit")
-    if not is_done(out, "precompute"):
-        mark_done(out, "precompute", _precompute(cfg, out / "cache", vae_dir))
-    summary["precompute"] = _marker(out, "precompute")
+    if not is_done(out, "encode"):  # decided once: a continued run keeps its data path (and its stream)
+        mark_done(out, "encode", _encode_plan(cfg, vae_dir))
+    plan = summary["encode"] = _marker(out, "encode")
+    print(f"train.encode: {plan['mode']} ({plan['reason']})", flush=True)
+    if plan["mode"] == "cached":
+        if not is_done(out, "precompute"):
+            mark_done(out, "precompute", _precompute(cfg, out / "cache", vae_dir))
+        summary["precompute"] = _marker(out, "precompute")
+    else:  # online: no cache; only the validation prompts' embeddings, which rank 0 renders with
+        from dermaflux.train.ray_precompute import encode_validation_prompts
+
+        encode_validation_prompts(cfg, out / "cache", vae_dir, plan["text_tokens"])
     if not _finished(out, tc.steps):
         # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
-        mark_done(out, "train", _train(cfg, out, vae_dir, resume=tc.resume or stopped))
+        mark_done(out, "train", _train(cfg, out, vae_dir, resume=tc.resume or stopped, encode=plan))
     summary["train"] = _marker(out, "train")
 
     summary["final"] = str(out / "final")
@@ -79,6 +88,24 @@ def _vae_fit(cfg: DermaFluxConfig, out: Path) -> dict:
     return cached_vae_fit(cfg, out)[1]
 
 
+def _encode_plan(cfg: DermaFluxConfig, vae_dir: str | None) -> dict:
+    """`train.encode` decided from the planned epochs and the cache's size, computed from the shapes before
+    anything is written; also the T5 length (one token-counting pass over the captions, both modes)."""
+    from dermaflux.train.augment import VIEWS
+    from dermaflux.train.encode_plan import encode_plan, planned_epochs, row_shapes
+    from dermaflux.train.precompute import train_rows
+    from dermaflux.train.ray_precompute import text_token_plan
+
+    tc = cfg.train
+    table = train_rows(cfg)
+    tokens = text_token_plan(cfg, table)
+    shapes = row_shapes(cfg.model, vae_dir, VIEWS[tc.augment], tokens["length"])
+    epochs = planned_epochs(tc.steps, tc.micro_batch, tc.grad_accum, tc.workers, table.num_rows)
+    plan = encode_plan(tc.encode, shapes, table.num_rows, epochs, tc.cache_max_bytes)
+    log.info("train.encode: %s (%s)", plan["mode"], plan["reason"])
+    return {**plan, "text_token_plan": tokens}
+
+
 def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> dict:
     """Latents and text embeddings (Ray Data) plus the validation prompts' embeddings, into `cache_dir`."""
     from dermaflux.train.ray_precompute import encode_validation_prompts, run_precompute
@@ -89,19 +116,20 @@ def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> d
     return info
 
 
-def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool) -> dict:
+def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool, encode: dict | None = None) -> dict:
     """Ray Train + DeepSpeed on the cache, then the final adapter from the last checkpoint; returns the marker fields."""
     from dermaflux.core.progress import bar
     from dermaflux.train.ray_trainer import run_training
 
     with bar("train", "train", cfg.train.steps, "steps"):
-        result = run_training(cfg, out / "cache", vae_dir, out, resume=resume)
+        result = run_training(cfg, out / "cache", vae_dir, out, resume=resume, encode=encode)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
         _copy_final(Path(ckpt), out)
     metrics = result.metrics
     return {"steps": metrics.get("step"), "loss": metrics.get("loss"), "weights_checksum": metrics.get("weights_checksum"),
+            "encode": (encode or {}).get("mode", "cached"),
             "checkpoint": str(result.checkpoint.path),
             **{k: metrics.get(k) for k in ("micro_batch", "gradient_checkpointing", "compiled", "text_tokens")}}
 

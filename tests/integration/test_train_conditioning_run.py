@@ -75,12 +75,10 @@ def conditioned_run(ray_local, tmp_path_factory, ham10000_dir, tiny_model_dir):
 
 
 def test_cache_holds_diagnosis_prompts_and_the_empty_prompt(conditioned_run):
-    import pyarrow.parquet as pq
-
-    from dermaflux.train.cache import cache_shards
+    from dermaflux.train.cache import cache_shards, open_shard
 
     cfg, out, _ = conditioned_run
-    cached = pq.read_table(cache_shards(out / "cache")[0], columns=["label", "caption"]).to_pydict()
+    cached = open_shard(cache_shards(out / "cache")[0]).select(["label", "caption"]).to_pydict()
     assert cached["caption"] == [DIAGNOSIS_NAMES[label][0] for label in cached["label"]]
     validation = torch.load(out / "cache" / "validation.pt")
     assert validation["prompts"] == ["melanoma", "melanocytic nevus", "basal cell carcinoma", "vascular lesion"]

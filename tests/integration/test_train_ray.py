@@ -1,7 +1,9 @@
 """`dermaflux train` on a real local Ray: VAE fit, Ray Data pre-compute (dihedral views, T5 length from the
 captions), Ray Train + DeepSpeed ZeRO-2 with two workers on a cosine schedule, TensorBoard metrics, the final
 weights loading into FluxPipeline, a killed worker resuming schedule and stream, kept checkpoints, --resume;
-the same under train.strategy fsdp2 (FSDP2 over gloo), its LoRA loading in plain diffusers."""
+the same under train.strategy fsdp2 (FSDP2 over gloo), its LoRA loading in plain diffusers;
+and online encoding (no cache: the caption shards streamed into the workers' encoders), its loss curve against
+the cached one and a killed worker resuming within its epoch."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +30,7 @@ def small_train_config(captions, out, **train):
         "micro_batch": 4, "checkpoint_every": 2, "validate_every": 4, "log_every": 1, "warmup_steps": 0,
         "lr": 1e-3, "lr_scheduler": "cosine", "validation_seeds": [0], "validation_steps": 2,
         "validation_prompts": ["dermoscopic image of a melanoma", "dermoscopic image of a melanocytic nevus"],
-        "vae_fit": {"steps": 8, "batch_size": 8, "eval_images": 16},
+        "vae_fit": {"steps": 8, "batch_size": 8, "eval_images": 16}, "encode": "cached",
         **train,
     }
     return load_config("tiny", extra={"train": settings})
@@ -85,6 +88,7 @@ def test_stage_outputs(first_run):
     cfg, summary = first_run
     out = cfg.train.out
     assert summary["train"]["steps"] == 4
+    assert summary["encode"]["mode"] == "cached" and summary["encode"]["reason"].startswith("train.encode: cached")
     assert summary["vae"]["psnr_test"] > summary["vae"]["psnr_before"]
     assert summary["precompute"]["encoded"] == 48  # the train split only
     assert summary["precompute"]["views"] == 8  # dihedral augmentation by default
@@ -278,3 +282,78 @@ def test_fsdp2_lora_survives_a_lost_worker_and_loads_in_plain_diffusers(first_ru
                     output_type="np").images
 
     assert abs(render(base) - render(tuned)).mean() > 1e-4
+
+
+class RecordRows:
+    """Trainer hook: each rank appends the ids its step trained on (online encoding) to `path`, one JSON line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __call__(self, trainer, step: int) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"rank": trainer.rank, "step": step, "ids": trainer.data.last_ids}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def online_run(first_run, tmp_path_factory):
+    """The same small run, encode auto: 8 steps x 8 samples over 48 rows is 1.33 epochs, so online."""
+    from dermaflux.train.stage import run
+
+    cfg, _ = first_run
+    online = small_train_config(cfg.train.captions, tmp_path_factory.mktemp("online") / "out", steps=8, encode="auto",
+                                validate_every=100)
+    return online, run(online)
+
+
+def test_online_trains_without_a_cache_along_the_cached_curve(first_run, online_run):
+    cfg, _ = first_run
+    online, summary = online_run
+    plan = summary["encode"]
+    assert plan["mode"] == "online" and "1.33 planned epochs < 2" in plan["reason"], plan
+    assert plan["cache_bytes"] == 48 * plan["cache_bytes_per_row"] > 0  # sized, never written:
+    assert [p.name for p in Path(online.train.out, "cache").iterdir()] == ["validation.pt"]
+    assert "precompute" not in summary and summary["train"]["encode"] == "online"
+    assert summary["train"]["text_tokens"] == 64 == plan["text_tokens"]  # still picked from the corpus
+    cached = [float(r["loss"]) for r in read_loss_csv(f"{cfg.train.out}/loss.csv")][:4]
+    streamed = [float(r["loss"]) for r in read_loss_csv(f"{online.train.out}/loss.csv")]
+    assert len(streamed) == 8
+    # Same noise and timesteps per step (seeded by the step), other images and views: within noise of each other.
+    assert streamed[:4] == pytest.approx(cached, rel=0.25), (streamed, cached)
+    assert abs(np.mean(streamed[:4]) - np.mean(cached)) < 0.1 * np.mean(cached)
+
+
+def test_online_worker_killed_mid_epoch_resumes_its_stream(online_run, tmp_path):
+    """Rank 1 dies after step 5 (epoch 0: each rank's share is 24 rows, 4 per step); both restart from the step-4
+    checkpoint at stream position 16: each rank trains on its share once in epoch 0 (none twice, none skipped),
+    and the run repeats the uninterrupted online run's losses."""
+    import ray.cloudpickle
+
+    from dermaflux.train.precompute import train_rows
+    from dermaflux.train.ray_trainer import run_training
+
+    online, summary = online_run
+    out = Path(online.train.out)
+    cfg = small_train_config(online.train.captions, tmp_path, steps=8, encode="auto", validate_every=100,
+                             max_failures=2)
+    marker, record = tmp_path / "fault.json", tmp_path / "rows.jsonl"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = run_training(cfg, out / "cache", str(out / "vae"), tmp_path, encode=summary["encode"],
+                              hooks=[RecordRows(record), ExitOnceAfterStep(5, marker)])
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert result.error is None, result.error
+    assert json.loads(marker.read_text())["step"] == 5 and result.metrics["step"] == 8
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r["rank"] for r in lines if r["step"] == 5].count(1) == 2  # step 5 ran before the kill and after it
+    final = {(r["rank"], r["step"]): r["ids"] for r in lines}  # the last record of each step: what the run kept
+    ids = train_rows(cfg)["id"].to_pylist()
+    assert len(ids) == 48
+    for rank in (0, 1):
+        epoch0 = [i for step in range(1, 7) for i in final[(rank, step)]]
+        assert sorted(epoch0) == sorted(ids[rank::2])  # its whole share, each row once
+    with result.checkpoint.as_directory() as ckpt:
+        resumed = [float(r["loss"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
+    uninterrupted = [float(r["loss"]) for r in read_loss_csv(out / "loss.csv")]
+    assert resumed == pytest.approx(uninterrupted, rel=1e-5)

@@ -1,5 +1,6 @@
 """ZeRO-3 LoRA training with two workers on a real two-node Ray cluster: the saved LoRA is gathered
-(non-empty, equal to the trained weights) and loads into FluxPipeline from the tiny folder."""
+(non-empty, equal to the trained weights) and loads into FluxPipeline from the tiny folder; and online
+encoding there, each worker streaming only its own share of the caption shards."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import shutil
 import sys
 import time
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,9 +24,22 @@ import ray
 from dermaflux.config import DermaFluxConfig
 from dermaflux.train.ray_trainer import run_training
 spec = json.load(open(sys.argv[1]))
+
+
+class RecordShare:
+    # Trainer hook (online): each rank appends its node and the ids its step trained on.
+
+    def __call__(self, trainer, step):
+        with open(spec["out"] + "/rows.jsonl", "a") as fh:
+            fh.write(json.dumps({"rank": trainer.rank, "node": ray.get_runtime_context().get_node_id(),
+                                 "ids": trainer.data.last_ids}) + "\\n")
+
+
 ray.init()  # the job's cluster (RAY_ADDRESS)
 nodes = len([n for n in ray.nodes() if n["Alive"]])
-result = run_training(DermaFluxConfig.model_validate(spec["cfg"]), spec["cache"], None, spec["out"])
+online = spec.get("encode") is not None
+result = run_training(DermaFluxConfig.model_validate(spec["cfg"]), spec["cache"], None, spec["out"],
+                      encode=spec.get("encode"), hooks=[RecordShare()] if online else [])
 json.dump({"nodes": nodes, "error": None if result.error is None else repr(result.error),
            "metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None},
           open(spec["out"] + "/result.json", "w"), default=str)
@@ -36,7 +49,7 @@ json.dump({"nodes": nodes, "error": None if result.error is None else repr(resul
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
     """Pre-computed inputs written with the pure encoders (the Ray Data job is tested in test_train_ray.py)."""
-    from dermaflux.train.cache import CACHE_SCHEMA
+    from dermaflux.train.cache import write_cache_shard
     from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
 
     captions = build_captioned_set(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=32, n_test=0)
@@ -44,9 +57,32 @@ def cache_dir(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
     pipe = load_text_and_vae(tiny_config.model, None)
     rows = encode_rows(pipe, table.to_pydict(), 64, tiny_config.model.max_sequence_length)
     cache = tmp_path_factory.mktemp("cache")
-    (cache / "shards").mkdir()
-    pq.write_table(pa.Table.from_pydict(rows, schema=CACHE_SCHEMA), cache / "shards" / "part-00000.parquet")
+    write_cache_shard(rows, cache / "shards" / "part-00000.arrow")
     return captions, cache
+
+
+def run_driver_job(cluster, cfg, cache, out, encode=None) -> dict:
+    """run_training as a submitted Ray job; its result.json. The driver runs on the head node as users' drivers do:
+    a driver started here would join from this machine's non-loopback address, and Ray Train's controller,
+    pinned to the driver's node, was then cancelled before it started (seen in the full suite)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "cache": str(cache), "out": str(out),
+                                "encode": encode}))
+    (out / "driver.py").write_text(DRIVER)
+    client = JobSubmissionClient(cluster.dashboard_url)
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} {out / 'driver.py'} {spec}",
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                                  "DERMAFLUX_CACHE": os.environ.get("DERMAFLUX_CACHE", "")}},
+    )
+    deadline = time.time() + 600
+    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, client.get_job_logs(job)[-4000:]
+        time.sleep(2)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-4000:]
+    return json.loads((out / "result.json").read_text())
 
 
 def test_zero3_lora_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_dir, tiny_config):
@@ -63,26 +99,7 @@ def test_zero3_lora_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_
         "steps": 3, "micro_batch": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 3, "log_every": 1,
         "lora": {"rank": 4}, "vae_fit": {"enabled": False},
     }})
-    # The driver is a submitted Ray job, running on the head node as users' drivers do: a driver
-    # started here would join from this machine's non-loopback address, and Ray Train's controller,
-    # pinned to the driver's node, was then cancelled before it started (seen in the full suite).
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "cache": str(cache), "out": str(tmp_path)}))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    client = JobSubmissionClient(ray_two_nodes.dashboard_url)
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} {tmp_path / 'driver.py'} {spec}",
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-                                  "DERMAFLUX_CACHE": os.environ.get("DERMAFLUX_CACHE", "")}},
-    )
-    deadline = time.time() + 600
-    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, client.get_job_logs(job)[-4000:]
-        time.sleep(2)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = run_driver_job(ray_two_nodes, cfg, cache, tmp_path)
     assert result["nodes"] == 2
     assert result["error"] is None and result["metrics"]["step"] == 3
     saved = load_file(f"{result['checkpoint']}/adapter/{LORA_FILE}")
@@ -104,3 +121,33 @@ def test_zero3_lora_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_
     before = render()
     pipe.load_lora_weights(adapter_dir, weight_name=LORA_FILE)
     assert abs(render() - before).mean() > 1e-3
+
+
+def test_online_encoding_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_dir):
+    """train.encode online across the two nodes: one worker per node, each streaming and encoding only its share
+    (row i of the sorted train ids to rank i % 2), none of the other's."""
+    from dermaflux.config import load_config
+    from dermaflux.train.precompute import train_rows
+    from dermaflux.train.stage import _encode_plan
+
+    captions, _ = cache_dir
+    cfg = load_config("tiny", extra={"train": {
+        "captions": str(captions), "out": str(tmp_path), "mode": "lora", "workers": 2, "cpus_per_worker": 2,
+        "steps": 3, "micro_batch": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 3, "log_every": 1,
+        "lora": {"rank": 4}, "vae_fit": {"enabled": False}, "encode": "online"}})
+    plan = _encode_plan(cfg, None)
+    assert plan["mode"] == "online" and plan["rows"] == 32
+    empty = tmp_path / "no-cache"
+    empty.mkdir()
+    result = run_driver_job(ray_two_nodes, cfg, empty, tmp_path, encode=plan)
+    assert result["nodes"] == 2
+    assert result["error"] is None and result["metrics"]["step"] == 3
+    assert not list(empty.iterdir())  # nothing cached
+    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    nodes = {r["rank"]: {line["node"] for line in lines if line["rank"] == r["rank"]} for r in lines}
+    assert len(nodes[0] | nodes[1]) == 2 and len(nodes[0]) == len(nodes[1]) == 1  # one worker on each node
+    ids = train_rows(cfg)["id"].to_pylist()
+    for rank in (0, 1):
+        seen = [i for line in lines if line["rank"] == rank for i in line["ids"]]
+        assert len(seen) == 12 == len(set(seen))  # 3 steps x 4, none twice (16 rows in each share)
+        assert set(seen) <= set(ids[rank::2])  # its own share only

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dermaflux.train.augment import VIEWS, dihedral
-from dermaflux.train.cache import CACHE_SCHEMA, CachedSet, ensure_split_file, micro_batch_views, sample_views
+from dermaflux.train.cache import load_cached_set, micro_batch_views, sample_views, write_cache_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,9 +52,8 @@ def dihedral_cache(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
     source = pa.concat_tables([pq.read_table(p, columns=CAPTION_COLUMNS) for p in caption_shards(captions)])
     pipe = load_text_and_vae(tiny_config.model, None)
     rows = encode_rows(pipe, source.to_pydict(), 64, 32, augment="dihedral")
-    (work / "cache" / "shards").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pydict(rows, schema=CACHE_SCHEMA), work / "cache" / "shards" / "part-00000.parquet")
-    return pipe, source.to_pylist(), CachedSet(ensure_split_file(work / "cache", "train"))
+    write_cache_shard(rows, work / "cache" / "shards" / "part-00000.arrow")
+    return pipe, source.to_pylist(), load_cached_set(work / "cache", "train")
 
 
 def test_each_view_is_its_own_image_encoded(dihedral_cache):
@@ -64,8 +63,8 @@ def test_each_view_is_its_own_image_encoded(dihedral_cache):
     assert data.views == VIEWS["dihedral"] == 8
     by_id = {row["id"]: row for row in source}
     assert data.ids == sorted(by_id)
-    labels = dict(zip(data.table["id"].to_pylist(), data.table["label"].to_pylist()))
-    cached_captions = dict(zip(data.table["id"].to_pylist(), data.table["caption"].to_pylist()))
+    labels = dict(zip(data.ids, data.column("label")))
+    cached_captions = dict(zip(data.ids, data.column("caption")))
     for logical, row_id in enumerate(data.ids):
         row = by_id[row_id]
         assert labels[row_id] == row["label"] and cached_captions[row_id] == row["caption"]

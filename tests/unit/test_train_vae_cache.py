@@ -88,10 +88,9 @@ def test_deepspeed_config_from_ours(tiny_config):
 
 def _write_cache_shard(path, rows):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from dermaflux.model.loading import dtype_name
-    from dermaflux.train.cache import CACHE_SCHEMA
+    from dermaflux.train.cache import CACHE_SCHEMA, write_cache_shard
 
     def cols(t):
         return tensor_to_bytes(t), list(t.shape)
@@ -103,31 +102,38 @@ def _write_cache_shard(path, rows):
         records.append({"id": row_id, "split": split, "label": "nv", "caption": "c", "dtype": dtype_name(torch.bfloat16),
                         "latents": lb, "latents_shape": ls, "prompt_embeds": eb, "prompt_embeds_shape": es,
                         "pooled_prompt_embeds": pb, "pooled_prompt_embeds_shape": ps})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records, schema=CACHE_SCHEMA), path)
+    write_cache_shard(pa.Table.from_pylist(records, schema=CACHE_SCHEMA), path)
 
 
-def test_cached_set_is_memory_mapped_sorted_by_id_and_follows_the_shards(tmp_path):
+def test_cached_set_maps_the_shards_in_place_sorted_by_id_and_follows_them(tmp_path):
     import pyarrow as pa
 
     from dermaflux.train.cache import load_cached_set
 
     cache = tmp_path / "cache"
     # Shard order is not id order; a val row must not leak into train.
-    _write_cache_shard(cache / "shards" / "part-00000.parquet", [("c", "train", 3.0), ("a", "train", 1.0), ("v", "val", 9.0)])
-    _write_cache_shard(cache / "shards" / "part-00001.parquet", [("b", "train", 2.0)])
+    _write_cache_shard(cache / "shards" / "part-00000.arrow", [("c", "train", 3.0), ("a", "train", 1.0), ("v", "val", 9.0)])
+    _write_cache_shard(cache / "shards" / "part-00001.arrow", [("b", "train", 2.0)])
     before = pa.total_allocated_bytes()
     data = load_cached_set(cache, "train")
     assert pa.total_allocated_bytes() - before < 1024  # the rows stay in the map, not in Arrow's heap
-    assert data.ids == ["a", "b", "c"] and (cache / "train.arrow").exists()
+    assert data.ids == ["a", "b", "c"]
+    # no whole-split copy beside the shards: the workers read the shards themselves
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == \
+        ["shards/part-00000.arrow", "shards/part-00001.arrow"]
     latents, embeds, pooled = data.rows(torch.tensor([2, 0]))
     assert latents.shape == (2, 4, 2, 2) and embeds.shape == (2, 8, 512) and pooled.shape == (2, 6)
     assert latents.dtype == torch.bfloat16
     assert [float(t[0, 0, 0]) for t in latents] == [3.0, 1.0] and float(pooled[1, 0]) == 1.0
     assert load_cached_set(cache, "train", max_rows=2).ids == ["a", "b"]
 
-    _write_cache_shard(cache / "shards" / "part-00002.parquet", [("aa", "train", 5.0)])  # the cache grew
+    _write_cache_shard(cache / "shards" / "part-00002.arrow", [("aa", "train", 5.0)])  # the cache grew
     grown = load_cached_set(cache, "train")
     assert grown.ids == ["a", "aa", "b", "c"] and float(grown.rows([1])[2][0, 0]) == 5.0
     with pytest.raises(ValueError, match="no cached rows of split 'test'"):
         load_cached_set(cache, "test")
+    legacy = tmp_path / "legacy"
+    (legacy / "shards").mkdir(parents=True)
+    (legacy / "shards" / "part-00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match="older DermaFlux"):
+        load_cached_set(legacy, "train")
