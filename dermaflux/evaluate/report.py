@@ -20,6 +20,7 @@ from PIL import Image
 from dermaflux.core.artifacts import atomic_path, atomic_write_text
 from dermaflux.evaluate.adherence import ATTRIBUTES as ADHERENCE_ATTRIBUTES
 from dermaflux.evaluate.data import LABEL_ORDER, TASK_NAMES, ImageTable, read_image_bytes
+from dermaflux.evaluate import subgroup_report
 from dermaflux.lesion import taxonomy
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ class ReportData:
     adherence: Table | None
     quality: QualitySection | None
     galleries: list[Gallery]
+    subgroup_lines: list[str]  # results by subgroup (evaluate/subgroup_report.py)
+    subgroups: Table | None
+    subgroup_plot: Figure | None
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -441,7 +445,18 @@ def report_data(results: dict, grids: dict, pairs: list[dict], plots: list[tuple
         adherence=adherence_table(results["adherence"]) if results.get("adherence") else None,
         quality=_quality_section(assessment, pairs) if assessment is not None else None,
         galleries=_galleries(grids),
+        **_subgroup_section(results),
     )
+
+
+def _subgroup_section(results: dict) -> dict:
+    found, task = results.get("subgroups"), results["primary_task"]
+    rows = subgroup_report.subgroup_table(found, task) if found else []
+    plot = found.get("plot") if found else None
+    return {"subgroup_lines": subgroup_report.subgroup_lines(found, task),
+            "subgroups": Table("subgroups", subgroup_report.SUBGROUP_HEAD, rows) if rows else None,
+            "subgroup_plot": Figure(plot, subgroup_report.PLOT_TITLE, subgroup_report.PLOT_TITLE) if plot else None}
+
 
 def _markdown_cell(text: str) -> str:
     return str(text).replace("|", "\\|")
