@@ -420,8 +420,12 @@ def _adherence_lines(adherence: dict | None) -> list[str]:
         if a["n"]:
             parts.append(f"{name.replace('_', ' ')} κ {_signed(a['kappa'], 2)} (agreement {_fmt(a['agreement'], 2)} "
                          f"vs chance {_fmt(a['chance'], 2)}, n {a['images']})")
+    by_tone = [f"{tone.replace('_', ' ')} skin: diagnosis {_fmt(t['diagnosis_agreement'], 2)}, malignancy "
+               f"{_fmt(t['malignancy_agreement'], 2)} (n {t['images']})"
+               for tone, t in adherence.get("by_skin_tone", {}).items()]
     return [f"Attribute adherence of {adherence['images']} of {adherence['of']} synthetic images (κ 0 = chance, "
-            f"1 = always as requested): " + ("; ".join(parts) or "no attribute could be compared") + "."]
+            f"1 = always as requested): " + ("; ".join(parts) or "no attribute could be compared") + "."] + (
+        [f"Agreement by requested skin tone: {'; '.join(by_tone)}."] if by_tone else [])
 
 
 def report_data(results: dict, grids: dict, pairs: list[dict], plots: list[tuple[str, str]]) -> ReportData:
