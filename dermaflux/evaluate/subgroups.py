@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dermaflux.core.artifacts import atomic_write_json, read_json
+from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
 from dermaflux.evaluate import paired
 from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.data import INTERNAL
@@ -77,7 +78,7 @@ def _measured_tone(row: dict, max_pixels: int) -> str:
 
 
 def image_groups(corpus: Path, ids: set[str], cache: Path | None = None,
-                 max_pixels: int = 50_000_000) -> dict[str, dict[str, str]]:
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, dict[str, str]]:
     """{image id: {attribute: subgroup}} for the `ids` of the corpus; unknowns are "unknown". The
     skin tone is measured once per image and kept in `cache` (a later report reuses it)."""
     known = read_json(cache) if cache is not None and cache.exists() else {}
