@@ -245,6 +245,10 @@ STAGES: tuple[StageSpec, ...] = (
             Option("--adapter", ("synth.adapter",), "adapter name to sample with", metavar="NAME"),
             Option("--per-class", ("synth.per_class",), "images for every class of the corpus' train split "
                    "(synth.corpus; every taxonomy class when none is given)", type=int, metavar="N"),
+            Option("--targets", ("synth.targets",), "targets over label x subgroup, e.g. "
+                   "'mel:skin_tone=brown:200,nv:300'", metavar="SPEC"),
+            Option("--balance", ("synth.balance",), "top every subgroup of each class of synth.corpus up to its "
+                   "best-represented one", choices=("skin_tone", "sex", "site"), metavar="ATTRIBUTE"),
             _out("synth", "output folder (a synthetic set)"),
             Option("--seed", ("synth.seed",), "base seed of the per-image seeds", type=int, metavar="N"),
             Option("--steps", ("synth.num_inference_steps",), "inference steps (default: the preset's)", type=int,

@@ -3,7 +3,9 @@
 The ABCD rule as an image program: a lesion mask (Otsu on the darkness of the hair-cleaned image,
 inside the dermatoscope's field of view, then morphology and the most central large component),
 and from it Asymmetry about the principal axes, Border irregularity (compactness, notches), the
-Colours present (nearest ABCD prototype in CIELAB, skin excluded), and the Diameter.
+Colours present (nearest ABCD prototype in CIELAB, skin excluded), and the Diameter. Beside them,
+the skin tone of the skin around the lesion as the Individual Typology Angle (lesion/skin_tone.py),
+measured on the image as taken, before the white balance the colour step applies.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from skimage import color, filters, measure, morphology
 
 from dermaflux.corpus.config import DEFAULT_MAX_PIXELS
 from dermaflux.lesion.attributes import ABCD_COLOURS, ASYMMETRY_AXIS_THRESHOLD, LesionAttributes
+from dermaflux.lesion.skin_tone import ita_category, ita_from_lab
 
 # ABCD colour prototypes in CIELAB (L*, a*, b*), applied after white-balancing the image so the
 # skin around the lesion looks like REFERENCE_SKIN_RGB: HAM10000 photos range from neutral to
@@ -35,6 +38,11 @@ COLOUR_MIN_FRACTION = 0.05  # of the lesion's pixels: below this a colour is spe
 MIN_AREA_FRACTION = 0.005  # smaller masks are noise (a 224 px image: ~250 px)
 MAX_AREA_FRACTION = 0.92  # larger: the threshold split the skin, not a lesion
 MIN_CONFIDENCE = 0.25
+# Skin for the ITA: the field of view outside the lesion, its penumbra (a ring of SKIN_MARGIN_PX at
+# 224 px, scaled) and hair; glare and vignette-dark pixels (L* outside SKIN_LIGHTNESS_RANGE) are not skin.
+SKIN_MARGIN_PX = 6
+SKIN_LIGHTNESS_RANGE = (5.0, 97.0)
+MIN_SKIN_FRACTION = 0.05  # of the image: with less skin than this the ITA is not reported
 
 
 @dataclass
@@ -54,6 +62,8 @@ class LesionMeasurement:
     colour_fractions: dict[str, float] = field(default_factory=dict)
     diameter_px: float | None = None
     diameter_mm: float | None = None
+    ita: float | None = None  # degrees, over the skin around the lesion (None: too little skin seen)
+    skin_fraction: float | None = None  # of the image's pixels the ITA came from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,14 +215,46 @@ def colours_present(rgb: np.ndarray, mask: np.ndarray, exclude: np.ndarray | Non
     return {name: float(counts[i]) for i, name in enumerate(names) if name in ABCD_COLOURS}
 
 
+def skin_tone_ita(rgb: np.ndarray, skin: np.ndarray) -> tuple[float | None, float]:
+    """(ITA in degrees or None, fraction of the image it came from) over the `skin` pixels of an
+    RGB image (uint8, or float in [0, 1]): ITA of the median L* and median b*, which a few hair or
+    glare pixels left in the mask cannot move, unlike a mean of per-pixel angles (b* near 0 makes
+    single-pixel angles jump between +90 and -90)."""
+    scale = 255.0 if rgb.dtype == np.uint8 else 1.0
+    lab = color.rgb2lab(np.clip(rgb.astype(np.float64) / scale, 0.0, 1.0))
+    low, high = SKIN_LIGHTNESS_RANGE
+    usable = skin & (lab[..., 0] > low) & (lab[..., 0] < high)
+    fraction = round(float(usable.mean()), 4)
+    if fraction < MIN_SKIN_FRACTION:
+        return None, fraction
+    lightness, b_star = np.median(lab[usable][:, [0, 2]], axis=0)
+    return round(ita_from_lab(float(lightness), float(b_star)), 2), fraction
+
+
+def skin_around(rgb: np.ndarray, mask: np.ndarray | None, hair: np.ndarray) -> np.ndarray:
+    """The skin pixels: inside the field of view, outside the lesion and its penumbra, not hair.
+    Without a lesion mask the lighter half of the field of view stands in (lesions are darker)."""
+    fov = field_of_view(rgb)
+    if mask is None:
+        grey = rgb.astype(np.float32).mean(axis=2)
+        lesion = grey < np.median(grey[fov]) if fov.any() else np.zeros_like(fov)
+    else:
+        margin = max(1, round(SKIN_MARGIN_PX * min(rgb.shape[:2]) / 224))
+        lesion = ndi.binary_dilation(mask, structure=morphology.disk(margin))
+    return fov & ~lesion & ~hair
+
+
 def measure_lesion(rgb: np.ndarray, mm_per_pixel: float | None = None) -> LesionMeasurement:
     """All ABCD figures of one image; a clear `mask_found=False` (with reason) when no lesion is seen."""
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 RGB image, got shape {rgb.shape}")
     cleaned, hair = remove_hair(rgb)
     mask, confidence, reason = lesion_mask(cleaned)
+    # Skin tone from the image as taken (before any white balance), hair excluded rather than filled.
+    ita, skin_fraction = skin_tone_ita(rgb, skin_around(rgb, mask, hair))
     if mask is None:
-        return LesionMeasurement(mask_found=False, confidence=confidence, reason=reason)
+        return LesionMeasurement(mask_found=False, confidence=confidence, reason=reason, ita=ita,
+                                 skin_fraction=skin_fraction)
     axis_scores = asymmetry_about_principal_axes(mask)
     irregularity, notches = border_measures(mask)
     fractions = colours_present(cleaned, mask, exclude=hair)
@@ -231,6 +273,8 @@ def measure_lesion(rgb: np.ndarray, mm_per_pixel: float | None = None) -> Lesion
         colour_fractions={c: round(v, 4) for c, v in fractions.items()},
         diameter_px=diameter_px,
         diameter_mm=diameter_px * mm_per_pixel if mm_per_pixel else None,
+        ita=ita,
+        skin_fraction=skin_fraction,
     )
 
 
@@ -258,6 +302,8 @@ def attributes_from(measurement: LesionMeasurement, row: dict) -> LesionAttribut
         if measurement.mask_found
         else {}
     )
+    tone = {} if measurement.ita is None else dict(
+        skin_tone=ita_category(measurement.ita), ita=measurement.ita, skin_fraction=measurement.skin_fraction)
     age, malignant = _known(row.get("age")), _known(row.get("malignant"))
     return LesionAttributes(
         diagnosis=row["label"],
@@ -268,4 +314,5 @@ def attributes_from(measurement: LesionMeasurement, row: dict) -> LesionAttribut
         sex=_known(row.get("sex")),
         mask_confidence=round(measurement.confidence, 4),
         **shape,
+        **tone,
     )

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from dermaflux.core import artifacts
 from dermaflux.core.artifacts import parquet_shards
 from dermaflux.caption.schema import CAPTION_SCHEMA
+from dermaflux.caption.tone_summary import skin_tone_summary
 from dermaflux.corpus.schema import with_melanoma
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def write_shard_output(out: Path, shard: Path, results: pd.DataFrame) -> dict:
 
 def attribute_summary(out: Path) -> dict:
     """Per label: how often a lesion mask was found and the mean ABCD figures (the closing-note numbers)."""
-    tables = [pq.read_table(p, columns=["label", "attributes_json", "caption_writer", "caption_flags"])
+    tables = [pq.read_table(p, columns=["label", "source", "attributes_json", "caption_writer", "caption_flags"])
               for p in sorted((out / "shards").glob("*.parquet"))]
     if not tables:
         return {}
@@ -103,7 +104,8 @@ def attribute_summary(out: Path) -> dict:
             "mean_diameter_px": mean("diameter_px"),
         }
     flags = Counter(f for row_flags in frame["caption_flags"] for f in row_flags)
-    return {"per_label": per_label, "writers": dict(Counter(frame["caption_writer"])), "flags": dict(flags)}
+    return {"per_label": per_label, "writers": dict(Counter(frame["caption_writer"])), "flags": dict(flags),
+            "skin_tone": skin_tone_summary(frame)}
 
 
 def finalize(out: Path, shards: list[Path], cfg: DermaFluxConfig) -> dict:

@@ -4,7 +4,11 @@ For every synthetic image, the attributes it was requested with (its `attributes
 just its label) against what is measured on the generated image:
 - diagnosis and malignancy by a classifier trained on real images (the assessment's network);
 - colours, asymmetry, border and diameter class by the project's own ABCD extractor
-  (`dermaflux.caption.extract`, the function that wrote the training captions).
+  (`dermaflux.caption.extract`, the function that wrote the training captions);
+- skin tone (the ITA category of the skin around the lesion) by the same extractor. Body site is
+  not measurable from a close-up image and is not compared.
+Per requested skin tone, the diagnosis and malignancy agreement are reported apart (`by_skin_tone`):
+a generator may follow the diagnosis on light skin and lose it on dark.
 Per attribute: the observed agreement, the agreement expected by chance from the two marginals,
 and Cohen's kappa (0: chance, 1: perfect) with a bootstrap CI over images; colours are six
 present/absent decisions per image, with each colour's chance from its own prevalence. A generator
@@ -26,13 +30,15 @@ from PIL import Image
 from dermaflux.evaluate.stats import agreement, kappa_interval
 from dermaflux.lesion import taxonomy
 from dermaflux.lesion.attributes import ABCD_COLOURS, BORDER_THRESHOLDS, LesionAttributes
+from dermaflux.lesion.skin_tone import ITA_CATEGORIES, ita_category
 
-ATTRIBUTES = ("diagnosis", "malignancy", "colours", "asymmetry", "border", "diameter_class")
+ATTRIBUTES = ("diagnosis", "malignancy", "colours", "asymmetry", "border", "diameter_class", "skin_tone")
 NOMINAL_FIELD_MM = 20.0  # mm across a dermoscopy image side, for requests that give diameter_mm only
 DIAMETER_CLASSES = ((1 / 3, "small"), (2 / 3, "medium"), (float("inf"), "large"))
 EXTRACT_SIDE = 224  # the extractor's thresholds were set on 224 px HAM10000 images
 MEASURED_BY = {"diagnosis": "classifier", "malignancy": "classifier", "colours": "extractor",
-               "asymmetry": "extractor", "border": "extractor", "diameter_class": "extractor"}
+               "asymmetry": "extractor", "border": "extractor", "diameter_class": "extractor",
+               "skin_tone": "extractor (ITA)"}
 
 
 def diameter_class(relative: float | None) -> str | None:
@@ -64,7 +70,7 @@ def requested(label: str, attributes_json: str | None, width: int, where: str) -
     return {
         "diagnosis": attrs.diagnosis, "malignancy": "malignant" if attrs.is_malignant else "benign",
         "colours": attrs.colours, "asymmetry": attrs.asymmetry_level, "border": attrs.border_level,
-        "diameter_class": diameter_class(relative),
+        "diameter_class": diameter_class(relative), "skin_tone": attrs.skin_tone,
     }
 
 
@@ -78,10 +84,11 @@ def measured_by_extractor(image: bytes) -> dict:
             rgb = rgb.resize((EXTRACT_SIDE, EXTRACT_SIDE), Image.Resampling.BILINEAR)
         side = rgb.size[0]
         found = measure_lesion(np.asarray(rgb))
+    tone = None if found.ita is None else ita_category(found.ita)  # measured with or without a lesion mask
     if not found.mask_found:
-        return {"colours": None, "asymmetry": None, "border": None, "diameter_class": None,
+        return {"colours": None, "asymmetry": None, "border": None, "diameter_class": None, "skin_tone": tone,
                 "extractor_note": found.reason}
-    return {"colours": found.colours, "asymmetry": found.asymmetry_axes,
+    return {"colours": found.colours, "asymmetry": found.asymmetry_axes, "skin_tone": tone,
             "border": border_class(found.border_irregularity),
             "diameter_class": diameter_class(found.diameter_px / side), "extractor_note": None}
 
@@ -159,3 +166,19 @@ def colour_agreement(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dic
     ci = [float(v) for v in np.quantile(draws, [0.025, 0.975])] if len(draws) else [float("nan")] * 2
     return {"n": int(asked.size), "agreement": observed, "chance": chance, "kappa": kappa, "kappa_ci": ci,
             "unit": "image x ABCD colour (present/absent); chance per colour"}
+
+
+def by_requested_skin_tone(rows: list[dict]) -> dict[str, dict]:
+    """Per requested skin tone: images, and the diagnosis / malignancy agreement among them (None
+    where the classifier does not give that attribute)."""
+    out = {}
+    for tone in ITA_CATEGORIES:
+        mine = [r for r in rows if r["requested_skin_tone"] == tone]
+        if not mine:
+            continue
+        out[tone] = {"images": len(mine)}
+        for name in ("diagnosis", "malignancy"):
+            both = [r for r in mine if r[f"requested_{name}"] is not None and r[f"measured_{name}"] is not None]
+            out[tone][f"{name}_agreement"] = (float(np.mean([r[f"requested_{name}"] == r[f"measured_{name}"]
+                                                              for r in both])) if both else None)
+    return out

@@ -64,6 +64,7 @@ def measure_adherence(model, settings: TrainSettings, network: dict, synthetic: 
     return {
         "adherence": {
             "images": len(rows), "of": int(len(synthetic)), "attributes": adherence.summarise_adherence(rows),
+            "by_skin_tone": adherence.by_requested_skin_tone(rows),
             "classifier": f"{network['model']} {network['task']} network of this assessment ({network['trained_on']})",
             "extractor": "dermaflux.caption.extract (the captions' ABCD measurements)",
             "extractor_found_no_lesion": sum(r["extractor_note"] is not None for r in rows),

@@ -83,6 +83,14 @@ class EvaluateConfig(ConfigModel):
     power: float = Field(0.8, gt=0, lt=1, description="power of the resolvable difference")
     adjustment: Adjustment = Field("holm", description="multiple-comparison control across the grid")
 
+    # Results by subgroup (evaluate/subgroups.py).
+    subgroup_attributes: list[Literal["skin_tone", "fitzpatrick", "site", "sex", "age_band", "source", "modality"]] = (
+        Field(["skin_tone", "fitzpatrick", "site", "sex", "age_band", "source", "modality"],
+              description="test-image attributes the results are broken down by"))
+    subgroup_min_per_class: int = Field(
+        10, ge=1, description="a subgroup with fewer test images than this in some class is 'not resolvable': "
+        "counted, not scored")
+
     report_only: bool = Field(
         False, description="train nothing: write the report from the cells already finished in `out`"
     )

@@ -23,6 +23,7 @@ from dermaflux.evaluate.controls import BY_NAME as CONTROL_ARMS
 from dermaflux.evaluate.controls import MATCHED
 from dermaflux.evaluate.data import LABEL_ORDER, TASK_NAMES, ImageTable, read_image_bytes
 from dermaflux.evaluate.metrics import BY_KEY, PAIRED_METRICS, PRIMARY, REPORT_METRICS
+from dermaflux.evaluate import subgroup_report
 from dermaflux.lesion import taxonomy
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class ReportData:
     adherence: Table | None
     quality: QualitySection | None
     galleries: list[Gallery]
+    subgroup_lines: list[str]  # results by subgroup (evaluate/subgroup_report.py)
+    subgroups: Table | None
+    subgroup_plot: Figure | None
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -481,8 +485,12 @@ def _adherence_lines(adherence: dict | None) -> list[str]:
         if a["n"]:
             parts.append(f"{name.replace('_', ' ')} κ {_signed(a['kappa'], 2)} (agreement {_fmt(a['agreement'], 2)} "
                          f"vs chance {_fmt(a['chance'], 2)}, n {a['images']})")
+    by_tone = [f"{tone.replace('_', ' ')} skin: diagnosis {_fmt(t['diagnosis_agreement'], 2)}, malignancy "
+               f"{_fmt(t['malignancy_agreement'], 2)} (n {t['images']})"
+               for tone, t in adherence.get("by_skin_tone", {}).items()]
     return [f"Attribute adherence of {adherence['images']} of {adherence['of']} synthetic images (κ 0 = chance, "
-            f"1 = always as requested): " + ("; ".join(parts) or "no attribute could be compared") + "."]
+            f"1 = always as requested): " + ("; ".join(parts) or "no attribute could be compared") + "."] + (
+        [f"Agreement by requested skin tone: {'; '.join(by_tone)}."] if by_tone else [])
 
 
 def report_data(results: dict, grids: dict, pairs: list[dict], plots: list[tuple[str, str]]) -> ReportData:
@@ -506,7 +514,18 @@ def report_data(results: dict, grids: dict, pairs: list[dict], plots: list[tuple
         adherence=adherence_table(results["adherence"]) if results.get("adherence") else None,
         quality=_quality_section(assessment, pairs) if assessment is not None else None,
         galleries=_galleries(grids),
+        **_subgroup_section(results),
     )
+
+
+def _subgroup_section(results: dict) -> dict:
+    found, task = results.get("subgroups"), results["primary_task"]
+    rows = subgroup_report.subgroup_table(found, task) if found else []
+    plot = found.get("plot") if found else None
+    return {"subgroup_lines": subgroup_report.subgroup_lines(found, task),
+            "subgroups": Table("subgroups", subgroup_report.SUBGROUP_HEAD, rows) if rows else None,
+            "subgroup_plot": Figure(plot, subgroup_report.PLOT_TITLE, subgroup_report.PLOT_TITLE) if plot else None}
+
 
 def _markdown_cell(text: str) -> str:
     return str(text).replace("|", "\\|")

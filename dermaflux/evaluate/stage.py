@@ -29,7 +29,7 @@ from dermaflux.core.artifacts import (
     mark_done,
     read_json,
 )
-from dermaflux.evaluate import adherence, controls, paired
+from dermaflux.evaluate import adherence, controls, paired, subgroup_report, subgroups
 from dermaflux.evaluate.config import EvaluateConfig
 from dermaflux.evaluate.data import (
     ImageTable,
@@ -217,6 +217,8 @@ def collect_results(out: Path, work: Work, inputs: Inputs, cfg: DermaFluxConfig,
     predictions = {c["id"]: read_predictions(out / "cells" / f"{c['id']}.parquet") for c in cells}
     unscorable = not_scorable(cells, ev.min_test_per_class)
     comparisons = paired.compare_grid(cells, predictions, ev, unscorable)
+    groups = subgroups.image_groups(inputs.corpus, subgroups.scored_image_ids(cells, predictions),
+                                    out / subgroups.CACHE_FILE, cfg.curate.max_pixels)
     assessed = inputs.synthetic is not None and is_done(out, "assessment")
     assessment = read_json(out / "assessment.json") if assessed else None
     return {
@@ -234,6 +236,7 @@ def collect_results(out: Path, work: Work, inputs: Inputs, cfg: DermaFluxConfig,
         "cells": cells,
         "assessment": assessment,
         "adherence": assessment.get("adherence") if assessment else None,
+        "subgroups": subgroups.analyse(cells, predictions, groups, ev),
         "failed": failed,
         "not_run": work.not_run,
     }
@@ -284,6 +287,7 @@ def _notes(synthetic_manifest: dict, not_run: list[str], failed: list[str], cell
 def write_outputs(out: Path, results: dict, inputs: Inputs, ev: EvaluateConfig) -> None:
     """results.json, the plots, the image thumbnails and the report (html and md) beside them."""
     plots = write_plots(out, results)
+    results["subgroups"]["plot"] = subgroup_report.plot_subgroups(results["subgroups"], results["primary_task"], out)
     grids = image_grids(out, inputs.corpus, inputs.synthetic_dir, inputs.real, inputs.synthetic,
                         ev.grid_images_per_class)
     assessment = results["assessment"]

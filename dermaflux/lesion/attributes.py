@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from dermaflux.core.config import ConfigModel
+from dermaflux.lesion.skin_tone import SkinTone
 from dermaflux.lesion.taxonomy import CODES, MALIGNANT_CODES
 
 # Caption wording per taxonomy code: codes and malignancy come from the corpus taxonomy table;
@@ -57,7 +58,13 @@ class LesionAttributes(ConfigModel):
     diameter_px: float | None = Field(None, gt=0)
     diameter_mm: float | None = Field(None, gt=0)
     site: str | None = Field(None, description="body site in words, e.g. 'lower extremity'")
-    skin_type: str | None = Field(None, description="Fitzpatrick I-VI")
+    skin_type: str | None = Field(None, description="Fitzpatrick I-VI, as the source labelled it")
+    skin_tone: SkinTone | None = Field(
+        None, description="ITA category (very_light, light, intermediate, tan, brown, dark): measured from the skin "
+        "around the lesion, or requested; kept beside skin_type, never derived from it")
+    ita: float | None = Field(None, ge=-90.0, le=90.0, description="measurement only: the ITA angle in degrees")
+    skin_fraction: float | None = Field(None, ge=0.0, le=1.0, description="measurement only: share of the image's "
+                                        "pixels the ITA came from")
     age: float | None = Field(None, ge=0, le=120)
     sex: Literal["male", "female"] | None = None
     mask_confidence: float | None = Field(

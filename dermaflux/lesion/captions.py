@@ -16,6 +16,7 @@ import random
 import re
 
 from dermaflux.lesion.attributes import COLOUR_WORDS, DIAGNOSIS_NAMES, LesionAttributes
+from dermaflux.lesion.skin_tone import SKIN_TONE_WORDS
 
 # --- wording ------------------------------------------------------------------------------------
 
@@ -117,6 +118,9 @@ def caption_from_attributes(attrs: LesionAttributes | dict, seed: int | None = N
     patient = " ".join(
         ([f"{int(round(attrs.age))}-year-old"] if attrs.age is not None else []) + ([attrs.sex] if attrs.sex else [])
     )
+    # Both when both are known: the measured ITA category and the source's Fitzpatrick type.
+    if attrs.skin_tone:
+        patient = (patient + ", " if patient else "") + f"{SKIN_TONE_WORDS[attrs.skin_tone]} skin"
     if attrs.skin_type:
         patient = (patient + ", " if patient else "") + f"Fitzpatrick skin type {attrs.skin_type}"
     if patient:

@@ -34,6 +34,7 @@ from dermaflux.synth.requests import (
     derive_seed,
     resolve_settings,
 )
+from dermaflux.synth import subgroup_targets
 from dermaflux.synth.schema import SYNTHETIC_SCHEMA
 
 if TYPE_CHECKING:
@@ -85,16 +86,21 @@ class JobSpec:
     shard_size: int
     model: str  # model.pretrained the images come from
     adapter_path: str | None = None  # the adapter folder behind settings.adapter
+    # (label, attribute, value, count): subgroup targets within `targets` (synth/subgroup_targets.py)
+    cells: tuple[tuple[str, str, str, int], ...] = ()
 
     def to_dict(self) -> dict:
+        # `cells` only when there are some: a job without them keeps the fingerprint it always had.
         return {
             "job_id": self.job_id, "targets": self.targets, "settings": self.settings.__dict__, "seed": self.seed,
             "shard_size": self.shard_size, "model": self.model, "adapter_path": self.adapter_path,
+            **({"cells": [list(c) for c in self.cells]} if self.cells else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobSpec":
-        return cls(**{**data, "settings": Settings(**data["settings"])})
+        cells = tuple(tuple(c) for c in data.get("cells", ()))
+        return cls(**{**data, "settings": Settings(**data["settings"]), "cells": cells})
 
     @property
     def total(self) -> int:
@@ -143,7 +149,7 @@ def shard_items(spec: JobSpec, index: int) -> list[WorkItem]:
     for label, first, last in _label_ranges(spec):
         for position in range(max(start, first), min(end, last)):
             seed = derive_seed(spec.seed, label, position - first)
-            attrs = sample_attributes(label, seed)
+            attrs = subgroup_targets.apply_cell(spec.cells, label, position - first, sample_attributes(label, seed))
             items.append(WorkItem(label, position - first, seed, attrs.to_json(), caption_from_attributes(attrs, seed)))
     return items
 
@@ -282,6 +288,7 @@ def write_manifest(out_dir: Path, spec: JobSpec, extra: dict | None = None) -> d
         "job_id": spec.job_id, "counts": counts, "total": table.num_rows, "settings": spec.settings.__dict__,
         "seed": spec.seed, "model": spec.model, "adapter": spec.settings.adapter, "adapter_path": spec.adapter_path,
         "shards": sorted(p.name for p in (out_dir / SHARD_DIR).glob("*.parquet")), "finished": time.time(),
+        **({"cells": subgroup_targets.cell_counts(spec.cells, images)} if spec.cells else {}),
         **(extra or {}), "images": images,
     }
     artifacts.atomic_write_json(out_dir / MANIFEST_FILE, manifest)

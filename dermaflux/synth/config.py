@@ -7,6 +7,7 @@ Generation settings (size, steps, guidance) default to the model section (`model
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -107,6 +108,12 @@ class SynthConfig(ConfigModel):
         default_factory=dict, description="`generate`: explicit images per class (overrides per_class for those)"
     )
     bring_to: int | None = Field(None, ge=0, description="`generate`: top every class up to N real+synthetic")
+    targets: str | None = Field(
+        None, description="`generate`: targets over label x subgroup, e.g. 'mel:skin_tone=brown:200,nv:300' (added to "
+        "the class targets; attributes: skin_tone, sex, site)")
+    balance: Literal["skin_tone", "sex", "site"] | None = Field(
+        None, description="`generate`: per class of synth.corpus' train split, top every subgroup of this attribute "
+        "its real images show up to the best-represented one (skin tone: measured ITA category)")
     corpus: str | None = Field(
         None, description="corpus folder: its train split's classes are the ones generated (another is an error) and "
         "the counts `bring_to` tops up"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dermaflux.lesion import taxonomy
-from dermaflux.synth import bulk
+from dermaflux.synth import bulk, subgroup_targets
 from dermaflux.synth.requests import AugmentationRequest, check_labels
 
 if TYPE_CHECKING:
@@ -16,7 +17,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def class_targets(cfg: DermaFluxConfig) -> dict[str, int]:
+def subgroup_cells(cfg: DermaFluxConfig) -> tuple[dict[str, int], list]:
+    """(plain per-class targets, subgroup cells) of synth.targets and synth.balance."""
+    synth = cfg.synth
+    plain, cells = subgroup_targets.parse_targets(synth.targets) if synth.targets else ({}, [])
+    if synth.balance:
+        if not synth.corpus:
+            raise ValueError("synth.balance needs synth.corpus (the corpus whose subgroups are balanced)")
+        counts = subgroup_targets.corpus_subgroups(synth.corpus, synth.balance)
+        cells += subgroup_targets.balance_cells(counts, synth.balance)
+        log.info("generate: balancing %s: %s", synth.balance, ", ".join(f"{c[0]}:{c[2]}+{c[3]}" for c in cells))
+    return plain, cells
+
+
+def class_targets(cfg: DermaFluxConfig, subgroups: tuple[dict[str, int], list] | None = None) -> dict[str, int]:
     """synth.class_targets, else per_class for every class of synth.corpus' train split (every taxonomy
     class when no corpus is given), else bring_to over synth.corpus. With a corpus, a class it lacks is an error."""
     synth = cfg.synth
@@ -36,6 +50,9 @@ def class_targets(cfg: DermaFluxConfig) -> dict[str, int]:
                      "synth.corpus to generate only the classes a corpus has", synth.per_class, ", ".join(classes))
         targets = {code: synth.per_class for code in classes}
     targets.update(synth.class_targets)
+    plain, cells = subgroup_cells(cfg) if subgroups is None else subgroups
+    for label, count in subgroup_targets.label_totals(plain, cells).items():
+        targets[label] = targets.get(label, 0) + count
     if not targets or not sum(targets.values()):
         raise ValueError("nothing to generate: set synth.per_class (--per-class N), synth.class_targets or synth.bring_to")
     targets = check_labels(targets, "synth.class_targets")
@@ -52,11 +69,14 @@ def job_spec(cfg: DermaFluxConfig) -> bulk.JobSpec:
     if not synth.out:
         raise ValueError("synth.out is not set (--out DIR)")
     adapters = adapter_folders(synth.adapters)
+    subgroups = subgroup_cells(cfg)  # measured once: --balance may read every train image
     request = AugmentationRequest(
-        job_id=Path(synth.out).name or "generate", class_targets=class_targets(cfg),
+        job_id=Path(synth.out).name or "generate", class_targets=class_targets(cfg, subgroups),
         adapter=synth.adapter or next(iter(adapters), None), seed=synth.seed,
     )
-    return bulk.job_spec(cfg, request, adapters)
+    spec = bulk.job_spec(cfg, request, adapters)
+    cells = subgroups[1]
+    return dataclasses.replace(spec, cells=tuple(cells)) if cells else spec
 
 
 def run(cfg: DermaFluxConfig) -> dict:

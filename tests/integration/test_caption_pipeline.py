@@ -66,6 +66,10 @@ def test_template_run_captions_every_image_and_resumes(corpus, tmp_path, ray_loc
             assert got["caption_writer"] == "template" and got["caption"]
     manifest = artifacts.read_json(out / "manifest.json")
     assert manifest["captioned"] == 13 and set(manifest["per_label"]) == {r["label"] for r in rows}
+    tone = manifest["skin_tone"]  # ITA measured on every real image, its distribution in the manifest
+    tones = [json.loads(r["attributes_json"]).get("skin_tone") for r in written]
+    assert tone["measured"] == sum(t is not None for t in tones) >= 10  # a few images show too little skin
+    assert sum(tone["categories"].values()) == tone["measured"] and set(tones) - {None} <= set(tone["categories"])
     assert (out / "config.yaml").exists()
 
     # Kept and redone shards alike: the caption is the template's for the row's stable seed.

@@ -49,7 +49,7 @@ def evaluated(ham10000_dir, tmp_path_factory, ray_local):
         "corpus": str(corpus), "synthetic": str(synthetic), "out": str(out),
         "fractions": [0.5, 1.0], "ratios": [0, 1], "seeds": 2, "steps": STEPS, "validations": 2,
         "synthetic_only": True, "parallel_cells": 2, "grid_images_per_class": 3, "bootstrap": 300,
-        "adherence_max_images": 12,
+        "adherence_max_images": 12, "subgroup_min_per_class": 3,
     }})
     summary = stage.run(cfg)
     return summary, out, corpus, synthetic, planted, external
@@ -102,6 +102,16 @@ def test_pairs_are_compared_with_cis_adjusted_p_values_and_verdicts(evaluated):
     assert len(verdicts) == 4 and {v["verdict"] for v in verdicts} <= {"gain", "loss", "mixed", "no detectable effect"}
     md = (out / "report.md").read_text()
     assert md.index("## Verdict") < md.index("## Paired comparisons") < md.index("## Every cell group")
+    # Results by subgroup: every comparison broken down, the ITA measured on the real test images.
+    sub = results["subgroups"]
+    assert {(r["real_size"], r["test_set"]) for r in sub["rows"]} == {(c["real_size"], c["test_set"])
+                                                                       for c in comparisons}
+    tones = sub["coverage"]["internal"]["skin_tone"]
+    assert sum(n for t, n in tones.items() if t != "unknown") >= 0.8 * sum(tones.values())
+    assert sub["coverage"]["internal"]["modality"] == {"dermoscopic": sum(tones.values())}
+    for r in sub["rows"]:
+        assert r["resolvable"] == (min(r["per_class"].values()) >= 3) and ("auroc" in r) == r["resolvable"]
+    assert "## Results by subgroup" in md and "not resolvable (< 3 per class)" in md
     assert md.count("real images: ") >= 4 and "Preset: tiny" in md and "Generator: stand-in" in md
     assert str(out.parent) not in md and str(out.parent) not in (out / "report.html").read_text()
 
@@ -131,7 +141,7 @@ def test_report_renders_in_headless_chromium(evaluated):
     _, out, _, _, planted, _ = evaluated
     page = render(out / "report.html")
     tables = {t["id"]: t for t in page["tables"]}
-    assert {"summary", "comparisons", "recall", "adherence", "quality", "near-copies"} <= set(tables)
+    assert {"summary", "comparisons", "recall", "adherence", "quality", "near-copies", "subgroups"} <= set(tables)
     assert tables["summary"]["rows"] == 1 + 12 and tables["comparisons"]["rows"] == 1 + 4
     assert all(t["height"] > 0 for t in tables.values())
     assert tables["near-copies"]["rows"] == 1 + len(planted)
@@ -139,7 +149,8 @@ def test_report_renders_in_headless_chromium(evaluated):
     broken = [i["src"] for i in images if i["width"] == 0 or i["shown"] == 0]
     assert not broken, broken
     srcs = [i["src"] for i in images]
-    assert sum(s.startswith("plots/") for s in srcs) == 3
+    has_subgroup_plot = json.loads((out / "results.json").read_text())["subgroups"]["plot"] is not None
+    assert sum(s.startswith("plots/") for s in srcs) == 3 + has_subgroup_plot
     assert sum(s.startswith("images/near_copies/") for s in srcs) == 2 * len(planted)
     assert any(s.startswith("images/real/") for s in srcs) and any(s.startswith("images/synthetic/") for s in srcs)
 

@@ -49,13 +49,16 @@ def test_true_attributes_agree_far_above_chance(real_as_synthetic):
     attrs = result["adherence"]["attributes"]
     assert result["adherence"]["images"] == IMAGES and len(result["adherence_rows"]) == IMAGES
     # The extractor measures what the captions were written from: the same function, the same pixels.
-    for name in ("colours", "asymmetry", "border", "diameter_class"):
+    for name in ("colours", "asymmetry", "border", "diameter_class", "skin_tone"):
         assert attrs[name]["n"] >= 0.8 * IMAGES * (6 if name == "colours" else 1), (name, attrs[name])
         assert attrs[name]["kappa"] > 0.9 and attrs[name]["kappa_ci"][0] > 0.7, (name, attrs[name])
     # The real-trained network saw these train images: it reads their diagnosis well above chance.
     diagnosis = attrs["diagnosis"]
     assert diagnosis["agreement"] > diagnosis["chance"] + 0.25 and diagnosis["kappa_ci"][0] > 0.2, diagnosis
     assert attrs["malignancy"]["kappa"] > 0.2, attrs["malignancy"]
+    by_tone = result["adherence"]["by_skin_tone"]
+    assert sum(t["images"] for t in by_tone.values()) >= attrs["skin_tone"]["n"]
+    assert all(0 <= t["malignancy_agreement"] <= 1 for t in by_tone.values())
 
 
 @pytest.mark.slow
@@ -76,10 +79,10 @@ def test_requests_are_read_on_the_extractors_scales():
                                                    "asymmetry_axes": 2, "border_irregularity": 0.5,
                                                    "diameter_mm": 15.0}), 512, "row 0")
     assert asked == {"diagnosis": "mel", "malignancy": "malignant", "colours": ["red", "black"], "asymmetry": 2,
-                     "border": 2, "diameter_class": "large"}  # 15 mm of a nominal 20 mm field: 0.75 of the side
+                     "border": 2, "diameter_class": "large", "skin_tone": None}  # 15 mm of a nominal 20 mm field: 0.75 of the side
     assert adherence.requested("nv", None, 64, "row 1") == {
         "diagnosis": "nv", "malignancy": "benign", "colours": None, "asymmetry": None, "border": None,
-        "diameter_class": None}
+        "diameter_class": None, "skin_tone": None}
     assert adherence.requested("nv", json.dumps({"diagnosis": "nv", "diameter_px": 40.0}), 64, "r")[
         "diameter_class"] == "medium"
     with pytest.raises(ValueError, match="row 2: attributes_json is not a valid LesionAttributes"):
