@@ -406,7 +406,7 @@ def test_generate_targets_from_the_config(tmp_path):
     from dermaflux.synth.stage import class_targets
 
     cfg = load_config("tiny", extra={"synth": {"per_class": 2, "class_targets": {"mel": 5}}})
-    assert class_targets(cfg) == {code: 5 if code == "mel" else 2 for code in sorted(taxonomy.CODES)}
+    assert class_targets(cfg) == {code: 5 if code == "mel" else 2 for code in sorted(taxonomy.DIAGNOSIS_CODES)}
     with pytest.raises(ValueError, match="nothing to generate"):
         class_targets(load_config("tiny"))
     with pytest.raises(ValueError, match="unknown class 'wart'"):
