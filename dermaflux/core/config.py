@@ -104,25 +104,31 @@ def load_yaml_text(text: str, where: str):
         loader.dispose()
 
 
-def read_yaml(path: Path) -> dict:
-    """A config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8 YAML holding a mapping."""
+def read_small_text(path: Path, what: str, max_bytes: int, kind: str = "file", bounded: str = "it") -> str:
+    """The UTF-8 text of a small regular file (a config, a token); ConfigError naming `what` when it is
+    a folder, missing, a device/FIFO/socket, over `max_bytes` (read no further) or not UTF-8."""
     if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder, not a YAML file")
+        raise ConfigError(f"{what} is a folder, not a {kind}")
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} does not exist")
     if not path.is_file():
-        raise ConfigError(f"config file {path} is not a regular file (a device, FIFO or socket)")
+        raise ConfigError(f"{what} is not a regular file (a device, FIFO or socket)")
     try:
         with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-            if len(raw) > MAX_CONFIG_BYTES:
+            raw = fh.read(max_bytes + 1)
+            if len(raw) > max_bytes:
                 size = os.fstat(fh.fileno()).st_size
-                raise ConfigError(f"config file {path} holds {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
-        text = raw.decode("utf-8")
+                raise ConfigError(f"{what} holds {size:,} bytes; {bounded} is at most {max_bytes:,}")
+        return raw.decode("utf-8")
     except OSError as err:
-        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err})") from None
+        raise ConfigError(f"{what} cannot be read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+        raise ConfigError(f"{what} is not UTF-8 text (byte {err.start})") from None
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8 YAML holding a mapping."""
+    text = read_small_text(path, f"config file {path}", MAX_CONFIG_BYTES, kind="YAML file", bounded="a config")
     data = load_yaml_text(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")

@@ -25,7 +25,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from dermaflux.core.config import ConfigError
+from dermaflux.core.config import ConfigError, read_small_text
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +55,7 @@ MAX_TOKEN_FILE_BYTES = 4096  # a secret, not a document: a link to /dev/zero mus
 
 def _token_file_text(path: Path) -> str:
     """The token file's text; ConfigError saying what is wrong with the file (and naming it)."""
-    what = f"synth.auth.token_file: {path}"
-    if path.is_dir():
-        raise ConfigError(f"{what} is a folder, not a file")
-    if not path.exists():
-        raise ConfigError(f"{what} does not exist")
-    if not path.is_file():
-        raise ConfigError(f"{what} is not a regular file (a device, FIFO or socket)")
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_TOKEN_FILE_BYTES + 1)
-        if len(raw) > MAX_TOKEN_FILE_BYTES:
-            raise ConfigError(f"{what} holds more than {MAX_TOKEN_FILE_BYTES} bytes: not a token")
-        return raw.decode("utf-8")
-    except OSError as err:
-        raise ConfigError(f"{what} cannot be read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{what} is not UTF-8 text (byte {err.start})") from None
+    return read_small_text(path, f"synth.auth.token_file: {path}", MAX_TOKEN_FILE_BYTES, bounded="a token file")
 
 
 def read_token(auth, required: bool) -> str | None:

@@ -157,14 +157,19 @@ def build_captioned_set(ham_dir: Path, out: Path, n_train: int, n_test: int, sha
 def build_ham_folder(ham_dir: Path, out: Path, per_class: int = 6) -> Path:
     """A HAM10000-layout folder (metadata CSV + images/) with the first `per_class` images of each
     diagnosis by image id."""
-    kept = pick(ham_dir, per_class, by_image_id=True)
+    return write_ham_folder(ham_dir, out, pick(ham_dir, per_class, by_image_id=True))
+
+
+def write_ham_folder(ham_dir: Path, out: Path, rows: list[dict[str, str]]) -> Path:
+    """A HAM10000-layout folder holding `rows` (metadata rows of `ham_dir`) and copies of their images;
+    returns `out`. Tests that edit or break inputs do it here, never in the shared data."""
     (out / "images").mkdir(parents=True)
-    for meta in kept:
-        shutil.copy2(image_path(ham_dir, meta), out / "images")
+    for meta in rows:
+        shutil.copyfile(image_path(ham_dir, meta), out / "images" / image_path(ham_dir, meta).name)
     with open(out / METADATA, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(kept[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(kept)
+        writer.writerows(rows)
     return out
 
 

@@ -2,31 +2,21 @@
 finding 7): the edit is a different run (refused, then replaced with --force), never a resume
 onto the old shards (which kept the old labels, or failed with an AssertionError)."""
 
-import csv
 import os
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from dermaflux.cli import main
+from dermaflux.testing.ham10000 import METADATA, read_metadata, write_ham_folder
 
 pytestmark = pytest.mark.integration
 
 
 def first_rows(ham_dir: Path, dest: Path, count: int) -> Path:
-    with open(ham_dir / "HAM10000_metadata.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns, rows = reader.fieldnames, list(reader)[:count]
-    (dest / "images").mkdir(parents=True)
-    for row in rows:
-        shutil.copyfile(ham_dir / "images" / f"{row['image_id']}.jpg", dest / "images" / f"{row['image_id']}.jpg")
-    with open(dest / "HAM10000_metadata.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return dest / "HAM10000_metadata.csv"
+    """A HAM10000-layout copy of the metadata's first `count` rows; returns its CSV."""
+    return write_ham_folder(ham_dir, dest, read_metadata(ham_dir)[:count]) / METADATA
 
 
 def labels_written(out: Path) -> dict[str, str]:

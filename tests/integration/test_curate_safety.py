@@ -5,7 +5,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,21 @@ import pytest
 from dermaflux.cli import main
 from dermaflux.config import load_config
 from dermaflux.corpus import stage
+from dermaflux.testing.ham10000 import read_metadata, write_ham_folder
 
 pytestmark = pytest.mark.integration
 
 
 def small_ham(ham_dir: Path, dest: Path, count: int) -> list[dict]:
     """A HAM10000-layout copy of `count` real images, one lesion each, labels mixed (never the shared data)."""
-    with open(ham_dir / "HAM10000_metadata.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns, rows = reader.fieldnames, sorted(reader, key=lambda r: r["image_id"])
+    rows = read_metadata(ham_dir, by_image_id=True)
     picked, lesions = [], set()
     for row in rows[::97]:
         if row["lesion_id"] not in lesions:
             lesions.add(row["lesion_id"])
             picked.append(row)
     picked = picked[:count]
-    (dest / "images").mkdir(parents=True)
-    for row in picked:
-        shutil.copyfile(ham_dir / "images" / f"{row['image_id']}.jpg", dest / "images" / f"{row['image_id']}.jpg")
-    with open(dest / "HAM10000_metadata.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(picked)
+    write_ham_folder(ham_dir, dest, picked)
     return picked
 
 

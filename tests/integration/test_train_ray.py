@@ -63,6 +63,20 @@ class ExitOnceAfterStep:
             os._exit(1)
 
 
+def train_with_hooks(cfg, first_out, run_dir, hooks, **kwargs):
+    """run_training on `first_out`'s cache and VAE with test hooks; Ray workers cannot import this
+    test module, so the hooks' classes travel by value."""
+    import ray.cloudpickle
+
+    from dermaflux.train.ray_trainer import run_training
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        return run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", run_dir, hooks=hooks, **kwargs)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
 def read_loss_csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
@@ -142,21 +156,11 @@ def test_precompute_resumes_without_re_encoding(first_run):
 def test_worker_killed_mid_run_resumes_to_exact_steps(first_run, tmp_path):
     """Rank 1 dies after step 3; Ray restarts from the step-2 checkpoint: the redone steps see the same samples,
     views, noise and learning rate, so the run ends as the uninterrupted first run did. One checkpoint kept."""
-    import ray.cloudpickle
-
-    from dermaflux.train.ray_trainer import run_training
-
     cfg, _ = first_run
     first_out = cfg.train.out
     cfg = small_train_config(cfg.train.captions, tmp_path, max_failures=2, validate_every=100, checkpoints_kept=1)
     marker = tmp_path / "fault.json"
-    # Ray workers cannot import this test module: ship the hook's class by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path,
-                              hooks=[ExitOnceAfterStep(3, marker)])
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    result = train_with_hooks(cfg, first_out, tmp_path, [ExitOnceAfterStep(3, marker)])
     assert result.error is None
     fault = json.loads(marker.read_text())
     assert fault["step"] == 3  # rank 1 really died after step 3 ...
@@ -233,24 +237,16 @@ def test_fsdp2_lora_survives_a_lost_worker_and_loads_in_plain_diffusers(first_ru
     report; Ray restarts from the step-2 checkpoint and the redone steps 3 and 4 see the losses the lost run saw,
     so the adapter, its AdamW moments and the schedule were restored. The LoRA loads with diffusers' own
     `load_lora_weights` and changes what the pipeline renders."""
-    import ray.cloudpickle
     from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
     from torch.distributed.checkpoint import FileSystemReader
-
-    from dermaflux.train.ray_trainer import run_training
 
     cfg, _ = first_run
     first_out = cfg.train.out
     cfg = small_train_config(cfg.train.captions, tmp_path, strategy="fsdp2", mode="lora", lr=5e-3, max_failures=1,
                              validate_every=100, lora={"rank": 4, "alpha": 8}, tracking=[])
     marker = tmp_path / "fault.json"
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        result = run_training(cfg, f"{first_out}/cache", f"{first_out}/vae", tmp_path,
-                              hooks=[ExitOnceAfterStep(4, marker)])
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    result = train_with_hooks(cfg, first_out, tmp_path, [ExitOnceAfterStep(4, marker)])
     assert result.error is None, result.error
     lost = json.loads(marker.read_text())
     assert lost["step"] == 4 and result.metrics["step"] == 4
@@ -327,22 +323,15 @@ def test_online_worker_killed_mid_epoch_resumes_its_stream(online_run, tmp_path)
     """Rank 1 dies after step 5 (epoch 0: each rank's share is 24 rows, 4 per step); both restart from the step-4
     checkpoint at stream position 16: each rank trains on its share once in epoch 0 (none twice, none skipped),
     and the run repeats the uninterrupted online run's losses."""
-    import ray.cloudpickle
-
     from dermaflux.train.precompute import train_rows
-    from dermaflux.train.ray_trainer import run_training
 
     online, summary = online_run
     out = Path(online.train.out)
     cfg = small_train_config(online.train.captions, tmp_path, steps=8, encode="auto", validate_every=100,
                              max_failures=2)
     marker, record = tmp_path / "fault.json", tmp_path / "rows.jsonl"
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        result = run_training(cfg, out / "cache", str(out / "vae"), tmp_path, encode=summary["encode"],
-                              hooks=[RecordRows(record), ExitOnceAfterStep(5, marker)])
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    result = train_with_hooks(cfg, out, tmp_path, [RecordRows(record), ExitOnceAfterStep(5, marker)],
+                              encode=summary["encode"])
     assert result.error is None, result.error
     assert json.loads(marker.read_text())["step"] == 5 and result.metrics["step"] == 8
     lines = [json.loads(line) for line in record.read_text().splitlines()]

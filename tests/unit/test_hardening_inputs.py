@@ -2,10 +2,8 @@
 scan and the CLI's config reading. Each bad input ends in a clear refusal (exit 2, one line),
 never a traceback, a stale run or an unbounded read."""
 
-import csv
 import io
 import os
-import shutil
 import struct
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from dermaflux.cli import main
+from dermaflux.testing.ham10000 import METADATA, read_metadata, write_ham_folder
 from dermaflux.config import ConfigError, load_config
 from dermaflux.core import artifacts
 from dermaflux.core.config import PRESET_DIR
@@ -36,17 +35,8 @@ def cli_error(capsys, argv: list[str]) -> str:
 # --- finding 7: a labels CSV edited in place with its size and mtime kept -----------------------
 
 def copy_ham(ham_dir: Path, dest: Path, count: int) -> Path:
-    with open(ham_dir / "HAM10000_metadata.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns, rows = reader.fieldnames, list(reader)[:count]
-    (dest / "images").mkdir(parents=True)
-    for row in rows:
-        shutil.copyfile(ham_dir / "images" / f"{row['image_id']}.jpg", dest / "images" / f"{row['image_id']}.jpg")
-    with open(dest / "HAM10000_metadata.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return dest / "HAM10000_metadata.csv"
+    """A HAM10000-layout copy of the metadata's first `count` rows; returns its CSV."""
+    return write_ham_folder(ham_dir, dest, read_metadata(ham_dir)[:count]) / METADATA
 
 
 def test_a_labels_csv_edited_with_its_size_and_mtime_kept_is_another_run(ham10000_dir, tmp_path):

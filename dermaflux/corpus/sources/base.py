@@ -303,6 +303,22 @@ def find_file(reader: str, root: Path, patterns: tuple[str, ...], what: str) -> 
     raise SourceError(f"{reader}: no {what} under {root} (looked for {', '.join(patterns)})")
 
 
+def metadata_file(spec: SourceSpec, reader: str, patterns: tuple[str, ...], what: str) -> Path:
+    """The metadata CSV of a source: its `metadata=` option, else the first match under PATH (find_file)."""
+    if "metadata" in spec.options:
+        return Path(spec.options["metadata"])
+    return find_file(reader, Path(spec.path), patterns, what)
+
+
+def metadata_rows(spec: SourceSpec, reader: str, patterns: tuple[str, ...], what: str, required: list[str]):
+    """(metadata CSV, image folder, its image index, the CSV's rows, their RowChecks) of a source whose
+    metadata table names image files found under `images=` (default: the CSV's folder)."""
+    metadata = metadata_file(spec, reader, patterns, what)
+    image_root = Path(spec.options.get("images", metadata.parent))
+    return metadata, image_root, index_images(image_root), read_csv(metadata, required, reader), \
+        RowChecks(spec.name, metadata)
+
+
 def labelled_fields(checks: RowChecks, line: int, original_id: str, vocabulary: str, diagnosis: object,
                     malignant: bool | None) -> dict | None:
     """`diagnosis_fields` for one row; a row it cannot label becomes a Reject naming the row."""

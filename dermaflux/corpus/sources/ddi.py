@@ -9,12 +9,10 @@ the `malignant` flag's `benign`/`malignant` label. No patient ids: each image is
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    RowChecks, SourceIndex, SourceRecord, SourceSpec, binary_value, find_file, index_images, labelled_fields, read_csv,
-    text,
+    SourceIndex, SourceRecord, SourceSpec, binary_value, labelled_fields, metadata_rows, text,
 )
 
 REQUIRED = ["DDI_file", "skin_tone", "malignant", "disease"]
@@ -23,12 +21,9 @@ TONES = {"12": "fitzpatrick I-II", "34": "fitzpatrick III-IV", "56": "fitzpatric
 
 @register("ddi")
 def read(spec: SourceSpec) -> SourceIndex:
-    metadata = Path(spec.options["metadata"]) if "metadata" in spec.options else find_file(
-        "ddi", Path(spec.path), ("ddi_metadata.csv",), "ddi_metadata.csv")
-    image_root = Path(spec.options.get("images", metadata.parent))
-    images = index_images(image_root)
-    rows = read_csv(metadata, REQUIRED, "ddi")
-    records, checks = [], RowChecks(spec.name, metadata)
+    metadata, image_root, images, rows, checks = metadata_rows(spec, "ddi", ("ddi_metadata.csv",), "ddi_metadata.csv",
+                                                               REQUIRED)
+    records = []
     for line, row in rows:
         if (name := checks.row_id(line, row, "DDI_file")) is None:
             continue

@@ -10,12 +10,11 @@ rows of `isic2020`. Dermoscopic. `ISIC_2020_Training_Duplicates.csv` is not need
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    RowChecks, SourceIndex, SourceRecord, SourceSpec, binary_value, find_file, index_images, labelled_fields,
-    number, read_csv, sex_word, site_words, text,
+    SourceIndex, SourceRecord, SourceSpec, binary_value, labelled_fields, metadata_rows, number, sex_word,
+    site_words, text,
 )
 
 METADATA = ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv", "train.csv")
@@ -27,13 +26,8 @@ NAMESPACE = "isic-archive"  # ISIC patient/lesion ids are archive-wide
 
 @register("isic2020")
 def read(spec: SourceSpec) -> SourceIndex:
-    root = Path(spec.path)
-    metadata = Path(spec.options["metadata"]) if "metadata" in spec.options else find_file(
-        "isic2020", root, METADATA, "ground-truth CSV")
-    image_root = Path(spec.options.get("images", metadata.parent))
-    images = index_images(image_root)
-    rows = read_csv(metadata, REQUIRED, "isic2020")
-    records, checks = [], RowChecks(spec.name, metadata)
+    metadata, image_root, images, rows, checks = metadata_rows(spec, "isic2020", METADATA, "ground-truth CSV", REQUIRED)
+    records = []
     for line, row in rows:
         if (image_id := checks.row_id(line, row, "image_name")) is None:
             continue

@@ -15,8 +15,8 @@ from pathlib import Path
 from dermaflux.corpus import hdf5
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    Reject, RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, binary_value, find_file, index_images,
-    labelled_fields, number, read_csv, sex_word, site_words, text,
+    Reject, RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, binary_value, index_images,
+    labelled_fields, metadata_file, number, read_csv, sex_word, site_words, text,
 )
 from dermaflux.lesion import taxonomy
 
@@ -55,8 +55,7 @@ def _image_lookup(spec: SourceSpec, root: Path):
 @register("isic2024")
 def read(spec: SourceSpec) -> SourceIndex:
     root = Path(spec.path)
-    metadata = Path(spec.options["metadata"]) if "metadata" in spec.options else find_file(
-        "isic2024", root, ("train-metadata.csv",), "train-metadata.csv")
+    metadata = metadata_file(spec, "isic2024", ("train-metadata.csv",), "train-metadata.csv")
     lookup, where, store = _image_lookup(spec, root if root.is_dir() else metadata.parent)
     rows = read_csv(metadata, REQUIRED, "isic2024")
     records, checks, seen = [], RowChecks(spec.name, metadata), set()
