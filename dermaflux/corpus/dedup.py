@@ -63,7 +63,7 @@ def varying_bits(words: np.ndarray) -> tuple[np.ndarray, int]:
     A bit equal in every hash adds nothing to any distance: dropping it keeps every distance and
     keeps the padding of short hashes (and bits a source never sets) out of the hash tables,
     where they would put every code into one bucket."""
-    as_bytes = words.astype(">u8").view(np.uint8).reshape(len(words), -1)
+    as_bytes = words.astype(">u8").view(np.uint8).reshape(len(words), words.shape[1] * 8)  # -1 fails at 0 rows
     if not len(words):
         return as_bytes, 0
     always_set = np.unpackbits(np.bitwise_and.reduce(as_bytes, axis=0))

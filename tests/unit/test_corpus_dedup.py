@@ -68,3 +68,10 @@ def test_no_index_where_no_split_can_guarantee_every_pair():
     assert dedup.index_shape(bits=8, threshold=40, rows=10**6) is None
     tables, key_bits, flips = dedup.index_shape(bits=256, threshold=24, rows=500_000)
     assert tables * (flips + 1) > 24 and tables * key_bits <= 256
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_no_pairs_from_no_or_one_hash(rows):
+    # A curate whose every image was quarantined dedups zero hashes: no pairs, not a reshape error.
+    words = dedup.hash_words(["f0e1d2c3b4a59687"] * rows)
+    assert dedup.indexed_near_pairs(words, 10) == [] == dedup.near_pairs(words, 10)
