@@ -298,6 +298,8 @@ STAGES: tuple[StageSpec, ...] = (
         options=(
             Option("--corpus", ("evaluate.corpus",), "curated corpus folder", metavar="DIR"),
             Option("--synthetic", ("evaluate.synthetic",), "synthetic set folder (optional)", metavar="DIR"),
+            Option("--captions", ("evaluate.captions",), "caption folder of the corpus (optional): skin tones "
+                   "for the results by subgroup without measuring them again", metavar="DIR"),
             _out("evaluate", "report folder"),
             Option("--fractions", ("evaluate.fractions",), "fractions of the real train split", type=_numbers(float),
                    metavar="F,F"),
@@ -329,7 +331,8 @@ STAGES: tuple[StageSpec, ...] = (
             Option("--report-only", ("evaluate.report_only",), "train nothing: report the cells already finished "
                    "in --out", action="store_true"),
         ),
-        inputs=(Input("corpus", made_by="curate", required=True), Input("synthetic", made_by="generate")),
+        inputs=(Input("corpus", made_by="curate", required=True), Input("synthetic", made_by="generate"),
+                Input("captions", made_by="caption")),
         folder="report",
         headline="report: {report}",
     ),

@@ -21,6 +21,10 @@ Adjustment = Literal["holm", "benjamini-hochberg"]
 class EvaluateConfig(ConfigModel):
     corpus: str | None = Field(None, description="curated corpus folder (shards/*.parquet + manifest.json)")
     synthetic: str | None = Field(None, description="synthetic set folder (shards/*.parquet); None: real-only grid")
+    captions: str | None = Field(
+        None, description="caption folder of the same corpus (optional): the test images' skin tones come from its "
+        "measured attributes; without it (or for an image it lacks) they are measured here, about 0.15 s per image"
+    )
     out: str | None = Field(None, description="report folder: report.html, report.md, results.json, cells/")
 
     # The protocol grid: every combination of these is one cell.

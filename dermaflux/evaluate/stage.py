@@ -218,7 +218,9 @@ def collect_results(out: Path, work: Work, inputs: Inputs, cfg: DermaFluxConfig,
     unscorable = not_scorable(cells, ev.min_test_per_class)
     comparisons = paired.compare_grid(cells, predictions, ev, unscorable)
     groups = subgroups.image_groups(inputs.corpus, subgroups.scored_image_ids(cells, predictions),
-                                    out / subgroups.CACHE_FILE, cfg.curate.max_pixels)
+                                    out / subgroups.CACHE_FILE, cfg.curate.max_pixels,
+                                    captions=Path(ev.captions) if ev.captions else None,
+                                    measure_tone="skin_tone" in ev.subgroup_attributes)
     assessed = inputs.synthetic is not None and is_done(out, "assessment")
     assessment = read_json(out / "assessment.json") if assessed else None
     return {

@@ -78,11 +78,29 @@ def _measured_tone(row: dict, max_pixels: int) -> str:
     return UNKNOWN if ita is None else ita_category(ita)
 
 
+def caption_tones(captions: Path | None, ids: set[str]) -> dict[str, str]:
+    """{image id: ITA category} that the caption stage measured (its attributes), for the `ids` it has."""
+    tones: dict[str, str] = {}
+    for shard in sorted((Path(captions) / "shards").glob("*.parquet")) if captions else []:
+        table = pq.read_table(shard, columns=["id", "attributes_json"])
+        for row_id, attributes in zip(table.column("id").to_pylist(), table.column("attributes_json").to_pylist()):
+            if row_id in ids:
+                tones[row_id] = json.loads(attributes or "{}").get("skin_tone") or UNKNOWN
+    return tones
+
+
 def image_groups(corpus: Path, ids: set[str], cache: Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, dict[str, str]]:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, captions: Path | None = None,
+                 measure_tone: bool = True) -> dict[str, dict[str, str]]:
     """{image id: {attribute: subgroup}} for the `ids` of the corpus; unknowns are "unknown". The
-    skin tone is measured once per image and kept in `cache` (a later report reuses it)."""
+    skin tone comes from `captions` where it holds the image, else it is measured once per image
+    (not at all unless `measure_tone`) and kept in `cache` (a later report reuses it)."""
     known = read_json(cache) if cache is not None and cache.exists() else {}
+    captioned = caption_tones(captions, ids)
+    to_measure = len(set(ids) - set(known) - set(captioned)) if measure_tone else 0
+    if to_measure:
+        log.info("subgroups: measuring the skin tone of %d test images on the driver (about 0.15 s each; "
+                 "evaluate.captions gives the caption stage's measurements instead)", to_measure)
     out: dict[str, dict[str, str]] = {}
     for shard in sorted((Path(corpus) / "shards").glob("*.parquet")):
         table = pq.read_table(shard)
@@ -93,7 +111,8 @@ def image_groups(corpus: Path, ids: set[str], cache: Path | None = None,
                 out[row["id"]] = known[row["id"]]
                 continue
             out[row["id"]] = {
-                "skin_tone": _measured_tone(row, max_pixels),
+                "skin_tone": captioned.get(row["id"])
+                or (_measured_tone(row, max_pixels) if measure_tone else UNKNOWN),
                 "fitzpatrick": row.get("skin_type") or UNKNOWN,
                 "site": row.get("site") or UNKNOWN,
                 "sex": row.get("sex") if row.get("sex") in ("male", "female") else UNKNOWN,

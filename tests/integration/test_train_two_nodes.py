@@ -1,6 +1,6 @@
-"""ZeRO-3 LoRA training with two workers on a real two-node Ray cluster: the saved LoRA is gathered
-(non-empty, equal to the trained weights) and loads into FluxPipeline from the tiny folder; and online
-encoding there, each worker streaming only its own share of the caption shards."""
+"""ZeRO-3 LoRA training with two workers on a real two-node Ray cluster, encoding online: each worker streams
+only its own share of the caption shards; the saved LoRA is gathered (non-empty, equal to the trained weights)
+and loads into FluxPipeline from the tiny folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import shutil
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -47,18 +46,8 @@ json.dump({"nodes": nodes, "error": None if result.error is None else repr(resul
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, ham10000_dir, tiny_config, tiny_model_dir):
-    """Pre-computed inputs written with the pure encoders (the Ray Data job is tested in test_train_ray.py)."""
-    from dermaflux.train.cache import write_cache_shard
-    from dermaflux.train.precompute import CAPTION_COLUMNS, caption_shards, encode_rows, load_text_and_vae
-
-    captions = build_captioned_set(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=32, n_test=0)
-    table = pq.read_table(caption_shards(captions)[0], columns=CAPTION_COLUMNS)
-    pipe = load_text_and_vae(tiny_config.model, None)
-    rows = encode_rows(pipe, table.to_pydict(), 64, tiny_config.model.max_sequence_length)
-    cache = tmp_path_factory.mktemp("cache")
-    write_cache_shard(rows, cache / "shards" / "part-00000.arrow")
-    return captions, cache
+def captions_dir(tmp_path_factory, ham10000_dir):
+    return build_captioned_set(ham10000_dir, tmp_path_factory.mktemp("captions"), n_train=32, n_test=0)
 
 
 def run_driver_job(cluster, cfg, cache, out, encode=None) -> dict:
@@ -85,23 +74,41 @@ def run_driver_job(cluster, cfg, cache, out, encode=None) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-def test_zero3_lora_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_dir, tiny_config):
+def test_zero3_lora_online_on_two_nodes(ray_two_nodes, captions_dir, tmp_path, tiny_model_dir):
+    """ZeRO-3 LoRA with train.encode online across the two nodes: one worker per node, each streaming and
+    encoding only its share (row i of the sorted train ids to rank i % 2), none of the other's; the gathered
+    adapter is whole and loads in plain diffusers."""
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
     from dermaflux.config import load_config
     from dermaflux.model.adapters import LORA_FILE
+    from dermaflux.train.precompute import train_rows
+    from dermaflux.train.stage import _encode_plan
 
-    captions, cache = cache_dir
+    captions = captions_dir
     cfg = load_config("tiny", extra={"train": {
         "captions": str(captions), "out": str(tmp_path), "mode": "lora", "zero_stage": 3, "workers": 2,
         "cpus_per_worker": 2,  # 2 CPUs per node: one worker on each node
         "steps": 3, "micro_batch": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 3, "log_every": 1,
-        "lora": {"rank": 4}, "vae_fit": {"enabled": False},
-    }})
-    result = run_driver_job(ray_two_nodes, cfg, cache, tmp_path)
+        "lora": {"rank": 4}, "vae_fit": {"enabled": False}, "encode": "online"}})
+    plan = _encode_plan(cfg, None)
+    assert plan["mode"] == "online" and plan["rows"] == 32
+    empty = tmp_path / "no-cache"
+    empty.mkdir()
+    result = run_driver_job(ray_two_nodes, cfg, empty, tmp_path, encode=plan)
     assert result["nodes"] == 2
     assert result["error"] is None and result["metrics"]["step"] == 3
+    assert not list(empty.iterdir())  # nothing cached
+    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    nodes = {r["rank"]: {line["node"] for line in lines if line["rank"] == r["rank"]} for r in lines}
+    assert len(nodes[0] | nodes[1]) == 2 and len(nodes[0]) == len(nodes[1]) == 1  # one worker on each node
+    ids = train_rows(cfg)["id"].to_pylist()
+    for rank in (0, 1):
+        seen = [i for line in lines if line["rank"] == rank for i in line["ids"]]
+        assert len(seen) == 12 == len(set(seen))  # 3 steps x 4, none twice (16 rows in each share)
+        assert set(seen) <= set(ids[rank::2])  # its own share only
+
     saved = load_file(f"{result['checkpoint']}/adapter/{LORA_FILE}")
     adapter_dir = str(tmp_path / "adapter")
     shutil.copytree(f"{result['checkpoint']}/adapter", adapter_dir)
@@ -121,33 +128,3 @@ def test_zero3_lora_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_
     before = render()
     pipe.load_lora_weights(adapter_dir, weight_name=LORA_FILE)
     assert abs(render() - before).mean() > 1e-3
-
-
-def test_online_encoding_on_two_nodes(ray_two_nodes, cache_dir, tmp_path, tiny_model_dir):
-    """train.encode online across the two nodes: one worker per node, each streaming and encoding only its share
-    (row i of the sorted train ids to rank i % 2), none of the other's."""
-    from dermaflux.config import load_config
-    from dermaflux.train.precompute import train_rows
-    from dermaflux.train.stage import _encode_plan
-
-    captions, _ = cache_dir
-    cfg = load_config("tiny", extra={"train": {
-        "captions": str(captions), "out": str(tmp_path), "mode": "lora", "workers": 2, "cpus_per_worker": 2,
-        "steps": 3, "micro_batch": 4, "lr": 1e-2, "warmup_steps": 0, "checkpoint_every": 3, "log_every": 1,
-        "lora": {"rank": 4}, "vae_fit": {"enabled": False}, "encode": "online"}})
-    plan = _encode_plan(cfg, None)
-    assert plan["mode"] == "online" and plan["rows"] == 32
-    empty = tmp_path / "no-cache"
-    empty.mkdir()
-    result = run_driver_job(ray_two_nodes, cfg, empty, tmp_path, encode=plan)
-    assert result["nodes"] == 2
-    assert result["error"] is None and result["metrics"]["step"] == 3
-    assert not list(empty.iterdir())  # nothing cached
-    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    nodes = {r["rank"]: {line["node"] for line in lines if line["rank"] == r["rank"]} for r in lines}
-    assert len(nodes[0] | nodes[1]) == 2 and len(nodes[0]) == len(nodes[1]) == 1  # one worker on each node
-    ids = train_rows(cfg)["id"].to_pylist()
-    for rank in (0, 1):
-        seen = [i for line in lines if line["rank"] == rank for i in line["ids"]]
-        assert len(seen) == 12 == len(set(seen))  # 3 steps x 4, none twice (16 rows in each share)
-        assert set(seen) <= set(ids[rank::2])  # its own share only

@@ -102,3 +102,26 @@ def test_the_report_section_prints_counts_cis_and_not_resolvable(tmp_path):
     nothing = analyse(cells, predictions, groups, starved)
     assert plot_subgroups(nothing, "binary", tmp_path / "none") is None
     assert any("cannot resolve" in line for line in subgroup_lines(nothing, "binary"))
+
+
+def test_skin_tones_come_from_the_captions_where_they_hold_the_image(ham10000_dir, tmp_path):
+    """evaluate.captions: the caption stage's measured ITA category is used as is (no pixels decoded);
+    an image the captions lack is measured; measure_tone=False leaves it unknown."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dermaflux.evaluate.subgroups import UNKNOWN, image_groups
+    from dermaflux.testing.ham10000 import build_split_corpus
+
+    corpus = build_split_corpus(ham10000_dir, tmp_path / "corpus", per_class=1, seed=0)
+    ids = sorted(i for s in (corpus / "shards").glob("*.parquet") for i in pq.read_table(s, columns=["id"])["id"].to_pylist())
+    captioned, rest = ids[0], ids[1]
+    (tmp_path / "captions" / "shards").mkdir(parents=True)
+    pq.write_table(pa.table({"id": [captioned], "attributes_json": [json.dumps({"skin_tone": "dark"})]}),
+                   tmp_path / "captions" / "shards" / "part-0.parquet")
+    groups = image_groups(corpus, {captioned, rest}, captions=tmp_path / "captions")
+    assert groups[captioned]["skin_tone"] == "dark"  # HAM10000 is never measured dark: it came from the captions
+    assert groups[rest]["skin_tone"] not in (UNKNOWN, "dark")  # measured from its pixels
+    assert image_groups(corpus, {rest}, measure_tone=False)[rest]["skin_tone"] == UNKNOWN
