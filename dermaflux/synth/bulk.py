@@ -376,8 +376,12 @@ def job_spec(cfg: DermaFluxConfig, request: AugmentationRequest, adapters: dict[
     """The one JobSpec builder: POST /v1/augmentations passes its body, `dermaflux generate` a
     request made from its config. Settings, targets and the per-job limit are checked here."""
     settings = resolve_settings(request, cfg, sorted(adapters))
+    cells: list = []
     try:  # a missing corpus, or a manifest.json that is not a corpus manifest
-        if request.class_targets is not None:
+        if request.targets is not None:
+            plain, cells = subgroup_targets.parse_targets(request.targets, "targets")
+            targets = check_labels(subgroup_targets.label_totals(plain, cells), "targets")
+        elif request.class_targets is not None:
             targets = check_labels(request.class_targets)
             if request.corpus:
                 check_corpus_classes(targets, request.corpus)
@@ -395,4 +399,5 @@ def job_spec(cfg: DermaFluxConfig, request: AugmentationRequest, adapters: dict[
     return JobSpec(
         job_id=request.job_id, targets=targets, settings=settings, seed=request.seed, shard_size=cfg.synth.shard_size,
         model=cfg.model.pretrained, adapter_path=adapters.get(settings.adapter) if settings.adapter else None,
+        cells=tuple(cells),
     )

@@ -110,6 +110,10 @@ class AugmentationRequest(_Body):
     class_targets: dict[str, int] | None = Field(None, description="explicit synthetic images per taxonomy code")
     bring_to: int | None = Field(None, ge=0, description="top every class of `corpus` (train split) up to N images")
     corpus: str | None = Field(None, description="corpus folder for `bring_to`")
+    targets: str | None = Field(
+        None, max_length=4096, description="targets over label x subgroup, as `generate --targets` takes them: "
+        "'mel:skin_tone=brown:200,nv:300' (attributes skin_tone, sex, site)"
+    )
     out: str | None = Field(
         None, description="output folder: a name or relative path inside the service's jobs root "
         "(synth.jobs_root); default: <job_id>. One job id writes to one folder for life"
@@ -123,8 +127,9 @@ class AugmentationRequest(_Body):
 
     @model_validator(mode="after")
     def _one_target_kind(self):
-        if (self.class_targets is None) == (self.bring_to is None):
-            raise ValueError("give exactly one of `class_targets` ({code: count}) or `bring_to` (with `corpus`)")
+        if sum(kind is not None for kind in (self.class_targets, self.bring_to, self.targets)) != 1:
+            raise ValueError("give exactly one of `class_targets` ({code: count}), `bring_to` (with `corpus`) or "
+                             "`targets` ('mel:skin_tone=brown:200,...')")
         if self.bring_to is not None and not self.corpus:
             raise ValueError("`bring_to` needs `corpus` (a corpus folder whose train-split counts are topped up)")
         return self

@@ -70,3 +70,21 @@ def test_a_job_without_cells_keeps_its_fingerprint(tmp_path):
     cfg = load_config("tiny", extra={"synth": {"out": str(tmp_path / "syn"), "per_class": 2}})
     spec = stage.job_spec(cfg)
     assert spec.cells == () and "cells" not in spec.to_dict()
+
+
+def test_the_bulk_endpoint_takes_subgroup_targets_as_generate_does(tmp_path):
+    """POST /v1/augmentations `targets` builds the same job as `generate --targets` (one JobSpec builder)."""
+    from pydantic import ValidationError
+
+    from dermaflux.synth.requests import AugmentationRequest
+
+    text = "mel:skin_tone=brown:3,nv:2"
+    cfg = load_config("tiny", extra={"synth": {"out": str(tmp_path / "set"), "targets": text}})
+    request = AugmentationRequest(job_id="set", targets=text)
+    spec = bulk.job_spec(cfg, request, {})
+    assert spec == stage.job_spec(cfg)
+    assert spec.targets == {"mel": 3, "nv": 2} and spec.cells == (("mel", "skin_tone", "brown", 3),)
+    with pytest.raises(RequestError, match=r"targets\[0\]"):
+        bulk.job_spec(cfg, AugmentationRequest(job_id="set", targets="mel:skin_tone=blue:3"), {})
+    with pytest.raises(ValidationError, match="exactly one of"):
+        AugmentationRequest(job_id="set", targets=text, class_targets={"nv": 1})
