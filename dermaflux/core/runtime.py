@@ -35,16 +35,25 @@ class RayConfig(ConfigModel):
     num_gpus: int | None = None
 
 
+# Its own generator: a test or library seeding `random` must not make two processes pick alike.
+_PORT_RANDOM = random.SystemRandom()
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
     """A port free on every interface now, outside the kernel's ephemeral range (32768+) and Ray's worker
-    ports (10002-19999), so no process binding port 0 takes it before the GCS does."""
+    ports (10002-19999), so no process binding port 0 takes it before the GCS does. Never the same port twice
+    in one process: the ports of one Ray node are picked before any is bound, so a repeat would collide."""
     for _ in range(200):
-        port = random.randint(20000, 32000)
+        port = _PORT_RANDOM.randint(20000, 32000)
+        if port in _PORTS_GIVEN:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("", port))
             except OSError:
                 continue
+            _PORTS_GIVEN.add(port)
             return port
     raise RuntimeError("no free port in 20000-32000 for the local Ray instance")
 

@@ -11,7 +11,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from dermaflux.core.artifacts import (atomic_dir, atomic_write_json, claim_run, fingerprint, is_done, mark_done,
                                       marker_path, read_json)
@@ -35,7 +35,8 @@ def _finished(out: Path, steps: int) -> bool:
     return is_done(out, "train") and read_json(marker_path(out, "train")).get("steps") == steps
 
 
-def run(cfg: DermaFluxConfig) -> dict:
+def run(cfg: DermaFluxConfig, hooks: Sequence[Callable] = ()) -> dict:
+    """The train stage. `hooks`: per-step trainer hooks, passed to `run_training` (tests use them)."""
     from dermaflux.train.ray_trainer import latest_checkpoint
 
     tc = cfg.train
@@ -67,7 +68,7 @@ def run(cfg: DermaFluxConfig) -> dict:
         encode_validation_prompts(cfg, out / "cache", vae_dir, plan["text_tokens"])
     if not _finished(out, tc.steps):
         # Re-running the same run continues it, as every stage does; --resume only insists that there is one.
-        mark_done(out, "train", _train(cfg, out, vae_dir, resume=tc.resume or stopped, encode=plan))
+        mark_done(out, "train", _train(cfg, out, vae_dir, resume=tc.resume or stopped, encode=plan, hooks=hooks))
     summary["train"] = _marker(out, "train")
 
     summary["final"] = str(out / "final")
@@ -116,13 +117,14 @@ def _precompute(cfg: DermaFluxConfig, cache_dir: Path, vae_dir: str | None) -> d
     return info
 
 
-def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool, encode: dict | None = None) -> dict:
+def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool, encode: dict | None = None,
+           hooks: Sequence[Callable] = ()) -> dict:
     """Ray Train + DeepSpeed on the cache, then the final adapter from the last checkpoint; returns the marker fields."""
     from dermaflux.core.progress import bar
     from dermaflux.train.ray_trainer import run_training
 
     with bar("train", "train", cfg.train.steps, "steps"):
-        result = run_training(cfg, out / "cache", vae_dir, out, resume=resume, encode=encode)
+        result = run_training(cfg, out / "cache", vae_dir, out, resume=resume, encode=encode, hooks=hooks)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:

@@ -153,72 +153,63 @@ def test_precompute_resumes_without_re_encoding(first_run):
     assert again["text_tokens"]["length"] == 64
 
 
-def test_worker_killed_mid_run_resumes_to_exact_steps(first_run, tmp_path):
-    """Rank 1 dies after step 3; Ray restarts from the step-2 checkpoint: the redone steps see the same samples,
-    views, noise and learning rate, so the run ends as the uninterrupted first run did. One checkpoint kept."""
-    cfg, _ = first_run
-    first_out = cfg.train.out
-    cfg = small_train_config(cfg.train.captions, tmp_path, max_failures=2, validate_every=100, checkpoints_kept=1)
-    marker = tmp_path / "fault.json"
-    result = train_with_hooks(cfg, first_out, tmp_path, [ExitOnceAfterStep(3, marker)])
-    assert result.error is None
-    fault = json.loads(marker.read_text())
-    assert fault["step"] == 3  # rank 1 really died after step 3 ...
-    assert result.metrics["step"] == 4  # ... and the run finished with exactly the configured steps
-    with result.checkpoint.as_directory() as ckpt:
-        rows = read_loss_csv(f"{ckpt}/loss.csv")
-    # restarted from the step-2 checkpoint: step 3 was redone, none skipped or doubled
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    # the cosine schedule continued from its saved position (a fresh scheduler would run step 3 at the full lr)
-    assert [float(r["lr"]) for r in rows] == pytest.approx(cosine_lrs(4))
-    # ... on the same augmented sample stream: the losses are the uninterrupted first run's
-    uninterrupted = [float(r["loss"]) for r in read_loss_csv(f"{first_out}/loss.csv")]
-    assert [float(r["loss"]) for r in rows] == pytest.approx(uninterrupted, rel=1e-5)
-    # train.checkpoints_kept=1: only the newest checkpoint is left
-    assert [p.name for p in sorted((tmp_path / "ray" / "train").glob("step-*"))] == ["step-000004"]
+def lora_config(captions, out, **extra):
+    """flux-dev's adapter settings, small: LoRA rank 4, alpha 16, 4 steps, a checkpoint every 2."""
+    return small_train_config(captions, out, mode="lora", lr=5e-3, validate_every=100, lora={"rank": 4, "alpha": 16},
+                              **extra)
 
 
-def test_lora_with_gradient_checkpointing_and_optimizer_offload_trains_the_same(first_run, tmp_path, tiny_model_dir):
-    """flux-dev's settings (LoRA, gradient checkpointing) plus ZeRO optimizer offload, against the same
-    run without them: checkpointing recomputes the same activations and offload moves the same
-    AdamW to the host, so the losses agree step by step (float32 CPU: to rounding). The LoRA's
-    alpha (16, rank 4) is saved where diffusers reads it."""
-    from safetensors import safe_open
-
-    from dermaflux.model.adapters import LORA_FILE
+@pytest.fixture(scope="module")
+def lora_plain(first_run, tmp_path_factory):
+    """The reference LoRA run: no checkpointing, no offload, never interrupted."""
     from dermaflux.train.ray_trainer import run_training
 
     cfg, _ = first_run
-    out = cfg.train.out
-    losses = {}
-    for name, extra in (("plain", {}), ("gc+offload", {"gradient_checkpointing": True, "offload_optimizer": True})):
-        run_cfg = small_train_config(cfg.train.captions, tmp_path / name, mode="lora", steps=3, lr=5e-3,
-                                     checkpoint_every=3, validate_every=100, lora={"rank": 4, "alpha": 16}, **extra)
-        result = run_training(run_cfg, f"{out}/cache", f"{out}/vae", tmp_path / name)
-        assert result.error is None, result.error
-        with result.checkpoint.as_directory() as ckpt:
-            losses[name] = [float(r["loss"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
-            with safe_open(f"{ckpt}/adapter/{LORA_FILE}", "pt") as saved:
-                lora_config = json.loads(saved.metadata()["lora_adapter_metadata"])
-            assert (lora_config["transformer.r"], lora_config["transformer.lora_alpha"]) == (4, 16)
-    assert len(losses["plain"]) == 3
-    assert losses["plain"][0] != losses["plain"][2]  # the LoRA did train (its B starts at zero)
-    assert losses["gc+offload"] == pytest.approx(losses["plain"], rel=1e-4), losses
-
-    # A LoRA checkpoint's DeepSpeed state holds the adapter and its optimizer, not the frozen base (24 GB for
-    # FLUX.1-dev), and resuming restores the adapter (the trainer checks it against the saved checksum).
-    [ckpt] = (tmp_path / "plain" / "ray" / "train").glob("step-*")
-    ds_bytes = sum(f.stat().st_size for f in (ckpt / "deepspeed").rglob("*") if f.is_file())
-    base_bytes = sum(f.stat().st_size for f in (tiny_model_dir / "transformer").glob("*.safetensors"))
-    assert ds_bytes < 0.5 * base_bytes, (ds_bytes, base_bytes)
-    run_cfg = small_train_config(cfg.train.captions, tmp_path / "plain", mode="lora", steps=4, lr=5e-3,
-                                 checkpoint_every=3, validate_every=100, lora={"rank": 4, "alpha": 16})
-    result = run_training(run_cfg, f"{out}/cache", f"{out}/vae", tmp_path / "plain", resume=True)
+    out, run_dir = cfg.train.out, tmp_path_factory.mktemp("lora-plain")
+    result = run_training(lora_config(cfg.train.captions, run_dir), f"{out}/cache", f"{out}/vae", run_dir)
     assert result.error is None, result.error
     with result.checkpoint.as_directory() as ckpt:
+        return [float(r["loss"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
+
+
+def test_lora_with_checkpointing_and_offload_resumes_a_killed_worker_to_the_plain_run(
+        first_run, lora_plain, tmp_path, tiny_model_dir):
+    """flux-dev's settings (LoRA, gradient checkpointing) plus ZeRO optimizer offload; rank 1 dies after step 3
+    and Ray restarts from the step-2 checkpoint. Checkpointing recomputes the same activations, offload moves
+    the same AdamW to the host, and the restart restores adapter, optimizer, schedule and sample stream: so the
+    losses are the uninterrupted plain run's step by step (float32 CPU: to rounding). The LoRA's alpha is saved
+    where diffusers reads it; the checkpoint holds the adapter, not the frozen base; one checkpoint kept."""
+    from safetensors import safe_open
+
+    from dermaflux.model.adapters import LORA_FILE
+
+    cfg, _ = first_run
+    first_out = cfg.train.out
+    cfg = lora_config(cfg.train.captions, tmp_path, gradient_checkpointing=True, offload_optimizer=True,
+                      max_failures=2, checkpoints_kept=1)
+    marker = tmp_path / "fault.json"
+    result = train_with_hooks(cfg, first_out, tmp_path, [ExitOnceAfterStep(3, marker)])
+    assert result.error is None, result.error
+    assert json.loads(marker.read_text())["step"] == 3  # rank 1 really died after step 3 ...
+    assert result.metrics["step"] == 4  # ... and the run finished with exactly the configured steps
+    assert lora_plain[0] != lora_plain[3]  # the LoRA did train (its B starts at zero)
+    with result.checkpoint.as_directory() as ckpt:
         rows = read_loss_csv(f"{ckpt}/loss.csv")
+        with safe_open(f"{ckpt}/adapter/{LORA_FILE}", "pt") as saved:
+            lora_meta = json.loads(saved.metadata()["lora_adapter_metadata"])
+    assert (lora_meta["transformer.r"], lora_meta["transformer.lora_alpha"]) == (4, 16)
+    # restarted from the step-2 checkpoint: step 3 was redone, none skipped or doubled
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert [float(r["loss"]) for r in rows[:3]] == pytest.approx(losses["plain"], rel=1e-6)
+    # the cosine schedule continued from its saved position (a fresh scheduler would run step 3 at the full lr)
+    assert [float(r["lr"]) for r in rows] == pytest.approx(cosine_lrs(4, lr=5e-3))
+    assert [float(r["loss"]) for r in rows] == pytest.approx(lora_plain, rel=1e-4), (rows, lora_plain)
+    # train.checkpoints_kept=1: only the newest checkpoint is left. Its DeepSpeed state holds the adapter and its
+    # optimizer, not the frozen base (24 GB for FLUX.1-dev).
+    [kept] = sorted((tmp_path / "ray" / "train").glob("step-*"))
+    assert kept.name == "step-000004"
+    ds_bytes = sum(f.stat().st_size for f in (kept / "deepspeed").rglob("*") if f.is_file())
+    base_bytes = sum(f.stat().st_size for f in (tiny_model_dir / "transformer").glob("*.safetensors"))
+    assert 0 < ds_bytes < 0.5 * base_bytes, (ds_bytes, base_bytes)
 
 
 def test_resume_extends_a_stopped_run(first_run):
@@ -293,18 +284,29 @@ class RecordRows:
 
 @pytest.fixture(scope="module")
 def online_run(first_run, tmp_path_factory):
-    """The same small run, encode auto: 8 steps x 8 samples over 48 rows is 1.33 epochs, so online."""
+    """The same small run through the stage, encode auto: 8 steps x 8 samples over 48 rows is 1.33 epochs, so
+    online. Rank 1 dies once after step 5 (each rank's epoch-0 share is 24 rows, 4 per step), and every rank
+    records the ids each step trained on."""
+    import ray.cloudpickle
+
     from dermaflux.train.stage import run
 
     cfg, _ = first_run
-    online = small_train_config(cfg.train.captions, tmp_path_factory.mktemp("online") / "out", steps=8, encode="auto",
-                                validate_every=100)
-    return online, run(online)
+    root = tmp_path_factory.mktemp("online")
+    online = small_train_config(cfg.train.captions, root / "out", steps=8, encode="auto", validate_every=100,
+                                max_failures=2)
+    marker, record = root / "fault.json", root / "rows.jsonl"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks travel to the workers by value
+    try:
+        summary = run(online, hooks=[RecordRows(record), ExitOnceAfterStep(5, marker)])
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    return online, summary, json.loads(marker.read_text()), [json.loads(x) for x in record.read_text().splitlines()]
 
 
 def test_online_trains_without_a_cache_along_the_cached_curve(first_run, online_run):
     cfg, _ = first_run
-    online, summary = online_run
+    online, summary, _, _ = online_run
     plan = summary["encode"]
     assert plan["mode"] == "online" and "1.33 planned epochs < 2" in plan["reason"], plan
     assert plan["cache_bytes"] == 48 * plan["cache_bytes_per_row"] > 0  # sized, never written:
@@ -319,30 +321,24 @@ def test_online_trains_without_a_cache_along_the_cached_curve(first_run, online_
     assert abs(np.mean(streamed[:4]) - np.mean(cached)) < 0.1 * np.mean(cached)
 
 
-def test_online_worker_killed_mid_epoch_resumes_its_stream(online_run, tmp_path):
-    """Rank 1 dies after step 5 (epoch 0: each rank's share is 24 rows, 4 per step); both restart from the step-4
-    checkpoint at stream position 16: each rank trains on its share once in epoch 0 (none twice, none skipped),
-    and the run repeats the uninterrupted online run's losses."""
+def test_online_worker_killed_mid_epoch_resumes_its_stream(online_run):
+    """Both ranks restart from the step-4 checkpoint at stream position 16: each rank trains on its share once
+    in epoch 0 (none twice, none skipped), the redone step 5 repeats the lost run's loss, and epoch 1 starts
+    over the share without repeats."""
     from dermaflux.train.precompute import train_rows
 
-    online, summary = online_run
-    out = Path(online.train.out)
-    cfg = small_train_config(online.train.captions, tmp_path, steps=8, encode="auto", validate_every=100,
-                             max_failures=2)
-    marker, record = tmp_path / "fault.json", tmp_path / "rows.jsonl"
-    result = train_with_hooks(cfg, out, tmp_path, [RecordRows(record), ExitOnceAfterStep(5, marker)],
-                              encode=summary["encode"])
-    assert result.error is None, result.error
-    assert json.loads(marker.read_text())["step"] == 5 and result.metrics["step"] == 8
-    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    online, summary, lost, lines = online_run
+    assert lost["step"] == 5 and summary["train"]["steps"] == 8
     assert [r["rank"] for r in lines if r["step"] == 5].count(1) == 2  # step 5 ran before the kill and after it
     final = {(r["rank"], r["step"]): r["ids"] for r in lines}  # the last record of each step: what the run kept
-    ids = train_rows(cfg)["id"].to_pylist()
+    ids = train_rows(online)["id"].to_pylist()
     assert len(ids) == 48
     for rank in (0, 1):
+        share = sorted(ids[rank::2])
         epoch0 = [i for step in range(1, 7) for i in final[(rank, step)]]
-        assert sorted(epoch0) == sorted(ids[rank::2])  # its whole share, each row once
-    with result.checkpoint.as_directory() as ckpt:
-        resumed = [float(r["loss"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
-    uninterrupted = [float(r["loss"]) for r in read_loss_csv(out / "loss.csv")]
-    assert resumed == pytest.approx(uninterrupted, rel=1e-5)
+        assert sorted(epoch0) == share  # its whole share, each row once
+        epoch1 = [i for step in (7, 8) for i in final[(rank, step)]]
+        assert len(set(epoch1)) == 8 and set(epoch1) <= set(share)
+    resumed = [float(r["loss"]) for r in read_loss_csv(Path(online.train.out, "loss.csv"))]
+    assert len(resumed) == 8
+    assert resumed[:5] == pytest.approx(lost["losses"], rel=1e-5)  # steps 1-4 kept, step 5 redone the same
