@@ -275,6 +275,13 @@ class RowChecks:
             self.reject(line, None, f"{what or column} is empty")
         return value
 
+    def flag(self, line: int, original_id: str, row: dict, column: str, expected: str) -> bool | None:
+        """The binary cell `column` of a row (`binary_value`); anything else is a Reject naming it."""
+        value = binary_value(row.get(column))
+        if value is None:
+            self.reject(line, original_id, f"{column}={row.get(column)!r}: expected {expected}")
+        return value
+
     def label(self, line: int, original_id: str, vocab: str, column: str, raw: object, known: str) -> str | None:
         """The taxonomy code of `raw` in `vocab`; `known` says which spellings exist."""
         label = taxonomy.map_label(vocab, raw)

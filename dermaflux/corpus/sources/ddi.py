@@ -12,7 +12,7 @@ import json
 
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    SourceIndex, SourceRecord, SourceSpec, binary_value, labelled_fields, metadata_rows, text,
+    SourceIndex, SourceRecord, SourceSpec, labelled_fields, metadata_rows, text,
 )
 
 REQUIRED = ["DDI_file", "skin_tone", "malignant", "disease"]
@@ -27,9 +27,7 @@ def read(spec: SourceSpec) -> SourceIndex:
     for line, row in rows:
         if (name := checks.row_id(line, row, "DDI_file")) is None:
             continue
-        flag = binary_value(row.get("malignant"))
-        if flag is None:
-            checks.reject(line, name, f"malignant={row.get('malignant')!r}: expected True or False")
+        if (flag := checks.flag(line, name, row, "malignant", "True or False")) is None:
             continue
         tone = TONES.get((text(row.get("skin_tone")) or "").removesuffix(".0"))
         if tone is None:

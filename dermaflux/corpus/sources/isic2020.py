@@ -13,7 +13,7 @@ import json
 
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    SourceIndex, SourceRecord, SourceSpec, binary_value, labelled_fields, metadata_rows, number, sex_word,
+    SourceIndex, SourceRecord, SourceSpec, labelled_fields, metadata_rows, number, sex_word,
     site_words, text,
 )
 
@@ -31,9 +31,7 @@ def read(spec: SourceSpec) -> SourceIndex:
     for line, row in rows:
         if (image_id := checks.row_id(line, row, "image_name")) is None:
             continue
-        flag = binary_value(row.get("target"))
-        if flag is None:
-            checks.reject(line, image_id, f"target={row.get('target')!r}: expected 0 or 1")
+        if (flag := checks.flag(line, image_id, row, "target", "0 or 1")) is None:
             continue
         if (fields := labelled_fields(checks, line, image_id, "isic2020", row.get("diagnosis"), flag)) is None:
             continue

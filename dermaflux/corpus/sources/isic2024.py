@@ -15,7 +15,7 @@ from pathlib import Path
 from dermaflux.corpus import hdf5
 from dermaflux.corpus.sources import register
 from dermaflux.corpus.sources.base import (
-    Reject, RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, binary_value, index_images,
+    Reject, RowChecks, SourceError, SourceIndex, SourceRecord, SourceSpec, index_images,
     labelled_fields, metadata_file, number, read_csv, sex_word, site_words, text,
 )
 from dermaflux.lesion import taxonomy
@@ -63,9 +63,7 @@ def read(spec: SourceSpec) -> SourceIndex:
         if (isic_id := checks.row_id(line, row, "isic_id")) is None:
             continue
         seen.add(isic_id)
-        flag = binary_value(row.get("target"))
-        if flag is None:
-            checks.reject(line, isic_id, f"target={row.get('target')!r}: expected 0 or 1")
+        if (flag := checks.flag(line, isic_id, row, "target", "0 or 1")) is None:
             continue
         if (fields := labelled_fields(checks, line, isic_id, "isic2024", finest_diagnosis(row), flag)) is None:
             continue
