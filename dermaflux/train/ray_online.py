@@ -8,7 +8,11 @@ asked Ray Data first: rank r's stream is its share, epoch after epoch, in an ord
 micro_step x micro_batch, so a restarted worker skips (reads, does not decode) the rows its checkpoint had
 already trained on in the current epoch and continues with the next: none twice, none skipped.
 Each rank's id filter runs in the read stage, so a worker receives only its share's rows.
-Read tasks ask for no CPU: the decoding and encoding happen in the Train workers, which hold the CPUs.
+Read tasks ask for no CPU: the decoding and encoding happen in the Train workers, which hold the CPUs. A task
+that asks for no CPU has no resource to bound how many run at once, so each operator is capped at STREAM_TASKS
+per rank: uncapped, Ray Data split the demo's 6 shards into 90 blocks and started a worker process (0.35 GB)
+for each, while training drew 8 rows a step; 67 of them were killed for memory on a 24 GB machine and the
+first step waited 4 minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from dermaflux.config import DermaFluxConfig
 
 STREAM_COLUMNS = ["id", "label", "caption", "image"]
+STREAM_TASKS = 2  # concurrent tasks per operator and rank: reading Parquet keeps ahead of a training step
 
 
 def _keep_share(batch: pa.Table, share: pa.Array, rank: int, world: int) -> pa.Table:
@@ -49,14 +54,16 @@ def online_datasets(cfg: DermaFluxConfig, ids: list[str], world: int):
     # CPU each: with one dataset per rank on a node whose CPUs the Train workers hold, they waited for CPUs (a CPU
     # test cluster hung). The V1 reader reads the footers here once and its read tasks ask for no CPU.
     use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    bounded = ray.data.TaskPoolStrategy(size=STREAM_TASKS)
     try:
         for rank in range(world):
             share = pa.array(ids[rank::world], pa.string())
-            ds = ray.data.read_parquet(paths, columns=STREAM_COLUMNS, num_cpus=0)
+            ds = ray.data.read_parquet(paths, columns=STREAM_COLUMNS, num_cpus=0, concurrency=STREAM_TASKS)
             # Filtered in the read stage (Ray Data may push it into the Parquet scan): other ranks' rows never reach it.
-            ds = ds.filter(expr=col("id").is_in(share.to_pylist()), num_cpus=0)
+            ds = ds.filter(expr=col("id").is_in(share.to_pylist()), num_cpus=0, compute=bounded)
             datasets[f"train_{rank}"] = ds.map_batches(
-                functools.partial(_keep_share, share=share, rank=rank, world=world), batch_format="pyarrow", num_cpus=0)
+                functools.partial(_keep_share, share=share, rank=rank, world=world), batch_format="pyarrow", num_cpus=0,
+                compute=bounded)
     finally:
         context.use_datasource_v2 = use_v2
     options = DataConfig.default_ingest_options()
