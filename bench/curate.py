@@ -104,7 +104,7 @@ def main() -> int:
     if args.scale:
         from bench.curate_scale import run as run_at_scale
 
-        return run_at_scale(args.scale, args.workers, ROOT)
+        return run_at_scale(args.scale, args.workers, ROOT, args.batch_size)
     import ray
 
     from dermaflux.core.runtime import init_ray
