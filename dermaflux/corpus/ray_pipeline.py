@@ -42,14 +42,29 @@ def _dataset(frame: pd.DataFrame, step: int) -> ray.data.Dataset:
     return ray.data.from_pandas([frame.iloc[i:i + step].reset_index(drop=True) for i in range(0, len(frame), step)])
 
 
+MAX_SCAN_BATCH = 1024
+TASKS_PER_CPU = 16  # enough tasks that every worker stays busy to the end
+
+
+def scan_batch_size(images: int, cfg: CurateConfig, cluster_cpus: float) -> int:
+    """Images per scan task: `curate.scan_batch`, else the corpus spread over TASKS_PER_CPU tasks per task slot
+    (`num_workers`, or the cluster's CPUs over `cpus_per_worker`), at least `batch_size` and at most
+    MAX_SCAN_BATCH (a scan task keeps only hashes, not the images)."""
+    if cfg.scan_batch is not None:
+        return cfg.scan_batch
+    slots = cfg.num_workers or max(1, int(cluster_cpus / cfg.cpus_per_worker))
+    return max(cfg.batch_size, min(MAX_SCAN_BATCH, images // (slots * TASKS_PER_CPU)))
+
+
 def scan(locators: list[str], cfg: CurateConfig) -> list[dict]:
     """Scan results in the order of `locators`: {error} or {format, width, height, phash, sha256}."""
     if not locators:
         return []
     items = pd.DataFrame({"row": range(len(locators)), "image_path": locators})
+    batch = scan_batch_size(len(locators), cfg, ray.cluster_resources().get("CPU", 1.0))
     # One block per batch, so the per-image tasks spread over every worker from the start.
-    ds = _dataset(items, cfg.batch_size)
-    ds = ds.map_batches(_scan_batch, batch_size=cfg.batch_size, batch_format="pandas",
+    ds = _dataset(items, batch)
+    ds = ds.map_batches(_scan_batch, batch_size=batch, batch_format="pandas",
                         fn_kwargs={"hash_size": cfg.phash_size, "max_pixels": cfg.max_pixels,
                                    "max_bytes": cfg.max_image_bytes}, **_task_options(cfg))
     parts = []

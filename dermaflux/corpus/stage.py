@@ -37,7 +37,7 @@ STAGE = "curate"
 SCAN_FILE = "work/scan.parquet"
 SHARD_DIR = "shards"
 # Fields that change how a run is executed, not what it produces: not part of the fingerprint.
-EXECUTION_FIELDS = {"out", "force", "batch_size", "num_workers", "cpus_per_worker"}
+EXECUTION_FIELDS = {"out", "force", "batch_size", "scan_batch", "num_workers", "cpus_per_worker"}
 # Fields added after runs existed: left out of the fingerprint at their default, so those runs still resume.
 LATER_FIELDS = {"max_pixels", "test_overlap", "max_image_bytes"}
 # Source options that name a file or folder the reader reads.

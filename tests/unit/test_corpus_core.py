@@ -194,3 +194,16 @@ def test_source_caps_leave_out_whole_lesions_and_reconcile(sources):
     assert not kept_lesions & capped_lesions  # a lesion is kept or left out whole
     again = build_plan(indexes, scans, cfg)
     assert [c["id"] for c in again.capped] == [c["id"] for c in plan.capped]
+
+
+def test_scan_tasks_grow_with_the_corpus_within_bounds():
+    from dermaflux.corpus.ray_pipeline import MAX_SCAN_BATCH, scan_batch_size
+
+    curate = load_config("tiny").curate
+    assert scan_batch_size(500_000, curate, 2) == MAX_SCAN_BATCH  # not 7,800 tasks of 64
+    assert scan_batch_size(5_984, curate, 2) == 187  # HAM10000: 32 tasks for 2 CPUs
+    assert scan_batch_size(100, curate, 2) == curate.batch_size  # never below batch_size
+    assert scan_batch_size(5_984, curate, 64) == curate.batch_size  # a large cluster: many small tasks
+    assert scan_batch_size(5_984, curate.model_copy(update={"num_workers": 1}), 64) == 374  # the slots given
+    assert scan_batch_size(5_984, curate.model_copy(update={"cpus_per_worker": 2.0}), 2) == 374
+    assert scan_batch_size(500_000, curate.model_copy(update={"scan_batch": 50}), 2) == 50  # set by hand
