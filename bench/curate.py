@@ -95,7 +95,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="600 images instead of all 5,984")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000-224"))
-    parser.add_argument("--batch-size", type=int, default=None, help="images per Ray Data task batch")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per Ray Data task batch (--scale: per scan task, curate.scan_batch)")
     parser.add_argument("--scale", type=int, default=None, metavar="N",
                         help="write an N-image multi-source corpus of small JPEGs and curate it (bench/curate_scale.py)")
     parser.add_argument("--workers", type=int, default=None, help="--scale: concurrent per-image Ray tasks")

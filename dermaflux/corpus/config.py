@@ -108,7 +108,7 @@ class CurateConfig(ConfigModel):
     rows_per_shard: int = Field(1000, ge=1, description="rows per Parquet shard (about; Ray Data may round)")
     batch_size: int = Field(64, ge=1, description="images per Ray Data batch in the per-image tasks")
     scan_batch: int | None = Field(
-        None, ge=1, description="images per scan task (None: the corpus over 16 tasks per CPU, between batch_size "
+        None, ge=1, description="images per scan task (None: the corpus over 16 tasks per task slot, between batch_size "
         "and 1024: each task costs Ray ~0.1 s, so 500,000 images in batches of 64 spent more on tasks than on hashing)"
     )
     num_workers: int | None = Field(None, ge=1, description="concurrent per-image Ray tasks (None: as many as fit)")

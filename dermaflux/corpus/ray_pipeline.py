@@ -43,17 +43,17 @@ def _dataset(frame: pd.DataFrame, step: int) -> ray.data.Dataset:
 
 
 MAX_SCAN_BATCH = 1024
-TASKS_PER_CPU = 16  # enough tasks that every worker stays busy to the end
+TASKS_PER_SLOT = 16  # enough tasks that every slot stays busy to the end
 
 
 def scan_batch_size(images: int, cfg: CurateConfig, cluster_cpus: float) -> int:
-    """Images per scan task: `curate.scan_batch`, else the corpus spread over TASKS_PER_CPU tasks per task slot
+    """Images per scan task: `curate.scan_batch`, else the corpus spread over TASKS_PER_SLOT tasks per task slot
     (`num_workers`, or the cluster's CPUs over `cpus_per_worker`), at least `batch_size` and at most
     MAX_SCAN_BATCH (a scan task keeps only hashes, not the images)."""
     if cfg.scan_batch is not None:
         return cfg.scan_batch
     slots = cfg.num_workers or max(1, int(cluster_cpus / cfg.cpus_per_worker))
-    return max(cfg.batch_size, min(MAX_SCAN_BATCH, images // (slots * TASKS_PER_CPU)))
+    return max(cfg.batch_size, min(MAX_SCAN_BATCH, images // (slots * TASKS_PER_SLOT)))
 
 
 def scan(locators: list[str], cfg: CurateConfig) -> list[dict]:
