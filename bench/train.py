@@ -6,6 +6,7 @@ GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient check
     .venv/bin/python bench/train.py [--quick] [--data DIR]
     .venv/bin/python bench/train.py --encode [--rows 1000,20000] [--encode-steps 12] [--cached-rows N]   (cached vs online)
     .venv/bin/python bench/train.py --sizing   (cache bytes per image and for 500,000 images, per preset)
+    .venv/bin/python bench/train.py --startup [--peer train_dreambooth_lora_flux.py] [--rounds 2]   (a short run)
     .venv/bin/python bench/train.py --full-size [--layers N] [--resolution 512] [--steps 5]
     python3 bench/train.py --gpu-product --model DIR [--data DIR] [--steps 12] [--gpu-encode online] [--json FILE]
 
@@ -13,6 +14,15 @@ GPU machine) one FLUX.1-dev-sized transformer with LoRA rank 16 + gradient check
 past 10,015), the train stage's steps after the VAE fit in both modes, interleaved: seconds from the start to the
 first optimiser step (token count, cache sizing, pre-compute or not, Ray Train start, model load) and samples/s
 of the steps after it; the ratio largest/smallest corpus per mode. The machine is shared: read the ratios.
+
+--startup (issue 21 point 7): the wall time of a short run, `dermaflux train` as a user types it, beside diffusers'
+train_dreambooth_lora_flux.py (the peer; --peer, or $DERMAFLUX_PEER_SCRIPT: it is not on PyPI, take the one of the
+installed diffusers' release from github.com/huggingface/diffusers/tree/<tag>/examples/dreambooth) on the same 64
+HAM10000 images and the tiny preset's folder: LoRA rank 16, batch 8, 60 steps, lr 1e-4, one thread
+(OMP_NUM_THREADS=1), no validation render, VAE fit off (the peer trains on the model's VAE). Rounds interleave
+DermaFlux's default launch (auto: one rank in the CLI's process), its worker group (train.launch workers) and the
+peer. Fixed cost = wall - steps: DermaFlux's steps from its loss.csv (8 / samples/s per step), the peer's from the
+rate its progress bar last printed. The figure to read is the ratio of fixed costs within a round.
 
 --gpu-product: `dermaflux train` (flux-dev preset: micro_batch auto, compile, T5 length from the captions,
 dihedral views; one worker, ZeRO-2, bf16) on captions in the caption template's wording, its samples/s
@@ -483,6 +493,95 @@ def encode_bench(args) -> dict:
                                   for mode in ("cached", "online") if (large, mode) in by and (small, mode) in by}}
 
 
+STARTUP_IMAGES, STARTUP_STEPS = 64, 60
+
+
+def startup_inputs(data: Path, work: Path) -> tuple[Path, Path, Path]:
+    """(captions, image folder for the peer, tiny model folder): the first 64 HAM10000 images by id."""
+    import pyarrow.parquet as pq
+
+    from dermaflux.config import load_config
+    from dermaflux.model.loading import resolve_pretrained
+    from dermaflux.testing.ham10000 import build_captioned_set
+
+    captions = build_captioned_set(data, work / "captions", n_train=STARTUP_IMAGES, n_test=0)
+    images = work / "images"
+    images.mkdir()
+    for shard in sorted((captions / "shards").glob("*.parquet")):
+        for row in pq.read_table(shard, columns=["id", "image"]).to_pylist():
+            (images / f"{row['id']}.jpg").write_bytes(row["image"])
+    return captions, images, Path(resolve_pretrained(load_config("tiny").model))
+
+
+def _timed_command(cmd: list[str], log: Path) -> float:
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])}... exited {proc.returncode}; see {log}")
+    return wall
+
+
+def dermaflux_short_run(captions: Path, out: Path, launch: str) -> dict:
+    cmd = [str(Path(sys.executable).with_name("dermaflux")), "train", "--preset", "tiny", "--captions", str(captions),
+           "--out", str(out), "--steps", str(STARTUP_STEPS), "--mode", "lora",
+           "--set", "train.vae_fit.enabled=false", "--set", "train.micro_batch=8", "--set", "train.lr=1e-4",
+           "--set", "train.lora.rank=16", "--set", "train.validate_final=false", "--set", f"train.launch={launch}"]
+    wall = _timed_command(cmd, out.with_suffix(".log"))
+    rows = read_csv_rows(out / "loss.csv")
+    steps_s = sum(8 / float(r["samples_per_s"]) for r in rows)
+    return {"run": f"dermaflux train (launch {launch})", "wall_s": wall, "steps_s": steps_s, "fixed_s": wall - steps_s,
+            "launch": json.loads((out / "summary.json").read_text())["train"].get("launch", launch)}
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def peer_short_run(peer: Path, images: Path, model: Path, out: Path) -> dict:
+    import re
+
+    cmd = [sys.executable, str(peer), "--pretrained_model_name_or_path", str(model), "--instance_data_dir",
+           str(images), "--instance_prompt", "dermoscopic image of a skin lesion", "--resolution", "64",
+           "--train_batch_size", "8", "--rank", "16", "--max_train_steps", str(STARTUP_STEPS), "--output_dir", str(out),
+           "--mixed_precision", "no", "--learning_rate", "1e-4", "--seed", "0", "--max_sequence_length", "64",
+           "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0", "--guidance_scale", "1"]
+    log = out.with_suffix(".log")
+    wall = _timed_command(cmd, log)
+    rates = re.findall(r"(\d+(?:\.\d+)?)(it/s|s/it)", log.read_text())
+    value, unit = rates[-1]
+    step_s = 1 / float(value) if unit == "it/s" else float(value)
+    return {"run": "diffusers train_dreambooth_lora_flux.py", "wall_s": wall, "steps_s": step_s * STARTUP_STEPS,
+            "fixed_s": wall - step_s * STARTUP_STEPS}
+
+
+def startup_bench(args) -> dict:
+    peer = Path(args.peer or os.environ.get("DERMAFLUX_PEER_SCRIPT", "")) if (args.peer or
+                                                                             os.environ.get("DERMAFLUX_PEER_SCRIPT")) else None
+    if peer is not None and not peer.is_file():
+        raise SystemExit(f"--peer {peer}: no such file")
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="dfx-bench-startup-") as tmp:
+        captions, images, model = startup_inputs(Path(args.data), Path(tmp))
+        for n in range(args.rounds):
+            runs = [dermaflux_short_run(captions, Path(tmp) / f"auto-{n}", "auto")]
+            if peer is not None:
+                runs.append(peer_short_run(peer, images, model, Path(tmp) / f"peer-{n}"))
+            runs.append(dermaflux_short_run(captions, Path(tmp) / f"workers-{n}", "workers"))
+            rounds.append(runs)
+    result = {"kind": "startup", "images": STARTUP_IMAGES, "steps": STARTUP_STEPS, "peer": str(peer) if peer else None,
+              "rounds": rounds}
+    if peer is not None:
+        result["fixed_vs_peer"] = {name: statistics.median(r[i]["fixed_s"] / r[1]["fixed_s"] for r in rounds)
+                                   for i, name in ((0, "auto"), (2, "workers"))}
+    return result
+
+
 def print_sizing(sizing: list[dict]) -> None:
     print(f"{'preset':<10}{'T5 tokens':>10}{'per image':>12}{'500,000 images':>16}")
     for r in sizing:
@@ -515,7 +614,24 @@ def main() -> None:
     parser.add_argument("--encode-steps", type=int, default=12, help="encode: optimiser steps per run")
     parser.add_argument("--cached-rows", type=int, default=None,
                         help="encode: run the cached mode only on corpora of at most N rows (its pre-compute is slow here)")
+    parser.add_argument("--startup", action="store_true", help="a short run's wall time beside diffusers' script")
+    parser.add_argument("--peer", help="startup: diffusers' examples/dreambooth/train_dreambooth_lora_flux.py")
+    parser.add_argument("--rounds", type=int, default=2, help="startup: interleaved rounds")
     args = parser.parse_args()
+    if args.startup:
+        result = startup_bench(args)
+        print(f"{'round':>5}  {'run':<42}{'wall s':>8}{'steps s':>9}{'fixed s':>9}")
+        for n, runs in enumerate(result["rounds"]):
+            for r in runs:
+                print(f"{n:>5}  {r['run']:<42}{r['wall_s']:>8.1f}{r['steps_s']:>9.1f}{r['fixed_s']:>9.1f}")
+        if "fixed_vs_peer" in result:
+            print("fixed cost / the peer's (median over rounds): " +
+                  ", ".join(f"{k} {v:.2f}x" for k, v in result["fixed_vs_peer"].items()))
+        path = Path(args.json or RESULTS / "train_startup.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, "host": platform.node()}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     if args.sizing or args.encode:
         result = encode_bench(args) if args.encode else {"kind": "sizing", "sizing": sizing_rows()}
         print_sizing(result["sizing"])

@@ -48,9 +48,10 @@ def run_stage(spec: StageSpec, cfg: DermaFluxConfig, *, capacity_check: bool = T
     check_config(cfg, [spec.name])  # paths and preset: before Ray starts
     if not spec.output:  # no folder of its own (serve): its run log goes to the cache folder
         open_run_log(cache_dir(cfg.model), spec.name)
-    init_ray(cfg.ray)
-    if capacity_check:
-        check_resources(cfg, [spec.name], capacity_from_ray())
+    if spec.starts_ray is None or spec.starts_ray(cfg):
+        init_ray(cfg.ray)
+        if capacity_check:
+            check_resources(cfg, [spec.name], capacity_from_ray())
     return spec.execute(cfg)
 
 

@@ -19,6 +19,7 @@ from dermaflux.core.preflight import Demand
 from dermaflux.core.storage import staged_section
 from dermaflux.corpus.config import SourceSpec
 from dermaflux.synth.config import adapter_entry
+from dermaflux.train.config import may_train_in_process
 
 if TYPE_CHECKING:
     from dermaflux.caption.config import CaptionConfig
@@ -94,6 +95,9 @@ class StageSpec:
     output: str | None = "out"  # the section field naming its output folder (None: writes none)
     folder: str | None = None  # subfolder of a pipeline run (None: not a pipeline stage)
     headline: str | None = None  # a line printed after the summary, formatted with it
+    # Whether Ray starts (and the capacity check runs) before the stage; None: always. A stage that says no for a
+    # config starts Ray itself where it needs it.
+    starts_ray: Callable[[Any], bool] | None = None
 
     def section_of(self, cfg: DermaFluxConfig) -> ConfigModel:
         return getattr(cfg, self.section)
@@ -234,6 +238,7 @@ STAGES: tuple[StageSpec, ...] = (
         ),
         inputs=(Input("captions", made_by="caption", required=True),),
         folder="train",
+        starts_ray=lambda cfg: not may_train_in_process(cfg.train),  # a short run may need no Ray at all
     ),
     StageSpec(
         "generate", "synth", "generate a labelled synthetic set offline (Ray Data actor pool; resumable)",

@@ -19,6 +19,7 @@ Outside a `session()` (the CLI) nothing else changes: no handlers, no run log, n
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -40,7 +41,11 @@ PROGRESS_LINE = re.compile(r"^dermaflux progress: (?P<key>\S+) (?P<done>\d+)/(?P
 
 
 def report_progress(key: str, done: int, total: int, note: str = "") -> None:
-    """On a Ray worker: `done` of `total` for the driver's bar `key` (one stdout line)."""
+    """On a Ray worker: `done` of `total` for the driver's bar `key` (one stdout line); in the driver's own process
+    (train.launch local), the bar itself."""
+    if _session is not None and key in _session.bars:
+        _session.bars[key].set(done, note=note, total=total)
+        return
     # sys.stdout.write, not print: Ray Train patches print() on its workers into a logger that also
     # echoes to stdout, which printed every such line twice.
     sys.stdout.write(f"dermaflux progress: {key} {done}/{total}" + (f" | {note}" if note else "") + "\n")
@@ -303,6 +308,39 @@ def _on_worker_output(s: _Session, data: dict, ray_printer) -> None:
     prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
     for line in lines:
         s.run_log.write_line(f"{prefix} {line}")
+
+
+class _RunLogStream(io.TextIOBase):
+    """A text stream whose lines go to the run log with a prefix, as a worker's forwarded lines do; after the
+    session, to the process's own stdout (a library handler may keep a reference to it)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.pending = prefix, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        s = _session
+        if s is None:
+            return sys.__stdout__.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            s.run_log.write_line(f"{self.prefix} {line}")
+        return len(text)
+
+
+@contextlib.contextmanager
+def worker_output_in_run_log(name: str) -> Iterator[None]:
+    """Code that runs in the driver as a Ray worker would (train.launch local): its stdout (prints, library
+    handlers that write to stdout, as DeepSpeed's does) into the run log, prefixed `(name)`, as a worker's lines
+    go there; unchanged with --verbose or outside the CLI."""
+    if _session is None or _session.verbose:
+        yield
+        return
+    with contextlib.redirect_stdout(_RunLogStream(f"({name} pid={os.getpid()})")):
+        yield
 
 
 def announce(text: str) -> None:

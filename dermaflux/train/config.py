@@ -75,6 +75,14 @@ class TrainConfig(ConfigModel):
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
+    launch: Literal["auto", "workers", "local"] = Field(
+        "auto", description="workers: a Ray Train worker group (a worker process per rank, restarted from the last "
+        "checkpoint after a failure, max_failures); local: Ray Train's local mode, the one rank in this process "
+        "(no worker start, ~10-15 s less fixed cost; a failed run stops and a re-run resumes from its last "
+        "checkpoint); auto: local for a short run (workers 1, steps <= local_max_steps, cached encoding, checkpoints "
+        "on a local path), else workers"
+    )
+    local_max_steps: int = Field(300, ge=0, description="launch auto: the longest run trained in this process")
     strategy: Literal["deepspeed", "fsdp2"] = Field(
         "deepspeed", description="how training is distributed over the workers (train/strategy/): deepspeed, "
         "DeepSpeed ZeRO at zero_stage; fsdp2, PyTorch's fully_shard (parameters, gradients and optimizer state "
@@ -149,6 +157,11 @@ class TrainConfig(ConfigModel):
     )
     precompute_batch: int = Field(32, ge=1)
     precompute_workers: int = Field(1, ge=1)
+    precompute_inline_rows: int = Field(
+        256, ge=0, description="pre-compute at most this many rows in the driver process instead of a Ray Data job, "
+        "whose actor start (a fresh process importing torch and diffusers: ~10 s on 2 cores) costs more than encoding "
+        "a few hundred tiny rows; 0: always Ray Data. Not when use_gpu and the driver has no GPU"
+    )
     vae_fit: VaeFitConfig = Field(default_factory=VaeFitConfig)
     max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
     resume: bool = Field(
@@ -158,6 +171,8 @@ class TrainConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.launch == "local" and self.workers != 1:
+            raise ValueError(f"train.launch local runs one rank in this process; workers is {self.workers}")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         if self.strategy != "deepspeed" and (self.offload_optimizer or self.offload_params):
@@ -173,3 +188,12 @@ class TrainConfig(ConfigModel):
         if self.lr_scheduler == "piecewise_constant" and not self.lr_step_rules:
             raise ValueError("lr_scheduler piecewise_constant needs lr_step_rules (e.g. '1:100,0.1:200,0.01')")
         return self
+
+
+def may_train_in_process(tc: TrainConfig) -> bool:
+    """Whether train.launch may put this run in the driver's process (launch local; auto: one worker, at most
+    local_max_steps, checkpoints on a local path); ray_trainer.launches_locally decides once the encode plan and the
+    device are known. Such a run starts Ray only where it needs it (a VAE fit, a Ray Data pre-compute, workers)."""
+    if tc.launch != "auto":
+        return tc.launch == "local"
+    return tc.workers == 1 and tc.steps <= tc.local_max_steps and "://" not in (tc.storage_path or "")

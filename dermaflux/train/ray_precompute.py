@@ -90,11 +90,6 @@ def _check_cached_length(cache_dir: Path, text_tokens: int) -> None:
 def run_precompute(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | None,
                    max_images: dict | None = None) -> dict:
     """Encode the rows of cfg.train.captions not yet in `cache_dir`. `max_images`: split -> limit (quick runs)."""
-    import ray
-
-    from dermaflux.core.runtime import init_ray
-
-    init_ray(cfg.ray)
     cache_dir = Path(cache_dir)
     shards = caption_shards(cfg.train.captions)
     table = pa.concat_tables([pq.read_table(p, columns=CAPTION_COLUMNS) for p in shards], promote_options="default")
@@ -115,11 +110,57 @@ def run_precompute(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | N
                "text_tokens": text_tokens, "views": VIEWS[cfg.train.augment]}
     if todo.num_rows == 0:
         return summary
-    log.info("pre-compute: encoding %d of %d rows (%d already cached)", todo.num_rows, table.num_rows, len(done))
-    ds = ray.data.from_arrow(todo)
-    encoded = ds.map_batches(
+    inline = _encode_inline(cfg, todo.num_rows)
+    log.info("pre-compute: encoding %d of %d rows (%d already cached)%s", todo.num_rows, table.num_rows, len(done),
+             " in this process" if inline else "")
+    batches = _inline_batches if inline else _ray_data_batches
+    part = len(cache_shards(cache_dir))
+    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
+    for batch in batches(cfg, todo, vae_dir, text_tokens["length"]):
+        rows = {k: [v.tolist() if hasattr(v, "tolist") and k.endswith("_shape") else v for v in batch[k]] for k in batch}
+        summary["encoded"] += write_cache_shard(rows, cache_dir / "shards" / f"part-{part:05d}.arrow")
+        part += 1
+        log.info("pre-compute: %d / %d rows encoded", summary["encoded"], todo.num_rows)
+    summary["inline"] = inline
+    atomic_write_json(cache_dir / "manifest.json", {**summary, "shards": part})
+    return summary
+
+
+def _encode_inline(cfg: DermaFluxConfig, rows: int) -> bool:
+    """Encode in the driver process when the rows are few (train.precompute_inline_rows): a Ray Data job's actor
+    start (a fresh process importing torch, diffusers and transformers: ~10 s on 2 cores) would cost more than the
+    encoding. Not when the run wants a GPU the driver lacks (a CPU-only head node would encode FLUX.1-dev's views)."""
+    return rows <= cfg.train.precompute_inline_rows and (not cfg.train.use_gpu or torch.cuda.is_available())
+
+
+def _write_rows(cfg: DermaFluxConfig) -> int:
+    return max(cfg.train.precompute_batch, 256)
+
+
+def _inline_batches(cfg: DermaFluxConfig, todo: pa.Table, vae_dir: str | None, text_tokens: int):
+    """Cache rows encoded here, in the same batches of train.precompute_batch the Ray Data actor encodes."""
+    pipe = load_text_and_vae(cfg.model, vae_dir)
+    if cfg.train.use_gpu:
+        pipe.to("cuda")
+    step = cfg.train.precompute_batch
+    for start in range(0, todo.num_rows, _write_rows(cfg)):
+        chunk = todo.slice(start, _write_rows(cfg))
+        parts = [encode_rows(pipe, chunk.slice(i, step).to_pydict(), cfg.model.resolution, text_tokens,
+                             cfg.train.augment, cfg.train.caption_style) for i in range(0, chunk.num_rows, step)]
+        yield {k: [v for part in parts for v in part[k]] for k in parts[0]}
+
+
+def _ray_data_batches(cfg: DermaFluxConfig, todo: pa.Table, vae_dir: str | None, text_tokens: int):
+    """Cache rows encoded by a pool of `CaptionEncoder` actors (train.precompute_workers)."""
+    import ray
+
+    from dermaflux.core.runtime import init_ray
+
+    init_ray(cfg.ray)
+
+    encoded = ray.data.from_arrow(todo).map_batches(
         CaptionEncoder,
-        fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, text_tokens["length"],
+        fn_constructor_args=(cfg.model.model_dump(mode="json"), vae_dir, cfg.model.resolution, text_tokens,
                              cfg.train.augment, cfg.train.use_gpu, cfg.train.caption_style),
         batch_size=cfg.train.precompute_batch,
         batch_format="numpy",
@@ -127,15 +168,7 @@ def run_precompute(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | N
         num_cpus=1,
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
-    part = len(cache_shards(cache_dir))
-    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
-    for batch in encoded.iter_batches(batch_size=max(cfg.train.precompute_batch, 256), batch_format="numpy"):
-        rows = {k: [v.tolist() if hasattr(v, "tolist") and k.endswith("_shape") else v for v in batch[k]] for k in batch}
-        summary["encoded"] += write_cache_shard(rows, cache_dir / "shards" / f"part-{part:05d}.arrow")
-        part += 1
-        log.info("pre-compute: %d / %d rows encoded", summary["encoded"], todo.num_rows)
-    atomic_write_json(cache_dir / "manifest.json", {**summary, "shards": part})
-    return summary
+    yield from encoded.iter_batches(batch_size=_write_rows(cfg), batch_format="numpy")
 
 
 def validation_prompts(train_cfg: TrainConfig) -> list[str]:

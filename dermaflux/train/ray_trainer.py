@@ -9,6 +9,7 @@ driver side) starts the TorchTrainer whose train function is `train_worker`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dermaflux.train.checkpointing import Checkpointer
-from dermaflux.train.config import TrainConfig
+from dermaflux.train.config import TrainConfig, may_train_in_process
 from dermaflux.train.strategy import STRATEGIES, strategy_class
 from dermaflux.train.validation import ValidationRenderer
 
@@ -62,9 +63,16 @@ class Trainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.hooks = list(loop_cfg.get("hooks", ()))
+        # launch local (Ray Train's local mode): this process is the one rank; checkpoints are written to their
+        # folder here (local mode keeps only a reference) and the trackers are called here (no controller).
+        self.local_dir = Path(loop_cfg["local_checkpoints"]) if loop_cfg.get("local_checkpoints") else None
+        self.tracking = loop_cfg.get("tracking")
         if not tc.use_gpu:
             torch.set_num_threads(max(tc.cpus_per_worker, 1))
-        self.device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+        if tc.use_gpu and self.local_dir is not None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
         if self.device.type == "cuda":
             # cuDNN's SDPA backward failed on Flux's joint attention on an H200 (torch 2.11 + cu130, issue 11);
             # the flash and memory-efficient kernels run it.
@@ -241,8 +249,6 @@ class Trainer:
 
     def report(self, record: dict) -> None:
         """Metrics to Ray Train every log_every steps; with a checkpoint on checkpoint/validation steps."""
-        import ray.train
-
         tc, step = self.tc, self.step
         save = step % tc.checkpoint_every == 0 or step == tc.steps
         render = self.validation is not None and (step % tc.validate_every == 0 or (step == tc.steps and tc.validate_final))
@@ -259,13 +265,26 @@ class Trainer:
         if save or render:
             self.checkpoint(metrics, save=save, render=render)
         else:
-            ray.train.report(metrics)
+            self._report(metrics)
+
+    def _report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        """ray.train.report; under launch local the checkpoint folder is first moved to its place among the run's
+        checkpoints (train.checkpoints_kept of them kept) and the trackers see the metrics."""
+        import ray.train
+
+        name = f"step-{self.step:06d}"
+        if checkpoint_dir is not None and self.local_dir is not None:
+            checkpoint_dir = keep_local_checkpoint(checkpoint_dir, self.local_dir / name, self.tc.checkpoints_kept)
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        if self.tracking is not None:
+            self.tracking.after_report(None, [metrics], checkpoint)
+        if checkpoint_dir is not None and self.local_dir is None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray Train copied it to the run's storage
 
     def checkpoint(self, metrics: dict, save: bool, render: bool) -> None:
         """Report `metrics` with a checkpoint folder: the strategy's state (all ranks), the adapter and loss curve
         (rank 0) when `save`; the validation grid (rank 0) when `render`."""
-        import ray.train
-
         ckpt_dir = Path(tempfile.mkdtemp(prefix=f"dfx-step{self.step}-r{self.rank}-"))
         state, checksum = self.checkpointer.snapshot()  # collective under sharding strategies: every rank joins
         model = None
@@ -279,9 +298,7 @@ class Trainer:
         if model is self.transformer:
             self.transformer.train()
         del state, model
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
-                         checkpoint_dir_name=f"step-{self.step:06d}")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        self._report(metrics, ckpt_dir)
 
 
 def train_worker(loop_cfg: dict) -> None:
@@ -296,6 +313,78 @@ def latest_checkpoint(storage_dir: str | Path) -> Path | None:
     found = sorted(Path(storage_dir).glob("*/step-*"))
     done = [p for p in found if (p / "adapter").exists() and any((p / name).exists() for name in STRATEGIES)]
     return max(done, key=lambda p: p.name) if done else None
+
+
+def keep_local_checkpoint(staged: Path, target: Path, kept: int) -> Path:
+    """Move a checkpoint folder written by launch local to `target` (renamed into place: a reader sees it whole or
+    not at all) and delete the oldest `step-*` folders beyond `kept`: only folders this launcher wrote, in the
+    run's own checkpoint folder, as Ray Train's CheckpointConfig(num_to_keep) does for workers."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.move(str(staged), partial)
+    if target.exists():  # the same step written again (a resumed run re-reaching it): replace
+        shutil.rmtree(target)
+    partial.rename(target)
+    written = sorted(p for p in target.parent.glob("step-*") if p.is_dir() and (p / "adapter").exists())
+    for old in written[:-kept]:
+        shutil.rmtree(old)
+    return target
+
+
+def launches_locally(tc: TrainConfig, encode: dict | None, storage: str) -> bool:
+    """train.launch: local runs the one rank in this process (Ray Train's local mode), auto does so for a short
+    one-worker run from the cache on a local storage path, in a process that has the device it trains on (the gain: no worker process to start, import and stop,
+    ~10-15 s; the loss: no restart after a failure, which a short run barely needs: a re-run resumes)."""
+    online = (encode or {}).get("mode") == "online"
+    if tc.launch == "workers":
+        return False
+    if tc.launch == "local":
+        if online:
+            raise ValueError("train.launch local trains from the cache; online encoding streams through Ray Data "
+                             "into worker processes: set train.launch to workers or auto, or train.encode to cached")
+        if "://" in storage:
+            raise ValueError(f"train.launch local writes checkpoints to a local folder; storage_path is {storage}")
+        if tc.use_gpu and not torch.cuda.is_available():
+            raise ValueError("train.launch local trains in this process, which sees no GPU (a CPU-only head node?); "
+                             "train.use_gpu needs launch workers")
+        return True
+    # A driver without the GPU the run asks for (a CPU-only head node) hands it to a worker on a GPU node.
+    has_device = not tc.use_gpu or torch.cuda.is_available()
+    return may_train_in_process(tc) and not online and "://" not in storage and has_device
+
+
+@contextlib.contextmanager
+def _local_rank():
+    """What launch local needs in this process: a process group of one over loopback, made on first use and kept
+    for the life of the process (DeepSpeed keeps groups it derives from it, so a second run in the same process
+    needs the same one), and the rank variables DeepSpeed reads; torch's thread count and the variables are put
+    back afterwards. Not torchrun's full set, so Ray Train's local controller leaves the group to us."""
+    import os
+
+    import torch.distributed as dist
+
+    from dermaflux.core.runtime import free_port
+
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError(f"train.launch local: this process is already in a process group of "
+                           f"{dist.get_world_size()}; launch workers instead")
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    threads = torch.get_num_threads()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads(threads)
 
 
 def _flat_params(cfg: DermaFluxConfig) -> dict[str, str]:
@@ -340,6 +429,8 @@ def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dermaflux.core.progress import worker_output_in_run_log
+    from dermaflux.core.runtime import init_ray
     from dermaflux.train.ray_tracking import TrackingCallback, check_trackers
 
     tc = cfg.train
@@ -350,15 +441,28 @@ def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | Non
     resume_from = latest_checkpoint(storage) if resume and "://" not in storage else None
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
-    data = _online_inputs(cfg, encode)
+    loop_cfg = {
+        "cfg": cfg.model_dump(mode="json"), "cache_dir": str(Path(cache_dir).resolve()),
+        "vae_dir": str(vae_dir) if vae_dir else None, "resume_from": str(resume_from) if resume_from else None,
+        "hooks": list(hooks), "encode": encode,
+    }
+    tracking = TrackingCallback(tc.tracking, run_dir, tc.mlflow_tracking_uri, _flat_params(cfg)) if tc.tracking else None
+    if launches_locally(tc, encode, storage):
+        log.info("train.launch: local (one rank in this process, Ray Train's local mode)")
+        # The base trainer's local controller: TorchTrainer's would destroy the process group after the run,
+        # which DeepSpeed has derived groups from that it keeps for the next run in this process.
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        trainer = DataParallelTrainer(train_worker, scaling_config=ScalingConfig(num_workers=0),
+                                      train_loop_config={**loop_cfg, "local_checkpoints": str(Path(storage) / "train"),
+                                                         "tracking": tracking})
+        with _local_rank(), worker_output_in_run_log("local rank 0"):
+            return trainer.fit()
+    init_ray(cfg.ray)  # not started yet when the run looked short enough for this process (stages.py)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"), "cache_dir": str(Path(cache_dir).resolve()),
-            "vae_dir": str(vae_dir) if vae_dir else None, "resume_from": str(resume_from) if resume_from else None,
-            "hooks": list(hooks), "encode": encode,
-        },
-        **data,
+        train_loop_config=loop_cfg,
+        **_online_inputs(cfg, encode),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=tc.workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
@@ -367,8 +471,7 @@ def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | Non
             name="train", storage_path=storage,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_kept),
-            callbacks=[TrackingCallback(tc.tracking, run_dir, tc.mlflow_tracking_uri, _flat_params(cfg))]
-            if tc.tracking else [],
+            callbacks=[tracking] if tracking else [],
         ),
     )
     return trainer.fit()

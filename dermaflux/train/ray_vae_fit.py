@@ -103,7 +103,9 @@ def run_vae_fit(cfg: DermaFluxConfig, run_dir: str | Path) -> tuple[Path, dict]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dermaflux.core.artifacts import atomic_dir
+    from dermaflux.core.runtime import init_ray
 
+    init_ray(cfg.ray)  # the train stage starts Ray where it needs it (see stages.py)
     run_dir = Path(run_dir).resolve()
     trainer = TorchTrainer(
         vae_worker,

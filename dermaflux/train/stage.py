@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (how long, how wide, how it fails).
 _RESUMABLE_FIELDS = {"out", "storage_path", "steps", "workers", "max_failures", "cpus_per_worker", "use_gpu", "resume",
-                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile", "validate_final"}
+                     "checkpoints_kept", "tracking", "mlflow_tracking_uri", "compile", "validate_final",
+                     "launch", "local_max_steps", "precompute_inline_rows"}
 
 
 def run_fingerprint(cfg: DermaFluxConfig) -> str:
@@ -121,7 +122,7 @@ def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool, e
            hooks: Sequence[Callable] = ()) -> dict:
     """Ray Train + DeepSpeed on the cache, then the final adapter from the last checkpoint; returns the marker fields."""
     from dermaflux.core.progress import bar
-    from dermaflux.train.ray_trainer import run_training
+    from dermaflux.train.ray_trainer import launches_locally, run_training
 
     with bar("train", "train", cfg.train.steps, "steps"):
         result = run_training(cfg, out / "cache", vae_dir, out, resume=resume, encode=encode, hooks=hooks)
@@ -132,6 +133,7 @@ def _train(cfg: DermaFluxConfig, out: Path, vae_dir: str | None, resume: bool, e
     metrics = result.metrics
     return {"steps": metrics.get("step"), "loss": metrics.get("loss"), "weights_checksum": metrics.get("weights_checksum"),
             "encode": (encode or {}).get("mode", "cached"),
+            "launch": "local" if launches_locally(cfg.train, encode, cfg.train.storage_path or str(out / "ray")) else "workers",
             "checkpoint": str(result.checkpoint.path),
             **{k: metrics.get(k) for k in ("micro_batch", "gradient_checkpointing", "compiled", "text_tokens")}}
 

@@ -29,6 +29,9 @@ pytestmark = pytest.mark.integration
 
 CLI = str(Path(sys.executable).with_name("dermaflux"))
 SMALL = {  # the demo's pipeline (tiny preset), shortened to minutes
+    # The demo's 2,000 steps train in a Ray Train worker group; 6 steps would train in the driver (launch auto),
+    # and this run is here to show the workers' output reaching the run log.
+    "pipeline.stage_settings.train.launch": "workers",
     "pipeline.stage_settings.train.steps": 6, "pipeline.stage_settings.train.checkpoint_every": 3,
     "pipeline.stage_settings.train.validate_every": 6, "pipeline.stage_settings.train.log_every": 1,
     "pipeline.stage_settings.train.vae_fit.steps": 6, "pipeline.stage_settings.synth.per_class": 2,

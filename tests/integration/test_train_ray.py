@@ -1,5 +1,5 @@
-"""`dermaflux train` on a real local Ray: VAE fit, Ray Data pre-compute (dihedral views, T5 length from the
-captions), Ray Train + DeepSpeed ZeRO-2 with two workers on a cosine schedule, TensorBoard metrics, the final
+"""`dermaflux train` on a real local Ray: VAE fit, pre-compute (dihedral views, T5 length from the captions; a small
+set in the driver, the same rows as the Ray Data job), Ray Train + DeepSpeed ZeRO-2 with two workers on a cosine schedule, TensorBoard metrics, the final
 weights loading into FluxPipeline, a killed worker resuming schedule and stream, kept checkpoints, --resume;
 the same under train.strategy fsdp2 (FSDP2 over gloo), its LoRA loading in plain diffusers;
 and online encoding (no cache: the caption shards streamed into the workers' encoders), its loss curve against
@@ -151,6 +151,67 @@ def test_precompute_resumes_without_re_encoding(first_run):
                            max_images={"train": None, "val": 0, "test": 0})
     assert {k: again[k] for k in ("rows", "cached_before", "encoded")} == {"rows": 48, "cached_before": 48, "encoded": 0}
     assert again["text_tokens"]["length"] == 64
+
+
+def test_small_precompute_runs_in_the_driver_and_matches_the_ray_data_job(first_run, tmp_path):
+    """48 rows (<= train.precompute_inline_rows) are encoded in the driver; the Ray Data job's actor writes the
+    same rows: same ids, prompts and shapes, latents and embeddings equal to float tolerance."""
+    import pyarrow as pa
+
+    from dermaflux.train.cache import bytes_to_tensor, cache_shards, open_shard
+    from dermaflux.train.ray_precompute import run_precompute
+
+    cfg, summary = first_run
+    assert summary["precompute"]["inline"] is True
+    ray_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precompute_inline_rows": 0})})
+    by_ray = run_precompute(ray_cfg, tmp_path / "cache", f"{cfg.train.out}/vae",
+                            max_images={"train": None, "val": 0, "test": 0})
+    assert by_ray["inline"] is False and by_ray["encoded"] == 48
+
+    def rows(cache):
+        table = pa.concat_tables([open_shard(p) for p in cache_shards(cache)]).sort_by("id")
+        return table.to_pydict()
+
+    inline, ray_rows = rows(f"{cfg.train.out}/cache"), rows(tmp_path / "cache")
+    for key in ("id", "caption", "latents_shape", "prompt_embeds_shape", "dtype"):
+        assert inline[key] == ray_rows[key], key
+    for key in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
+        for row, (a, b) in enumerate(zip(inline[key], ray_rows[key])):
+            shape, dtype = inline[f"{key}_shape"][row], inline["dtype"][row]
+            torch.testing.assert_close(bytes_to_tensor(a, shape, dtype), bytes_to_tensor(b, shape, dtype),
+                                       rtol=1e-4, atol=1e-5, msg=f"{key} of {inline['id'][row]}")
+
+
+def test_local_launch_trains_in_this_process_like_a_worker_and_resumes(first_run, tmp_path):
+    """train.launch local (Ray Train's local mode): the same losses as a one-worker group on the same cache, its
+    checkpoints kept in the run's folder and TensorBoard fed without Ray Train's controller; a longer re-run
+    continues from the last checkpoint to the losses of an uninterrupted run."""
+    from dermaflux.train.ray_tracking import read_scalars
+    from dermaflux.train.ray_trainer import run_training
+
+    cfg, _ = first_run
+    out = cfg.train.out
+
+    def run(name, steps, launch, resume=False):
+        # a constant lr: a 4-step run is the first 4 steps of a 6-step one (a cosine schedule depends on the length)
+        run_cfg = small_train_config(cfg.train.captions, tmp_path / name, workers=1, steps=steps, launch=launch,
+                                     checkpoints_kept=2, validate_every=100, lr_scheduler="constant")
+        result = run_training(run_cfg, f"{out}/cache", f"{out}/vae", tmp_path / name, resume=resume)
+        assert result.error is None, result.error
+        with result.checkpoint.as_directory() as ckpt:
+            return result, [float(r["loss"]) for r in read_loss_csv(f"{ckpt}/loss.csv")]
+
+    _, by_worker = run("workers", 6, "workers")
+    result, local = run("local", 4, "local")
+    assert len(local) == 4 and local == pytest.approx(by_worker[:4], rel=1e-5)
+    assert Path(result.checkpoint.path) == tmp_path / "local" / "ray" / "train" / "step-000004"
+    assert sorted(p.name for p in (tmp_path / "local" / "ray" / "train").iterdir()) == ["step-000002", "step-000004"]
+    assert [step for step, _ in read_scalars(tmp_path / "local" / "tensorboard")["train/loss"]] == [1, 2, 3, 4]
+    threads = torch.get_num_threads()
+    result, resumed = run("local", 6, "local", resume=True)
+    assert torch.get_num_threads() == threads and "LOCAL_RANK" not in os.environ
+    assert resumed == pytest.approx(by_worker, rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "local" / "ray" / "train").iterdir()) == ["step-000004", "step-000006"]
 
 
 def lora_config(captions, out, **extra):

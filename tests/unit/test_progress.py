@@ -73,6 +73,32 @@ def test_worker_lines_feed_bars_and_go_to_the_log(tmp_path, fast_bars, capsys):
     assert "(RayTrainWorker pid=123) dermaflux progress: train 4/10 | loss 0.5" in text
 
 
+def test_a_local_rank_reports_like_a_worker(tmp_path, capsys):
+    """train.launch local: the rank's progress sets the bar in this process; its stdout (prints, a library handler
+    made on stdout meanwhile, as DeepSpeed's is) goes to the run log with the rank's prefix, not to the console."""
+    import sys
+
+    with progress.session():
+        path = progress.open_run_log(tmp_path, "train")
+        with progress.bar("train", "train", 10, "steps") as shown:
+            with progress.worker_output_in_run_log("local rank 0"):
+                progress.report_progress("train", 6, 10, "loss 0.4")
+                print("train.micro_batch auto: 8")
+                library = logging.getLogger("test.stdout.library")
+                library.propagate = False
+                library.addHandler(logging.StreamHandler(sys.stdout))
+                library.warning("Setting accelerator to CPU")
+            assert (shown.done, shown.note) == (6, "loss 0.4")
+        print("after the rank: stdout again")
+    captured = capsys.readouterr()
+    text = path.read_text()
+    assert re.search(r"^\(local rank 0 pid=\d+\) train.micro_batch auto: 8$", text, re.MULTILINE)
+    assert re.search(r"^\(local rank 0 pid=\d+\) Setting accelerator to CPU$", text, re.MULTILINE)
+    assert "micro_batch" not in captured.out + captured.err and "accelerator" not in captured.out + captured.err
+    assert "dermaflux progress" not in captured.out  # the bar was set, no line to parse
+    assert "after the rank: stdout again" in captured.out
+
+
 def test_report_progress_is_one_parseable_stdout_line(capsys):
     progress.report_progress("vae-fit", 3, 150, "mse 0.0911")
     out = capsys.readouterr().out
