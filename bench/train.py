@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -574,8 +575,9 @@ def startup_bench(args) -> dict:
                 runs.append(peer_short_run(peer, images, model, Path(tmp) / f"peer-{n}"))
             runs.append(dermaflux_short_run(captions, Path(tmp) / f"workers-{n}", "workers"))
             rounds.append(runs)
-    result = {"kind": "startup", "images": STARTUP_IMAGES, "steps": STARTUP_STEPS, "peer": str(peer) if peer else None,
-              "rounds": rounds}
+    # the peer by name and content (not by where it lay on the measuring machine)
+    named = {"script": peer.name, "sha256": hashlib.sha256(peer.read_bytes()).hexdigest()} if peer else None
+    result = {"kind": "startup", "images": STARTUP_IMAGES, "steps": STARTUP_STEPS, "peer": named, "rounds": rounds}
     if peer is not None:
         result["fixed_vs_peer"] = {name: statistics.median(r[i]["fixed_s"] / r[1]["fixed_s"] for r in rounds)
                                    for i, name in ((0, "auto"), (2, "workers"))}

@@ -104,7 +104,7 @@ def _encode_plan(cfg: DermaFluxConfig, vae_dir: str | None) -> dict:
     shapes = row_shapes(cfg.model, vae_dir, VIEWS[tc.augment], tokens["length"])
     epochs = planned_epochs(tc.steps, tc.micro_batch, tc.grad_accum, tc.workers, table.num_rows)
     plan = encode_plan(tc.encode, shapes, table.num_rows, epochs, tc.cache_max_bytes)
-    log.info("train.encode: %s (%s)", plan["mode"], plan["reason"])
+    log.debug("train.encode: %s (%s)", plan["mode"], plan["reason"])
     return {**plan, "text_token_plan": tokens}
 
 
