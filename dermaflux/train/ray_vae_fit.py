@@ -1,4 +1,5 @@
-"""Ray Train job fitting the tiny preset's VAE (DDP on the reconstruction + KL step of vae_fit.py)."""
+"""Fitting the tiny preset's VAE with Ray Train: in this process (local mode) for one worker, else a DDP worker group
+(the reconstruction + KL step of vae_fit.py)."""
 
 from __future__ import annotations
 
@@ -85,16 +86,28 @@ def vae_worker(loop_cfg: dict) -> None:
             ray.train.report({"step": step, "mse": sum(mse_recent) / len(mse_recent)})
             mse_recent = []
     inner.eval()
-    out = Path(tempfile.mkdtemp(prefix="dfx-vae-"))
+    # In this process (launch local) the VAE is saved where the driver asked; a worker's goes through a checkpoint.
+    local_out = loop_cfg.get("local_out")
+    out = Path(local_out) if local_out else Path(tempfile.mkdtemp(prefix="dfx-vae-"))
     metrics = {"step": vc.steps, "mse": sum(mse_recent) / max(len(mse_recent), 1)}
     if rank == 0:
         shift, scale = set_latent_factors(inner, images[: min(len(images), 256)])
         metrics.update({"psnr_before": psnr_before, "psnr_test": psnr(inner, test_images),
                         "shift_factor": shift, "scaling_factor": scale, "test_images": len(test_images)})
-        inner.save_pretrained(out / "vae")
+        inner.save_pretrained(out if local_out else out / "vae")
+    if local_out:
+        ray.train.report(metrics)
+        return
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(out)) if rank == 0 else None,
                      checkpoint_dir_name="vae-fit")
     shutil.rmtree(out, ignore_errors=True)
+
+
+def fits_locally(cfg: DermaFluxConfig) -> bool:
+    """The fit runs in this process (Ray Train's local mode) unless it asks for several workers or train.launch
+    is workers: it is a CPU job of a few minutes at most, for which a worker group's start and stop
+    (~15-20 s here) is pure overhead, and a failed fit is simply re-run (no restarts either way)."""
+    return cfg.train.vae_fit.workers == 1 and cfg.train.launch != "workers"
 
 
 def run_vae_fit(cfg: DermaFluxConfig, run_dir: str | Path) -> tuple[Path, dict]:
@@ -103,21 +116,40 @@ def run_vae_fit(cfg: DermaFluxConfig, run_dir: str | Path) -> tuple[Path, dict]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dermaflux.core.artifacts import atomic_dir
-    from dermaflux.core.runtime import init_ray
 
-    init_ray(cfg.ray)  # the train stage starts Ray where it needs it (see stages.py)
     run_dir = Path(run_dir).resolve()
-    trainer = TorchTrainer(
-        vae_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.vae_fit.workers, use_gpu=False,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name="vae-fit", storage_path=str(run_dir / "ray")),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt, atomic_dir(run_dir / "vae") as staging:
-        shutil.copytree(Path(ckpt) / "vae", staging, dirs_exist_ok=True)
+    loop_cfg = {"cfg": cfg.model_dump(mode="json")}
+    if fits_locally(cfg):
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        from dermaflux.core.progress import worker_output_in_run_log
+
+        log.info("VAE fit: in this process (Ray Train's local mode)")
+        threads = torch.get_num_threads()
+        try:
+            with atomic_dir(run_dir / "vae") as staging, worker_output_in_run_log("vae fit"):
+                trainer = DataParallelTrainer(vae_worker, scaling_config=ScalingConfig(num_workers=0),
+                                              train_loop_config={**loop_cfg, "local_out": str(staging)})
+                result = trainer.fit()
+                if result.error is not None:
+                    raise result.error
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        from dermaflux.core.runtime import init_ray
+
+        init_ray(cfg.ray)  # the train stage starts Ray where it needs it (see stages.py)
+        trainer = TorchTrainer(
+            vae_worker,
+            train_loop_config=loop_cfg,
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.train.vae_fit.workers, use_gpu=False,
+                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            run_config=RunConfig(name="vae-fit", storage_path=str(run_dir / "ray")),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as ckpt, atomic_dir(run_dir / "vae") as staging:
+            shutil.copytree(Path(ckpt) / "vae", staging, dirs_exist_ok=True)
     metrics = {k: result.metrics[k] for k in ("psnr_before", "psnr_test", "shift_factor", "scaling_factor", "test_images")}
     return run_dir / "vae", metrics
 

@@ -1,6 +1,6 @@
 """`dermaflux train` on a real local Ray: VAE fit, pre-compute (dihedral views, T5 length from the captions; a small
 set in the driver, the same rows as the Ray Data job), Ray Train + DeepSpeed ZeRO-2 with two workers on a cosine schedule, TensorBoard metrics, the final
-weights loading into FluxPipeline, a killed worker resuming schedule and stream, kept checkpoints, --resume;
+weights loading into FluxPipeline, the VAE fit in the driver as in a worker, a killed worker resuming schedule and stream, kept checkpoints, --resume;
 the same under train.strategy fsdp2 (FSDP2 over gloo), its LoRA loading in plain diffusers;
 and online encoding (no cache: the caption shards streamed into the workers' encoders), its loss curve against
 the cached one and a killed worker resuming within its epoch."""
@@ -212,6 +212,29 @@ def test_local_launch_trains_in_this_process_like_a_worker_and_resumes(first_run
     assert torch.get_num_threads() == threads and "LOCAL_RANK" not in os.environ
     assert resumed == pytest.approx(by_worker, rel=1e-5)
     assert sorted(p.name for p in (tmp_path / "local" / "ray" / "train").iterdir()) == ["step-000004", "step-000006"]
+
+
+def test_vae_fit_in_this_process_equals_the_worker_groups(first_run, tmp_path):
+    """A one-worker VAE fit runs in the driver (Ray Train's local mode) unless train.launch is workers: the same
+    fit as a worker group's (weights, latent factors, PSNR), no Ray Train run folder, torch's threads put back."""
+    from safetensors.torch import load_file
+
+    from dermaflux.train.ray_vae_fit import fits_locally, run_vae_fit
+
+    cfg, _ = first_run
+    by_worker_cfg = small_train_config(cfg.train.captions, tmp_path / "unused", launch="workers")
+    assert fits_locally(cfg) and not fits_locally(by_worker_cfg)
+    threads = torch.get_num_threads()
+    local_dir, local = run_vae_fit(cfg, tmp_path / "local")
+    assert torch.get_num_threads() == threads and not (tmp_path / "local" / "ray").exists()
+    worker_dir, by_worker = run_vae_fit(by_worker_cfg, tmp_path / "workers")
+    assert (tmp_path / "workers" / "ray" / "vae-fit").is_dir()
+    assert local == pytest.approx(by_worker, rel=1e-4) and local["psnr_test"] > local["psnr_before"]
+    weights = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(local_dir / weights), load_file(worker_dir / weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def lora_config(captions, out, **extra):
