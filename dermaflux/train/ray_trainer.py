@@ -358,8 +358,8 @@ def launches_locally(tc: TrainConfig, encode: dict | None, storage: str) -> bool
 def _local_rank():
     """What launch local needs in this process: a process group of one over loopback, made on first use and kept
     for the life of the process (DeepSpeed keeps groups it derives from it, so a second run in the same process
-    needs the same one), and the rank variables DeepSpeed reads; torch's thread count and the variables are put
-    back afterwards. Not torchrun's full set, so Ray Train's local controller leaves the group to us."""
+    needs the same one), and the rank variables DeepSpeed reads, put back afterwards (torch's thread count:
+    ray_local.fit_in_this_process). Not torchrun's full set, so Ray Train's local controller leaves the group to us."""
     import os
 
     import torch.distributed as dist
@@ -374,7 +374,6 @@ def _local_rank():
                            f"{dist.get_world_size()}; launch workers instead")
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     saved = {key: os.environ.get(key) for key in env}
-    threads = torch.get_num_threads()
     os.environ.update(env)
     try:
         yield
@@ -384,7 +383,6 @@ def _local_rank():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        torch.set_num_threads(threads)
 
 
 def _flat_params(cfg: DermaFluxConfig) -> dict[str, str]:
@@ -429,7 +427,6 @@ def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dermaflux.core.progress import worker_output_in_run_log
     from dermaflux.core.runtime import init_ray
     from dermaflux.train.ray_tracking import TrackingCallback, check_trackers
 
@@ -449,15 +446,11 @@ def run_training(cfg: DermaFluxConfig, cache_dir: str | Path, vae_dir: str | Non
     tracking = TrackingCallback(tc.tracking, run_dir, tc.mlflow_tracking_uri, _flat_params(cfg)) if tc.tracking else None
     if launches_locally(tc, encode, storage):
         log.info("train.launch: local (one rank in this process, Ray Train's local mode)")
-        # The base trainer's local controller: TorchTrainer's would destroy the process group after the run,
-        # which DeepSpeed has derived groups from that it keeps for the next run in this process.
-        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+        from dermaflux.train.ray_local import fit_in_this_process
 
-        trainer = DataParallelTrainer(train_worker, scaling_config=ScalingConfig(num_workers=0),
-                                      train_loop_config={**loop_cfg, "local_checkpoints": str(Path(storage) / "train"),
-                                                         "tracking": tracking})
-        with _local_rank(), worker_output_in_run_log("local rank 0"):
-            return trainer.fit()
+        with _local_rank():
+            return fit_in_this_process(train_worker, {**loop_cfg, "local_checkpoints": str(Path(storage) / "train"),
+                                                      "tracking": tracking}, "local rank 0")
     init_ray(cfg.ray)  # not started yet when the run looked short enough for this process (stages.py)
     trainer = TorchTrainer(
         train_worker,

@@ -86,7 +86,7 @@ def vae_worker(loop_cfg: dict) -> None:
             ray.train.report({"step": step, "mse": sum(mse_recent) / len(mse_recent)})
             mse_recent = []
     inner.eval()
-    # In this process (launch local) the VAE is saved where the driver asked; a worker's goes through a checkpoint.
+    # In this process (fits_locally) the VAE is saved where the driver asked; a worker's goes through a checkpoint.
     local_out = loop_cfg.get("local_out")
     out = Path(local_out) if local_out else Path(tempfile.mkdtemp(prefix="dfx-vae-"))
     metrics = {"step": vc.steps, "mse": sum(mse_recent) / max(len(mse_recent), 1)}
@@ -112,30 +112,22 @@ def fits_locally(cfg: DermaFluxConfig) -> bool:
 
 def run_vae_fit(cfg: DermaFluxConfig, run_dir: str | Path) -> tuple[Path, dict]:
     """Fit the VAE; returns (<run_dir>/vae, metrics incl. test PSNR before/after)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from dermaflux.core.artifacts import atomic_dir
 
     run_dir = Path(run_dir).resolve()
     loop_cfg = {"cfg": cfg.model_dump(mode="json")}
     if fits_locally(cfg):
-        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-        from dermaflux.core.progress import worker_output_in_run_log
+        from dermaflux.train.ray_local import fit_in_this_process
 
         log.info("VAE fit: in this process (Ray Train's local mode)")
-        threads = torch.get_num_threads()
-        try:
-            with atomic_dir(run_dir / "vae") as staging, worker_output_in_run_log("vae fit"):
-                trainer = DataParallelTrainer(vae_worker, scaling_config=ScalingConfig(num_workers=0),
-                                              train_loop_config={**loop_cfg, "local_out": str(staging)})
-                result = trainer.fit()
-                if result.error is not None:
-                    raise result.error
-        finally:
-            torch.set_num_threads(threads)
+        with atomic_dir(run_dir / "vae") as staging:
+            result = fit_in_this_process(vae_worker, {**loop_cfg, "local_out": str(staging)}, "vae fit")
+            if result.error is not None:
+                raise result.error
     else:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
         from dermaflux.core.runtime import init_ray
 
         init_ray(cfg.ray)  # the train stage starts Ray where it needs it (see stages.py)
